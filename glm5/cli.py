@@ -1,0 +1,47 @@
+"""The `glm5` command: a thin face over the library.
+
+    glm5 --help
+    glm5 params glm5-744b --json
+    glm5 demo
+
+Each subcommand lives next to the code it drives: a module listed in SUBCOMMAND_MODULES exposes
+`register(subparsers)`, which adds its parser and sets `func(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that add subcommands. Add yours here; keep each module's import cheap (import heavy things in func).
+SUBCOMMAND_MODULES = [
+    "glm5.params",
+    "glm5.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm5", description="GLM-5 end to end: model, training, inference, tools.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # bad input: a clear one-line error, not a traceback
+        print(f"glm5 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
