@@ -18,6 +18,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "glm5.params",
     "glm5.demo",
+    "glm5.tokenizer",
 ]
 
 
