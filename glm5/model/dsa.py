@@ -1,0 +1,166 @@
+"""DeepSeek Sparse Attention: the lightning indexer, top-k selection, and sparse MLA attention over the latent.
+
+The indexer scores every earlier token s for query t:
+    I[t, s] = sum_h w[t, h] * relu(q[t, h] . k[s]) * index_head_dim^-0.5,   w = weights_proj(x) * n_heads^-0.5
+and each query attends only to its top-k tokens.
+
+Two ways to use it (the model's `attn_impl` switch, see `glm5.model.mla`):
+  reference  full T x T scores, the top-k applied as a mask (what transformers does; O(T^2) memory)
+  sparse     indexer scored in blocks of queries, top-k latents gathered, attention in absorbed MQA form
+             over the kv_lora_rank + rope wide latent: memory O(T * k), no T x T tensor for the main attention
+
+Index conventions: `topk_indices` [B, S, k] int64 key positions; -1 marks an empty slot (a query with fewer
+than k earlier tokens), the way FlashMLA pads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.config import GLM5Config
+from glm5.model.layers import apply_rope_interleaved
+
+# Upper bound on elements of one block of indexer scores [B, block, heads, keys]; bounds memory at long T.
+INDEXER_BLOCK_ELEMENTS = 1 << 25
+# Upper bound on elements of gathered latents [B, block, k, latent] in sparse attention.
+GATHER_BLOCK_ELEMENTS = 1 << 24
+
+
+class Indexer(nn.Module):
+    """The DSA lightning indexer: its own small projections, a shared 128-wide key per token."""
+
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.index_topk = cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)  # kept in fp32, see model
+        self.softmax_scale = self.head_dim**-0.5
+
+    def _apply(self, fn, recurse=True):
+        # weights_proj stays in fp32 whatever dtype the model is cast to (transformers keeps it so too).
+        super()._apply(fn, recurse)
+        if self.weights_proj.weight.dtype != torch.float32:
+            self.weights_proj.weight.data = self.weights_proj.weight.data.float()
+        return self
+
+    def _rope_first(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # RoPE on the first rope_dim dims ([rope | pass]), interleaved pairs like the main attention
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
+        return torch.cat([apply_rope_interleaved(rot, cos, sin), rest], dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] -> k [B, T, head_dim] (what a decode cache stores per token)."""
+        return self._rope_first(self.k_norm(self.wk(x)), cos, sin)
+
+    def queries(
+        self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> q [B, S, heads, head_dim], head weights w [B, S, heads] in fp32."""
+        B, S, _ = q_resid.shape
+        q = self.wq_b(q_resid).view(B, S, self.n_heads, self.head_dim)
+        q = self._rope_first(q, cos, sin)
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * (self.n_heads**-0.5)
+        return q, w
+
+    def scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Index scores in fp32: q [B, S, H, D], w [B, S, H], k [B, T, D] -> [B, S, T] (no mask applied)."""
+        B, S, H, D = q.shape
+        s = torch.matmul(q.float().reshape(B, S * H, D), k.float().transpose(1, 2)) * self.softmax_scale
+        s = F.relu(s).view(B, S, H, -1)
+        return torch.matmul(w.unsqueeze(2), s).squeeze(2)
+
+
+def causal_key_mask(
+    q_positions: torch.Tensor, num_keys: int, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean [B or 1, S, T]: key s is visible to the query at position p when s <= p (and key_mask[s])."""
+    keys = torch.arange(num_keys, device=q_positions.device)
+    visible = keys.view(1, 1, -1) <= q_positions.view(q_positions.shape[0], -1, 1)
+    if key_mask is not None:
+        visible = visible & key_mask.bool().unsqueeze(1)
+    return visible
+
+
+@torch.no_grad()
+def select_topk_reference(
+    indexer: Indexer, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Top-k over the full masked score matrix, exactly as transformers does. -> [B, S, min(k, T)] int64.
+
+    Like transformers, queries with fewer than k visible tokens get some masked (future) positions;
+    attention masks those by causality.
+    """
+    scores = indexer.scores(q, w, k)
+    scores = scores.masked_fill(~causal_key_mask(q_positions, k.shape[1], key_mask), float("-inf"))
+    return scores.topk(min(indexer.index_topk, scores.shape[-1]), dim=-1).indices
+
+
+@torch.no_grad()
+def select_topk_blockwise(
+    indexer: Indexer, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
+    key_mask: torch.Tensor | None = None, block: int | None = None,
+) -> torch.Tensor:
+    """Top-k per query, scoring one block of queries at a time so no [S, T] matrix exists at once.
+
+    Each block only scores the keys up to its last query's position (causality). Slots that would
+    hold an invisible (future or padded) key are set to -1. -> [B, S, topk] int64.
+    """
+    B, S, H, _ = q.shape
+    T = k.shape[1]
+    topk = indexer.index_topk
+    if block is None:
+        block = max(1, min(S, INDEXER_BLOCK_ELEMENTS // max(1, B * H * T)))
+    out = torch.full((B, S, topk), -1, dtype=torch.long, device=q.device)
+    for start in range(0, S, block):
+        end = min(S, start + block)
+        pos = q_positions[:, start:end]
+        kv_end = min(T, int(pos.max().item()) + 1)  # keys beyond the block's last position are all invisible
+        scores = indexer.scores(q[:, start:end], w[:, start:end], k[:, :kv_end])
+        visible = causal_key_mask(pos, kv_end, None if key_mask is None else key_mask[:, :kv_end])
+        scores = scores.masked_fill(~visible, float("-inf"))
+        n = min(topk, kv_end)
+        values, idx = scores.topk(n, dim=-1)
+        out[:, start:end, :n] = idx.masked_fill(values == float("-inf"), -1)
+    return out
+
+
+def sparse_latent_attention(
+    q: torch.Tensor, kv: torch.Tensor, topk_indices: torch.Tensor, q_positions: torch.Tensor,
+    scale: float, latent_dim: int, block: int | None = None, dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Absorbed-MQA attention of each query over its own top-k latents.
+
+    q [B, S, H, L+R] (W_UK already folded into the nope part), kv [B, T, L+R] (normed latent | roped key),
+    topk_indices [B, S, k] (-1 = empty), q_positions [B, S]. Returns the attention output in latent
+    space [B, S, H, L]; the caller applies W_UV. Memory: O(block * k * (L+R)) per step.
+    """
+    B, S, H, D = q.shape
+    T = kv.shape[1]
+    K = topk_indices.shape[-1]
+    if block is None:
+        block = max(1, min(S, GATHER_BLOCK_ELEMENTS // max(1, B * K * D)))
+    flat_kv = kv.reshape(B * T, D)
+    batch_offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
+    outputs = []
+    for start in range(0, S, block):
+        end = min(S, start + block)
+        idx = topk_indices[:, start:end]  # [B, s, K]
+        valid = (idx >= 0) & (idx <= q_positions[:, start:end, None])
+        gathered = flat_kv[(idx.clamp(min=0) + batch_offset).reshape(-1)].view(B, end - start, K, D)
+        # [B, s, H, D] @ [B, s, D, K] -> [B, s, H, K]
+        scores = torch.matmul(q[:, start:end], gathered.transpose(-1, -2)).float() * scale
+        scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0).to(q.dtype)  # a query with nothing visible (padding) -> 0
+        if dropout_p:
+            probs = F.dropout(probs, p=dropout_p)
+        outputs.append(torch.matmul(probs, gathered[..., :latent_dim]))  # [B, s, H, L]
+    return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]

@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention with DeepSeek Sparse Attention (the `self_attn` of every GLM-5 layer).
+
+Per token the layer keeps a kv_lora_rank-wide normed latent plus one shared qk_rope_head_dim-wide roped key
+(576 values for GLM-5); per-head keys and values are `kv_b_proj(latent)`.
+
+`attn_impl` (the documented switch, set on the model with `model.set_attn_impl(...)`):
+  "reference"  expand the latent to per-head K/V, full T x T scores, top-k applied as a mask: transformers' math
+  "sparse"     absorbed MQA over the latent: W_UK folded into the query, attention over each query's top-k
+               gathered latents, W_UV applied afterwards; T <= index_topk is plain causal attention (the
+               indexer is skipped: every token would be selected)
+Both agree within 1e-5 in fp32 (tests/test_model_parity.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.config import GLM5Config
+from glm5.model.dsa import (
+    Indexer,
+    causal_key_mask,
+    select_topk_blockwise,
+    select_topk_reference,
+    sparse_latent_attention,
+)
+from glm5.model.layers import RMSNorm, apply_rope_interleaved
+
+ATTN_IMPLS = ("reference", "sparse")
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: GLM5Config, has_indexer: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.latent_dim = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        self.dropout = cfg.attention_dropout
+        self.attn_impl = "sparse"
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # fixed 1e-6, not rms_norm_eps
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.num_heads * (self.nope_dim + self.rope_dim), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.latent_dim + self.rope_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.latent_dim, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.indexer = Indexer(cfg) if has_indexer else None
+
+    # ------------------------------------------------------------------ pieces reused by the engine
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """-> q_nope [B, S, H, nope], roped q_rope [B, S, H, rope], q_resid [B, S, q_lora_rank]."""
+        B, S, _ = x.shape
+        q_resid = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_resid).view(B, S, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope_interleaved(q_rope, cos, sin), q_resid
+
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """-> kv [B, T, latent + rope]: the normed latent and the roped shared key (what a KV cache stores)."""
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        return torch.cat([self.kv_a_layernorm(latent), apply_rope_interleaved(k_rope, cos, sin)], dim=-1)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, latent] and W_UV [H, v, latent], views of kv_b_proj.weight."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_positions: torch.Tensor,
+        prev_topk: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, hidden] (prefill / training: queries and keys are the same tokens).
+
+        Returns the output [B, T, hidden] and this layer's top-k [B, T, k] (None when the sparse path skipped
+        the indexer), which an IndexShare layer after it reuses.
+        """
+        B, T, _ = x.shape
+        q_nope, q_rope, q_resid = self.project_q(x, cos, sin)
+        kv = self.project_latent(x, cos, sin)
+        sparse = self.attn_impl == "sparse"
+        need_topk = not sparse or T > self.cfg.index_topk
+        topk = prev_topk
+        if self.indexer is not None and need_topk:
+            q_idx, w_idx = self.indexer.queries(x, q_resid, cos, sin)
+            k_idx = self.indexer.keys(x, cos, sin)
+            select = select_topk_blockwise if sparse else select_topk_reference
+            topk = select(self.indexer, q_idx, w_idx, k_idx, q_positions, key_mask)
+        elif self.indexer is None and need_topk and topk is None:
+            raise ValueError("a layer without an indexer (IndexShare 'shared') needs the previous layer's top-k")
+        if sparse:
+            out = self._sparse(q_nope, q_rope, kv, topk if need_topk else None, q_positions, key_mask)
+        else:
+            out = self._reference(q_nope, q_rope, kv, topk, q_positions, key_mask)
+        return self.o_proj(out.reshape(B, T, -1)), (topk if need_topk else None)
+
+    def _reference(self, q_nope, q_rope, kv, topk, q_positions, key_mask) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        latent, k_rope = kv.split([self.latent_dim, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(latent).view(B, T, H, self.nope_dim + self.v_dim).split(
+            [self.nope_dim, self.v_dim], dim=-1
+        )
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, D]
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1).transpose(1, 2)
+        allowed = causal_key_mask(q_positions, T, key_mask)  # [B, T, T]
+        if topk is not None:
+            selected = torch.zeros(B, T, T, dtype=torch.bool, device=q.device).scatter(-1, topk, True)
+            allowed = allowed & selected
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=self.dropout, training=self.training)
+        return torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2)  # [B, T, H, v]
+
+    def _sparse(self, q_nope, q_rope, kv, topk, q_positions, key_mask) -> torch.Tensor:
+        w_uk, w_uv = self.absorbed_weights()
+        # fold W_UK into the query: [B, T, H, nope] x [H, nope, L] -> [B, T, H, L]
+        q_latent = torch.einsum("bthn,hnl->bthl", q_nope, w_uk)
+        q = torch.cat([q_latent, q_rope], dim=-1)  # [B, T, H, L + R]
+        dropout_p = self.dropout if self.training else 0.0
+        if topk is None:  # every earlier token is selected: plain causal attention over the latent
+            out = self._dense_latent(q, kv, q_positions, key_mask, dropout_p)
+        else:
+            out = sparse_latent_attention(q, kv, topk, q_positions, self.scale, self.latent_dim, dropout_p=dropout_p)
+        return torch.einsum("bthl,hvl->bthv", out, w_uv)
+
+    def _dense_latent(self, q, kv, q_positions, key_mask, dropout_p: float = 0.0) -> torch.Tensor:
+        B, S, H, D = q.shape
+        T = kv.shape[1]
+        k = kv.unsqueeze(1).expand(B, H, T, D)
+        v = kv[..., : self.latent_dim].unsqueeze(1).expand(B, H, T, self.latent_dim)
+        if key_mask is None and S == T:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scale, dropout_p=dropout_p)
+        else:
+            mask = causal_key_mask(q_positions, T, key_mask).unsqueeze(1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale, dropout_p=dropout_p)
+            out = torch.nan_to_num(out, nan=0.0)
+        return out.transpose(1, 2)  # [B, S, H, L]

@@ -1,0 +1,134 @@
+"""The GLM-5 mixture of experts: sigmoid router with a selection-only bias, routed experts, one shared expert.
+
+Router (as transformers and DeepSeek-V3 "noaux_tc"): s = sigmoid(x W^T) in fp32; experts are chosen by
+s + e_score_correction_bias (group-limited when n_group > 1: a group scores by the sum of its 2 best biased
+scores, only the best topk_group groups stay eligible); the combine weights are the unbiased s of the chosen
+experts, normalized to sum 1 (norm_topk_prob) and times routed_scaling_factor.
+
+Routed experts are fused 3-D parameters, gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
+The forward groups tokens by expert (one sort) and runs one matmul per expert that has tokens, or a single
+grouped matmul where torch has one (`torch._grouped_mm`, CUDA); `moe_forward_loop` is the plain per-expert
+loop kept as the test reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.config import GLM5Config
+from glm5.model.layers import MLP
+
+# Use torch._grouped_mm when available on this device/dtype (switch for benchmarks and debugging).
+USE_GROUPED_MM = True
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.num_experts = cfg.n_routed_experts
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, cfg.hidden_size, dtype=torch.float32))
+        # Load balancing without an auxiliary loss: the trainer nudges this bias; it only affects selection.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # The router stays in fp32 whatever dtype the model is cast to (as in the released checkpoints).
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> scores [N, E] (sigmoid, fp32), weights [N, k] (fp32), indices [N, k]."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, groups]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(self.num_experts // self.n_group, dim=1), float("-inf"))
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, weights * self.routed_scaling_factor, indices
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.num_experts = cfg.n_routed_experts
+        self.intermediate = cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate, cfg.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, cfg.hidden_size, self.intermediate))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], indices / weights [N, k] -> sum_k weights * expert_k(x), [N, H]."""
+        N, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        xs = x[token_of]  # [N*k, H] grouped by expert
+        if USE_GROUPED_MM and _grouped_mm_ok(xs):
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)
+            gate, up = h.chunk(2, dim=-1)
+            ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        else:
+            pieces = []
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n == 0:
+                    continue
+                gate, up = F.linear(xs[start : start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                pieces.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                start += n
+            ys = torch.cat(pieces, dim=0)
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # fp32 weights, as transformers multiplies
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+
+def _grouped_mm_ok(xs: torch.Tensor) -> bool:
+    return xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def moe_forward_loop(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The plain reference: for each expert, find its tokens and add its weighted output (transformers' loop)."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        token_idx, slot = torch.where(indices == e)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = F.linear(x[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        # The trainer turns this on to read each step's routing (expert load, scores for the aux loss).
+        self.record_routing = False
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scores, weights, indices = self.gate(flat)
+        if self.record_routing:
+            self.last_routing = (scores, indices)
+        routed = self.experts(flat, indices, weights).view(shape)
+        return routed + self.shared_experts(x)

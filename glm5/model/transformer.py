@@ -1,0 +1,213 @@
+"""The GLM-5 model: decoder layers (MLA + DSA attention, dense MLP or MoE), the MTP module, the LM head.
+
+    import torch
+    from glm5 import GLM5Config, GLM5ForCausalLM
+    model = GLM5ForCausalLM(GLM5Config.from_preset("nano"))
+    out = model(torch.randint(0, 4096, (2, 256)), return_mtp=True)
+    out.logits        # [batch, seq, vocab]
+    out.mtp_logits    # [batch, seq - 1, vocab]: position t predicts token t + 2
+
+Module names and parameter shapes are transformers' `GlmMoeDsaForCausalLM`'s, so a state_dict moves across
+unchanged; the MTP layer (which transformers does not model) lives at `mtp.{i}` here and is written to disk as
+layer `num_hidden_layers + i` in the official checkpoint layout (see glm5/checkpoint.py).
+Single-device code: parallelism is applied from outside.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm5.config import GLM5Config
+from glm5.model.mla import ATTN_IMPLS, MLAttention
+from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding
+from glm5.model.moe import MoE
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None  # final-normed hidden states [B, T, hidden]
+    mtp_logits: list[torch.Tensor] | None = None  # per MTP depth d: [B, T - d, vocab], predicts token t + 1 + d
+    topk_indices: list[torch.Tensor | None] | None = None  # per layer, the DSA selection (None: indexer skipped)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is dense or MoE."""
+
+    def __init__(self, cfg: GLM5Config, layer_idx: int, has_indexer: bool | None = None, moe: bool | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        if has_indexer is None:
+            has_indexer = cfg.has_indexer(layer_idx)
+        if moe is None:
+            moe = cfg.is_moe_layer(layer_idx)
+        self.self_attn = MLAttention(cfg, has_indexer=has_indexer)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, q_positions, prev_topk=None, key_mask=None):
+        attn_out, topk = self.self_attn(self.input_layernorm(x), cos, sin, q_positions, prev_topk, key_mask)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, topk
+
+
+class SharedHeadNorm(nn.Module):
+    """`shared_head` of an MTP layer: its own final norm; the output projection is the main lm_head."""
+
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction (DeepSeek-V3 layout): combine the main model's hidden state at t with the
+    embedding of token t+1, run one more decoder layer, predict token t+2 with the shared head."""
+
+    def __init__(self, cfg: GLM5Config, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx, has_indexer=True, moe=layer_idx >= cfg.first_k_dense_replace)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHeadNorm(cfg)
+
+    def forward(self, hidden, next_embeds, cos, sin, q_positions, key_mask=None):
+        x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
+        x, _ = super().forward(x, cos, sin, q_positions, None, key_mask)
+        return self.shared_head.norm(x)
+
+
+class GLM5Model(nn.Module):
+    """Embedding -> decoder layers -> final norm (transformers' `model.` prefix)."""
+
+    def __init__(self, cfg: GLM5Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
+        """-> final-normed hidden [B, T, hidden], the per-layer top-k, (cos, sin), position ids."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        q_positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
+        topk, all_topk = None, []
+        for layer in self.layers:
+            x, topk = layer(x, cos, sin, q_positions, topk, attention_mask)
+            all_topk.append(topk)
+        return self.norm(x), all_topk, (cos, sin), q_positions
+
+
+class GLM5ForCausalLM(nn.Module):
+    def __init__(self, cfg: GLM5Config, attn_impl: str = "sparse") -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = GLM5Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        L = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList([MTPLayer(cfg, L + i) for i in range(cfg.num_nextn_predict_layers)])
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.set_attn_impl(attn_impl)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ switches
+    def set_attn_impl(self, impl: str) -> GLM5ForCausalLM:
+        """"sparse" (default: gathered top-k, absorbed MQA over the latent) or "reference" (dense mask)."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={impl!r}: must be one of {ATTN_IMPLS}")
+        for module in self.modules():
+            if isinstance(module, MLAttention):
+                module.attn_impl = impl
+        self.attn_impl = impl
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif hasattr(module, "e_score_correction_bias"):  # Router
+                nn.init.normal_(module.weight, std=std)
+                module.e_score_correction_bias.zero_()
+            elif hasattr(module, "gate_up_proj"):  # Experts
+                nn.init.normal_(module.gate_up_proj, std=std)
+                nn.init.normal_(module.down_proj, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_mtp: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids [B, T]; labels [B, T] are the input ids themselves (shifted inside, -100 ignored),
+        attention_mask [B, T] marks real tokens (1) vs padding (0)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        hidden, topk, (cos, sin), q_positions = self.model(input_ids, position_ids, attention_mask)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        mtp_logits = None
+        if return_mtp and len(self.mtp):
+            mtp_logits = []
+            h = hidden
+            for depth, layer in enumerate(self.mtp, start=1):
+                T = h.shape[1] - 1
+                if T < 1:
+                    break
+                next_embeds = self.model.embed_tokens(input_ids[:, depth : depth + T])
+                key_mask = None if attention_mask is None else attention_mask[:, depth : depth + T]
+                h = layer(h[:, :T], next_embeds, cos[:, :T], sin[:, :T], q_positions[:, :T], key_mask)
+                mtp_logits.append(self.lm_head(h))
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=hidden, mtp_logits=mtp_logits, topk_indices=topk)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        attn_impl: str = "sparse", strict: bool = True,
+    ) -> GLM5ForCausalLM:
+        """Load a Hugging Face directory (ours, or transformers' GlmMoeDsaForCausalLM.save_pretrained)."""
+        from glm5.checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, device=device, dtype=dtype, attn_impl=attn_impl, strict=strict)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int = 2 << 30) -> str:
+        """Write config.json + sharded safetensors in transformers' key names (per-expert keys, MTP as the
+        layer after the last one). Written to a temporary folder first, then moved into place."""
+        from glm5.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

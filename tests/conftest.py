@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random GLM-5 configs and a transformers twin with the same weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Weights large enough that every path matters (init std 0.02 makes logits nearly constant)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and ("norm" in name or "layernorm" in name):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(std * torch.randn(p.shape, generator=gen))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    return model
+
+
+def tiny_config(**overrides):
+    from glm5 import GLM5Config
+
+    base = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+        first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, index_topk=16, index_n_heads=8, index_head_dim=16, max_position_embeddings=1024,
+        rope_theta=10000.0, pad_token_id=None, bos_token_id=None, eos_token_id=None, torch_dtype="float32",
+    )
+    base.update(overrides)
+    return GLM5Config(**base)
+
+
+def transformers_twin(model, attn_implementation: str = "eager"):
+    """transformers' GlmMoeDsaForCausalLM with `model`'s weights (ours -> transformers)."""
+    from transformers import GlmMoeDsaForCausalLM
+
+    from glm5.checkpoint import to_transformers_config
+
+    twin = GlmMoeDsaForCausalLM(to_transformers_config(model.config, attn_implementation)).eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return twin

@@ -1,0 +1,117 @@
+"""Model internals: gradients, the indexer's isolation from the LM loss, grouped MoE vs the plain loop,
+block-wise top-k vs the full-matrix top-k, torch.compile."""
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from glm5 import GLM5ForCausalLM
+from glm5.model.dsa import select_topk_blockwise, select_topk_reference
+from glm5.model.moe import moe_forward_loop
+
+
+def test_every_trainable_parameter_gets_a_gradient_except_the_indexer():
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8)), std=0.05).train()
+    ids = torch.randint(0, 256, (2, 24))
+    out = model(ids, labels=ids, return_mtp=True)
+    mtp_loss = torch.nn.functional.cross_entropy(out.mtp_logits[0][:, :-1].flatten(0, 1), ids[:, 2:].flatten())
+    (out.loss + mtp_loss).backward()
+    for name, p in model.named_parameters():
+        if ".indexer." in name:
+            assert p.grad is None, f"{name}: the indexer must get no gradient from the LM loss"
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient"
+
+
+@pytest.mark.parametrize("impl", ["reference", "sparse"])
+def test_gradients_of_both_paths_agree(impl):
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8)), std=0.05)
+    ids = torch.randint(0, 256, (2, 24))
+    grads = {}
+    for which in ("reference", impl):
+        model.zero_grad()
+        model.set_attn_impl(which)(ids, labels=ids).loss.backward()
+        grads[which] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in grads["reference"].items():
+        err = (grads[impl][name] - g).abs().max().item()
+        assert err < 1e-5, f"{name}: gradient differs by {err:.2e}"
+
+
+def test_grouped_moe_equals_the_per_expert_loop():
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(n_routed_experts=16, num_experts_per_tok=4)))
+    moe = model.model.layers[1].mlp
+    x = torch.randn(50, 64)
+    with torch.no_grad():
+        _, weights, indices = moe.gate(x)
+        grouped = moe.experts(x, indices, weights)
+        loop = moe_forward_loop(moe.experts, x, indices, weights)
+    assert (grouped - loop).abs().max() < 1e-6
+
+
+def test_router_bias_changes_selection_but_not_weights():
+    torch.manual_seed(0)
+    moe = randomize_(GLM5ForCausalLM(tiny_config())).model.layers[1].mlp
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        scores, w0, i0 = moe.gate(x)
+        moe.gate.e_score_correction_bias.zero_()
+        moe.gate.e_score_correction_bias[3] = 10.0  # expert 3 now always chosen
+        _, w1, i1 = moe.gate(x)
+    assert (i1 == 3).any(dim=-1).all()
+    # weights are the unbiased sigmoid scores of the chosen experts, normalized, times the scaling factor
+    chosen = scores.gather(1, i1)
+    expected = chosen / chosen.sum(-1, keepdim=True) * moe.gate.routed_scaling_factor
+    assert torch.allclose(w1, expected)
+
+
+@pytest.mark.parametrize("batch,seq,block", [(1, 70, 7), (3, 40, 16), (2, 33, 1)])
+def test_blockwise_topk_selects_the_same_tokens_as_the_full_matrix(batch, seq, block):
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=12)))
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(batch, seq, 64)
+    cos, sin = model.model.rotary_emb(torch.arange(seq).expand(batch, seq), x.dtype)
+    pos = torch.arange(seq).expand(batch, seq)
+    with torch.no_grad():
+        _, _, q_resid = attn.project_q(x, cos, sin)
+        q, w = attn.indexer.queries(x, q_resid, cos, sin)
+        k = attn.indexer.keys(x, cos, sin)
+        full = select_topk_reference(attn.indexer, q, w, k, pos)
+        blocks = select_topk_blockwise(attn.indexer, q, w, k, pos, block=block)
+    for t in range(seq):
+        for b in range(batch):
+            want = {int(i) for i in full[b, t] if i <= t}
+            got = {int(i) for i in blocks[b, t] if i >= 0}
+            assert got == want, f"batch {b} query {t}: {sorted(got ^ want)} differ"
+
+
+def test_padding_mask_hides_padded_keys():
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8))).eval()
+    ids = torch.randint(0, 256, (1, 20))
+    mask = torch.ones(1, 20, dtype=torch.long)
+    mask[0, 3] = 0  # key 3 is padding
+    other = ids.clone()
+    other[0, 3] = (other[0, 3] + 7) % 256
+    for impl in ("reference", "sparse"):
+        model.set_attn_impl(impl)
+        with torch.no_grad():
+            a = model(ids, attention_mask=mask).logits
+            b = model(other, attention_mask=mask).logits
+        # every position after the pad ignores what token sits there
+        assert torch.allclose(a[0, 4:], b[0, 4:], atol=1e-5), impl
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_logits():
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8))).eval()
+    ids = torch.randint(0, 256, (1, 24))
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model)
+        out = compiled(ids).logits
+    assert (out - eager).abs().max() < 1e-4

@@ -1,0 +1,125 @@
+"""Logits parity with transformers' glm_moe_dsa (the oracle), and agreement of our two attention paths."""
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config, transformers_twin
+
+from glm5 import GLM5ForCausalLM
+
+# Five random tiny configs; each covers something the others do not.
+CONFIGS = {
+    "long-seq": dict(index_topk=16),  # seq 48 > index_topk: real sparse selection
+    "grouped-router": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4),
+    "index-share": dict(num_hidden_layers=5, index_topk_freq=2, index_skip_topk_offset=1),
+    "no-norm-topk": dict(norm_topk_prob=False, routed_scaling_factor=1.0, n_shared_experts=2, first_k_dense_replace=0),
+    "yarn-bias": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                    "mscale": 1.0, "mscale_all_dim": 1.0}, attention_bias=True, index_topk=8),
+    "short-seq": dict(index_topk=64),  # seq <= index_topk: the sparse path skips the indexer
+}
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(**CONFIGS[name])
+    return randomize_(GLM5ForCausalLM(cfg).eval(), seed=seed)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("impl", ["reference", "sparse"])
+def test_logits_match_transformers(name, impl):
+    ours = build(name)
+    ours.set_attn_impl(impl)
+    twin = transformers_twin(ours, "eager")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = twin(ids).logits
+        out = ours(ids).logits
+    err = (out - ref).abs().max().item()
+    assert out.shape == ref.shape == (2, 48, ours.config.vocab_size)
+    assert err < 1e-4, f"{name}/{impl}: max |ours - transformers| = {err:.3e} (logit scale {ref.abs().max():.2f})"
+
+
+def test_index_share_layers_hold_no_indexer_and_reuse_topk():
+    ours = build("index-share")
+    kinds = ours.config.indexer_types
+    assert "shared" in kinds
+    for layer, kind in zip(ours.model.layers, kinds):
+        assert (layer.self_attn.indexer is None) == (kind == "shared")
+    with torch.no_grad():
+        out = ours(torch.randint(0, 256, (1, 40)))
+    for i, kind in enumerate(kinds):
+        if kind == "shared":
+            assert torch.equal(out.topk_indices[i], out.topk_indices[i - 1])
+
+
+@pytest.mark.parametrize("name", ["long-seq", "grouped-router", "index-share", "yarn-bias", "short-seq"])
+def test_sparse_and_reference_paths_agree_to_1e5(name):
+    ours = build(name)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ours.set_attn_impl("reference")(ids, return_mtp=True)
+        sp = ours.set_attn_impl("sparse")(ids, return_mtp=True)
+    err = (sp.logits - ref.logits).abs().max().item()
+    assert err < 1e-5, f"{name}: max |sparse - reference| = {err:.3e}"
+    mtp_err = (sp.mtp_logits[0] - ref.mtp_logits[0]).abs().max().item()
+    assert mtp_err < 1e-5, f"{name}: MTP logits differ by {mtp_err:.3e}"
+
+
+def test_transformers_weights_load_into_ours():
+    """transformers -> ours: a state_dict from GlmMoeDsaForCausalLM drops straight in."""
+    from transformers import GlmMoeDsaForCausalLM
+
+    from glm5.checkpoint import to_transformers_config
+
+    cfg = tiny_config(index_topk=8)
+    torch.manual_seed(5)
+    twin = randomize_(GlmMoeDsaForCausalLM(to_transformers_config(cfg, "sdpa")).eval(), seed=5)
+    ours = GLM5ForCausalLM(cfg).eval()
+    missing, unexpected = ours.load_state_dict(twin.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("mtp.") for k in missing), (missing, unexpected)
+    ids = torch.randint(0, 256, (3, 30))
+    with torch.no_grad():
+        err = (ours(ids).logits - twin(ids).logits).abs().max().item()
+    assert err < 1e-4, f"max |ours - transformers(sdpa)| = {err:.3e}"
+
+
+def test_bf16_runs_and_stays_close_to_fp32_and_to_transformers_bf16():
+    # Small weights: with large ones a bf16 rounding flips expert / top-k choices and the comparison is chaos.
+    torch.manual_seed(0)
+    ours = randomize_(GLM5ForCausalLM(tiny_config(index_topk=64)).eval(), std=0.05)
+    twin = transformers_twin(ours, "eager").to(torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        ref = ours(ids).logits
+        theirs = twin(ids).logits.float()
+        ours.to(torch.bfloat16)
+        assert ours.model.layers[1].mlp.gate.weight.dtype == torch.float32, "router must stay fp32"
+        assert ours.model.layers[0].self_attn.indexer.weights_proj.weight.dtype == torch.float32
+        for impl in ("reference", "sparse"):
+            low = ours.set_attn_impl(impl)(ids).logits
+            assert low.dtype == torch.bfloat16
+            rel32 = ((low.float() - ref).norm() / ref.norm()).item()
+            rel_tf = ((low.float() - theirs).norm() / theirs.norm()).item()
+            assert rel32 < 0.03 and rel_tf < 0.03, f"{impl}: bf16 vs fp32 {rel32:.4f}, vs transformers bf16 {rel_tf:.4f}"
+
+
+def test_mtp_logits_shape_and_dependence_on_next_token():
+    ours = build("long-seq")
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        out = ours(ids, return_mtp=True)
+        ids2 = ids.clone()
+        ids2[:, 10] = (ids2[:, 10] + 1) % 256
+        out2 = ours(ids2, return_mtp=True)
+    assert out.mtp_logits[0].shape == (2, 19, 256)
+    # position 9 of the MTP sees token 10 (t + 1): it must change; position 8 sees neither 9's hidden change nor 10
+    assert not torch.allclose(out.mtp_logits[0][:, 9], out2.mtp_logits[0][:, 9])
+    assert torch.allclose(out.mtp_logits[0][:, 8], out2.mtp_logits[0][:, 8])
+
+
+def test_bad_attn_impl_and_bad_input_shape():
+    ours = build("short-seq")
+    with pytest.raises(ValueError, match="attn_impl"):
+        ours.set_attn_impl("flash")
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        ours(torch.zeros(5, dtype=torch.long))
