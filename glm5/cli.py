@@ -19,6 +19,8 @@ SUBCOMMAND_MODULES = [
     "glm5.params",
     "glm5.demo",
     "glm5.tokenizer",
+    "glm5.quant.cli",
+    "glm5.quant.plan",
 ]
 
 

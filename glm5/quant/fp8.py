@@ -207,9 +207,23 @@ def fp8_matmul(
 
 # ---------------------------------------------------------------------------------------------- modules
 COMPUTE_MODES = ("dequant", "fp8")
+# Modules whose weight the model reads directly rather than calling them: MLA's absorbed attention takes
+# kv_b_proj.weight apart into W_UK / W_UV. They are FP8 on disk and dequantized once on load (BF16 in memory).
+DEQUANTIZE_ON_LOAD = ["self_attn.kv_b_proj"]
 
 
-class FP8Linear(nn.Module):
+class _KeepsStorageDtypes(nn.Module):
+    """model.to(torch.bfloat16) moves an FP8 module's tensors but must not cast its fp8 weights or fp32 scales."""
+
+    def _apply(self, fn, recurse=True):
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+
+        return super()._apply(move_only, recurse)
+
+
+class FP8Linear(_KeepsStorageDtypes):
     """A bias-free or biased linear layer whose weight is block-wise FP8; state_dict keys `weight`, `weight_scale_inv`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, compute: str = "dequant"):
@@ -244,7 +258,7 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 block {BLOCK}, compute={self.compute}"
 
 
-class FP8Experts(nn.Module):
+class FP8Experts(_KeepsStorageDtypes):
     """Routed experts with FP8 weights, fused like the model's: gate_up_proj [E, 2I, H], down_proj [E, H, I].
 
     Scales keep the checkpoint's per-projection grids: gate_up_proj_scale_inv is the gate grid [E, ⌈I/128⌉, ⌈H/128⌉]
@@ -335,8 +349,9 @@ def _is_fused_experts(module: nn.Module) -> bool:
 
 
 def quantize_model_fp8(model: nn.Module, modules_to_not_convert: list[str] | None = None) -> nn.Module:
-    """Replace, in place, every nn.Linear by FP8Linear and every fused experts module by FP8Experts,
-    except modules matched by `modules_to_not_convert` (default MODULES_TO_NOT_CONVERT). Returns the model."""
+    """Replace, in place, every nn.Linear by FP8Linear and every fused experts module by FP8Experts, except
+    modules matched by `modules_to_not_convert` (default MODULES_TO_NOT_CONVERT). DEQUANTIZE_ON_LOAD modules stay
+    nn.Linear holding their weight rounded through FP8, so the numbers equal those of the FP8 checkpoint loaded."""
     skip = MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
     targets = []
     for name, module in model.named_modules():
@@ -345,12 +360,119 @@ def quantize_model_fp8(model: nn.Module, modules_to_not_convert: list[str] | Non
         if type(module) is nn.Linear or _is_fused_experts(module):
             targets.append((name, module))
     for name, module in targets:
+        if isinstance(module, nn.Linear) and not should_quantize(name, DEQUANTIZE_ON_LOAD):
+            with torch.no_grad():
+                module.weight.copy_(dequantize_fp8_blockwise(*quantize_fp8_blockwise(module.weight), dtype=module.weight.dtype))
+            continue
         new = FP8Linear.from_linear(module) if isinstance(module, nn.Linear) else FP8Experts.from_experts(module)
         model.set_submodule(name, new)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "extra"):
         config.extra["quantization_config"] = quantization_config(list(skip))
     return model
+
+
+def load_fp8_model(directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   compute: str = "dequant", attn_impl: str = "sparse") -> nn.Module:
+    """A GLM5ForCausalLM from an FP8 directory (`glm5 quantize fp8` output, or a GLM-5-FP8-style checkpoint).
+
+    Which modules are FP8 is read from the file (a `weight_scale_inv` beside the weight), not assumed. The
+    model is built on the meta device and allocated once; weights stream in tensor by tensor.
+    """
+    import warnings
+
+    from glm5.checkpoint import CheckpointError, _route_key, checkpoint_keys, iter_checkpoint_tensors
+    from glm5.common import to_dtype
+    from glm5.config import GLM5Config
+    from glm5.model.layers import RotaryEmbedding
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    cfg = GLM5Config.from_pretrained(directory)
+    qcfg = cfg.extra.get("quantization_config") or {}
+    if qcfg.get("quant_method") != "fp8" or list(qcfg.get("weight_block_size", [])) != [BLOCK, BLOCK]:
+        raise ValueError(f"{directory}: config.json has no block-wise FP8 quantization_config "
+                         f"(quant_method 'fp8', weight_block_size [128, 128]); got {qcfg or None}")
+    dtype = to_dtype(dtype or cfg.torch_dtype)
+    keys = set(checkpoint_keys(directory))
+    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in keys):
+        warnings.warn(f"{directory}: no MTP layer in the checkpoint; loading without MTP", stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    scaled = {k.removesuffix(".weight_scale_inv") for k in keys if k.endswith(".weight_scale_inv")}
+
+    with torch.device("meta"):
+        model = GLM5ForCausalLM(cfg, attn_impl=attn_impl)
+    model = model.to(dtype)  # before the swap: FP8 modules keep their storage dtypes anyway
+    for name, module in list(model.named_modules()):
+        hub = _hub_module_name(name, cfg)
+        if type(module) is nn.Linear and hub in scaled and should_quantize(name, DEQUANTIZE_ON_LOAD):
+            with torch.device("meta"):
+                model.set_submodule(name, FP8Linear(module.in_features, module.out_features, bias=module.bias is not None))
+        elif _is_fused_experts(module) and f"{hub}.0.gate_proj" in scaled:
+            experts, two_i, hidden = module.gate_up_proj.shape
+            with torch.device("meta"):
+                model.set_submodule(name, FP8Experts(experts, hidden, two_i // 2))
+    model = model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset()  # non-persistent tables that to_empty left uninitialized
+
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    filled: dict[str, int] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # DEQUANTIZE_ON_LOAD: weight and scale may come apart
+    for key, tensor in iter_checkpoint_tensors(directory):
+        is_scale = key.endswith(".weight_scale_inv")
+        routed = _route_key(key.removesuffix("_scale_inv") if is_scale else key, cfg)
+        if routed is None:
+            continue
+        name, spec = routed
+        if spec is not None:  # one expert's gate / up / down of a fused experts module
+            expert, proj = spec
+            target_name = name + "_scale_inv" if is_scale else name
+            if target_name not in params:
+                raise CheckpointError(f"{key}: the model has no {target_name}")
+            target = params[target_name][expert]
+            if proj != "down_proj":
+                half = target.shape[0] // 2
+                target = target[:half] if proj == "gate_proj" else target[half:]
+            if not is_scale and tensor.dtype != FP8_DTYPE and target.dtype == FP8_DTYPE:
+                raise CheckpointError(f"{key}: expected FP8 like the other experts, got {tensor.dtype}")
+        elif is_scale and name.removesuffix(".weight") + ".weight_scale_inv" in params:
+            target_name = name.removesuffix(".weight") + ".weight_scale_inv"
+            target = params[target_name]
+        elif name in params and params[name].dtype != FP8_DTYPE and (is_scale or tensor.dtype == FP8_DTYPE):
+            # a DEQUANTIZE_ON_LOAD weight: wait for both halves, then dequantize into the BF16 module
+            parts = pending.setdefault(name, {})
+            parts["scale" if is_scale else "weight"] = tensor
+            if len(parts) < 2:
+                continue
+            tensor = dequantize_fp8_blockwise(parts["weight"], parts["scale"], dtype=params[name].dtype)
+            del pending[name]
+            target_name, target = name, params[name]
+        else:
+            if name not in params:
+                raise CheckpointError(f"{directory}: tensor {key!r} has no place in the model")
+            target_name, target = name, params[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} does not match the model's {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor if target.dtype == FP8_DTYPE else tensor.to(target.dtype))
+        filled[target_name] = filled.get(target_name, 0) + target.numel()
+    if pending:
+        raise CheckpointError(f"{directory}: FP8 weight without its scale (or scale without weight): {sorted(pending)[:4]}")
+    missing = [n for n, t in params.items() if not n.endswith("inv_freq") and filled.get(n, 0) != t.numel()
+               and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing:
+        raise CheckpointError(f"{directory}: {len(missing)} tensors missing from the checkpoint: {', '.join(missing[:8])}")
+    set_fp8_compute(model, compute)
+    return model.eval()
+
+
+def _hub_module_name(name: str, cfg) -> str:
+    """The checkpoint's name for an in-memory module: MTP depth d (`mtp.d.…`) is layer num_hidden_layers + d."""
+    if name.startswith("mtp."):
+        depth, _, rest = name[4:].partition(".")
+        return f"model.layers.{cfg.num_hidden_layers + int(depth)}" + (f".{rest}" if rest else "")
+    return name
 
 
 def set_fp8_compute(model: nn.Module, compute: str) -> int:
