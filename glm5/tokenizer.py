@@ -247,7 +247,7 @@ def train_tokenizer(
 
 
 # ---- the default tokenizer ----------------------------------------------------------------------
-def _default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
+def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
     """Text that ships with every Python: pydoc's topic help (English prose) then stdlib sources.
 
     Files are taken in sorted path order up to `max_bytes`, so the same Python gives the same text.
@@ -284,7 +284,7 @@ def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     corpus text itself, so another Python version builds its own instead of reusing a different one.
     A model trained with it should save it next to its checkpoint (`Tokenizer.save`).
     """
-    texts = _default_corpus()
+    texts = default_corpus()
     digest = hashlib.sha256(f"v{DEFAULT_BUILD_VERSION}:{vocab_size}:".encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
