@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -62,6 +63,20 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
     if not files:
         raise CheckpointError(f"no .safetensors files in {directory}")
     return [os.path.join(directory, f) for f in files]
+
+
+def checkpoint_keys(directory: str | os.PathLike) -> list[str]:
+    """Every tensor key of a checkpoint, read from the index or the file headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    keys = []
+    for path in checkpoint_files(directory):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                keys.extend(f.keys())
+        except Exception as err:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from err
+    return keys
 
 
 def iter_checkpoint_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
@@ -212,7 +227,12 @@ def load_pretrained(cls, directory, *, device="cpu", dtype=None, attn_impl="spar
 
     cfg = GLM5Config.from_pretrained(directory)
     dtype = to_dtype(dtype or cfg.torch_dtype)
-    checkpoint_files(directory)  # fail early on an empty directory or a broken index
+    keys = checkpoint_keys(directory)  # fails early on an empty directory, a broken index or a bad header
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in keys):
+        # transformers does not model MTP and writes no MTP layer: load the main model without one
+        warnings.warn(f"{directory}: no MTP layer in the checkpoint; loading without MTP", stacklevel=3)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = cls(cfg, attn_impl=attn_impl)
     model = model.to(dtype).to_empty(device=device)

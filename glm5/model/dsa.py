@@ -23,7 +23,7 @@ from glm5.config import GLM5Config
 from glm5.model.layers import apply_rope_interleaved
 
 # Upper bound on elements of one block of indexer scores [B, block, heads, keys]; bounds memory at long T.
-INDEXER_BLOCK_ELEMENTS = 1 << 25
+INDEXER_BLOCK_ELEMENTS = 1 << 22
 # Upper bound on elements of gathered latents [B, block, k, latent] in sparse attention.
 GATHER_BLOCK_ELEMENTS = 1 << 24
 
@@ -72,9 +72,11 @@ class Indexer(nn.Module):
     def scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Index scores in fp32: q [B, S, H, D], w [B, S, H], k [B, T, D] -> [B, S, T] (no mask applied)."""
         B, S, H, D = q.shape
-        s = torch.matmul(q.float().reshape(B, S * H, D), k.float().transpose(1, 2)) * self.softmax_scale
-        s = F.relu(s).view(B, S, H, -1)
-        return torch.matmul(w.unsqueeze(2), s).squeeze(2)
+        # relu(c * s) = c * relu(s) for c > 0: fold the 1/sqrt(D) scale into the head weights, saving a full
+        # pass over the [S * H, T] block
+        s = torch.matmul(q.float().reshape(B, S * H, D), k.float().transpose(1, 2))
+        s = torch.relu_(s).view(B, S, H, -1)
+        return torch.matmul((w * self.softmax_scale).unsqueeze(2), s).squeeze(2)
 
 
 def causal_key_mask(
@@ -124,8 +126,13 @@ def select_topk_blockwise(
         pos = q_positions[:, start:end]
         kv_end = min(T, int(pos.max().item()) + 1)  # keys beyond the block's last position are all invisible
         scores = indexer.scores(q[:, start:end], w[:, start:end], k[:, :kv_end])
-        visible = causal_key_mask(pos, kv_end, None if key_mask is None else key_mask[:, :kv_end])
-        scores = scores.masked_fill(~visible, float("-inf"))
+        if key_mask is None:
+            # keys before the block's first position are visible to all its queries: mask only the rest
+            first = min(kv_end, int(pos.min().item()) + 1)
+            visible = causal_key_mask(pos, kv_end)[:, :, first:]
+            scores[:, :, first:].masked_fill_(~visible, float("-inf"))
+        else:
+            scores = scores.masked_fill(~causal_key_mask(pos, kv_end, key_mask[:, :kv_end]), float("-inf"))
         n = min(topk, kv_end)
         values, idx = scores.topk(n, dim=-1)
         out[:, start:end, :n] = idx.masked_fill(values == float("-inf"), -1)
@@ -154,7 +161,7 @@ def sparse_latent_attention(
         end = min(S, start + block)
         idx = topk_indices[:, start:end]  # [B, s, K]
         valid = (idx >= 0) & (idx <= q_positions[:, start:end, None])
-        gathered = flat_kv[(idx.clamp(min=0) + batch_offset).reshape(-1)].view(B, end - start, K, D)
+        gathered = flat_kv.index_select(0, (idx.clamp(min=0) + batch_offset).reshape(-1)).view(B, end - start, K, D)
         # [B, s, H, D] @ [B, s, D, K] -> [B, s, H, K]
         scores = torch.matmul(q[:, start:end], gathered.transpose(-1, -2)).float() * scale
         scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
-from glm5.model.mla import ATTN_IMPLS, MLAttention
 from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding
+from glm5.model.mla import ATTN_IMPLS, MLAttention
 from glm5.model.moe import MoE
 
 

@@ -1,0 +1,145 @@
+"""Forward-pass benchmark: glm5's sparse DSA path against transformers' GlmMoeDsaForCausalLM (sdpa).
+
+    .venv/bin/python bench/forward.py                       # 512, 2K, 8K both; 32K ours alone
+    .venv/bin/python bench/forward.py --seqs 512 2048 --ours-only 8192 --repeats 3
+
+Same random weights in both (ours built from a seed, copied into transformers), the `tiny-bench` preset
+(the tiny config of ../shared/reference/machine.md), fp32, batch 1, `--threads` CPU threads. Every
+measurement runs in a fresh subprocess so its peak memory is its own: "peak MiB" is the forward's
+high-water mark of resident memory above what the process held before the first forward (Linux VmHWM,
+reset through /proc/self/clear_refs). Reports medians, tokens/s and the ratios; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def worker(impl: str, seq: int, repeats: int, threads: int) -> dict:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from glm5 import GLM5Config, GLM5ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GLM5Config.from_preset("tiny-bench")
+    ours = GLM5ForCausalLM(cfg).eval()
+    if impl == "transformers":
+        from transformers import GlmMoeDsaForCausalLM
+
+        from glm5.checkpoint import to_transformers_config
+
+        model = GlmMoeDsaForCausalLM(to_transformers_config(cfg, "sdpa")).eval()
+        model.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mtp.")}, strict=False)
+        del ours
+    else:
+        model = ours
+    gc.collect()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
+    times = []
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak-RSS high-water mark
+    except OSError:
+        pass
+    base_kib = _rss_kib("VmRSS")
+    with torch.inference_mode():
+        if seq <= 2048:
+            model(ids)  # warm-up (skipped at long lengths where one transformers pass takes many seconds)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - t0)
+    peak_kib = _rss_kib("VmHWM")
+    median = statistics.median(times)
+    return {
+        "impl": impl, "seq": seq, "times_s": times, "median_s": median, "tokens_per_s": seq / median,
+        "peak_mib": max(0, peak_kib - base_kib) / 1024, "peak_rss_mib": peak_kib / 1024,
+    }
+
+
+def run_one(impl: str, seq: int, repeats: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, str(seq), "--repeats", str(repeats), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{impl} at {seq} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048, 8192], help="lengths run by both")
+    p.add_argument("--ours-only", type=int, nargs="*", default=[32768], help="lengths run by glm5 alone")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default="bench/results/forward.json", help="where the JSON goes")
+    p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads)))
+        return 0
+
+    rows = []
+    plan = [(s, impl) for s in args.seqs for impl in ("glm5", "transformers")] + [(s, "glm5") for s in args.ours_only]
+    for seq, impl in plan:
+        print(f"[bench] {impl:<12} seq {seq:>6} ...", end=" ", flush=True)
+        r = run_one(impl, seq, args.repeats, args.threads)
+        print(f"{r['median_s'] * 1000:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mib']:8.1f} MiB")
+        rows.append(r)
+
+    by = {(r["impl"], r["seq"]): r for r in rows}
+    print("\n| seq | glm5 ms | transformers ms | speed-up | glm5 tok/s | glm5 peak MiB | transformers peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    summary = []
+    for seq in sorted({r["seq"] for r in rows}):
+        ours, theirs = by.get(("glm5", seq)), by.get(("transformers", seq))
+        entry = {"seq": seq, "glm5_ms": ours["median_s"] * 1000, "glm5_tokens_per_s": ours["tokens_per_s"],
+                 "glm5_peak_mib": ours["peak_mib"]}
+        if theirs:
+            entry.update(transformers_ms=theirs["median_s"] * 1000, transformers_tokens_per_s=theirs["tokens_per_s"],
+                         transformers_peak_mib=theirs["peak_mib"], speedup=theirs["median_s"] / ours["median_s"],
+                         memory_ratio=ours["peak_mib"] / max(theirs["peak_mib"], 1e-9))
+            print(f"| {seq} | {entry['glm5_ms']:.1f} | {entry['transformers_ms']:.1f} | {entry['speedup']:.1f}x | "
+                  f"{entry['glm5_tokens_per_s']:.0f} | {ours['peak_mib']:.1f} | {theirs['peak_mib']:.1f} | "
+                  f"{entry['memory_ratio']:.3f} |")
+        else:
+            print(f"| {seq} | {entry['glm5_ms']:.1f} | - | - | {entry['glm5_tokens_per_s']:.0f} | {ours['peak_mib']:.1f} | - | - |")
+        summary.append(entry)
+    ours_seqs = sorted(s for (impl, s) in by if impl == "glm5")
+    growth = [
+        {"from": a, "to": b, "length_ratio": b / a, "time_ratio": by[("glm5", b)]["median_s"] / by[("glm5", a)]["median_s"]}
+        for a, b in zip(ours_seqs, ours_seqs[1:])
+    ]
+    for g in growth:
+        print(f"glm5 time x{g['time_ratio']:.2f} for length x{g['length_ratio']:.0f} ({g['from']} -> {g['to']})")
+    result = {
+        "benchmark": "forward", "preset": "tiny-bench", "dtype": "float32", "batch": 1, "threads": args.threads,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "rows": rows, "summary": summary, "growth": growth,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"[bench] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
