@@ -24,6 +24,7 @@ import json
 import os
 import sysconfig
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 
 # GLM-5's chat-format tokens; each is one id and never the result of encoding ordinary text.
@@ -283,12 +284,18 @@ def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     Built once (a few seconds) and cached under `cache_dir()/tokenizer-<hash>/`; the hash covers the
     corpus text itself, so another Python version builds its own instead of reusing a different one.
     A model trained with it should save it next to its checkpoint (`Tokenizer.save`).
+    Repeated calls in one process return the same object.
     """
+    return _load_or_build_default(vocab_size, str(cache_dir()))
+
+
+@lru_cache(maxsize=4)
+def _load_or_build_default(vocab_size: int, cache_root: str) -> Tokenizer:
     texts = default_corpus()
     digest = hashlib.sha256(f"v{DEFAULT_BUILD_VERSION}:{vocab_size}:".encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
-    target = cache_dir() / f"tokenizer-{vocab_size}-{digest.hexdigest()[:16]}"
+    target = Path(cache_root) / f"tokenizer-{vocab_size}-{digest.hexdigest()[:16]}"
     if (target / "tokenizer.json").is_file():
         return Tokenizer.from_file(target)
     tokenizer = train_tokenizer(iter(texts), vocab_size)

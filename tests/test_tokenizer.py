@@ -90,6 +90,8 @@ def test_unknown_special_name_is_a_clear_key_error(default_tok):
 def test_default_tokenizer_is_cached_and_not_rebuilt(default_tok, monkeypatch):
     import glm5.tokenizer as module
 
+    assert default_tokenizer() is default_tok, "a second call in the same process should reuse the object"
+    module._load_or_build_default.cache_clear()  # now only the disk cache can help
     monkeypatch.setattr(module, "train_tokenizer", lambda *a, **k: pytest.fail("rebuilt despite the cache"))
     again = default_tokenizer()
     assert again.backend.to_str() == default_tok.backend.to_str(), "cached tokenizer differs from the first build"
