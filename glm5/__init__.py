@@ -20,6 +20,10 @@ _LAZY = {
     "GLM5ForCausalLM": "glm5.model.transformer",
     "GLM5Model": "glm5.model.transformer",
     "count_parameters": "glm5.params",
+    "Tokenizer": "glm5.tokenizer",
+    "default_tokenizer": "glm5.tokenizer",
+    "render_messages": "glm5.chat",
+    "parse_output": "glm5.chat",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
