@@ -98,7 +98,7 @@ def iter_checkpoint_tensors(directory: str | os.PathLike) -> Iterator[tuple[str,
 
 
 # ---------------------------------------------------------------------------------------------- key mapping
-def _route_key(key: str, cfg: GLM5Config) -> tuple[str, tuple | None] | None:
+def route_hub_key(key: str, cfg: GLM5Config) -> tuple[str, tuple | None] | None:
     """Map a hub key to (our parameter name, slice spec) or None for a tensor we deliberately skip.
 
     slice spec: None (whole tensor) or (expert, part) with part in gate / up / down.
@@ -181,7 +181,7 @@ def load_state_into(model: torch.nn.Module, directory: str | os.PathLike, strict
                 f"{directory}: tensor {key!r} is FP8-quantized; load FP8 checkpoints with glm5.quant (see README)"
             )
         try:
-            routed = _route_key(key, cfg)
+            routed = route_hub_key(key, cfg)
         except KeyError:
             routed = ("<unexpected>", None)
         if routed is None:

@@ -381,7 +381,7 @@ def load_fp8_model(directory: str, device: str | torch.device = "cpu", dtype: to
     """
     import warnings
 
-    from glm5.checkpoint import CheckpointError, _route_key, checkpoint_keys, iter_checkpoint_tensors
+    from glm5.checkpoint import CheckpointError, checkpoint_keys, iter_checkpoint_tensors, route_hub_key
     from glm5.common import to_dtype
     from glm5.config import GLM5Config
     from glm5.model.layers import RotaryEmbedding
@@ -421,7 +421,7 @@ def load_fp8_model(directory: str, device: str | torch.device = "cpu", dtype: to
     pending: dict[str, dict[str, torch.Tensor]] = {}  # DEQUANTIZE_ON_LOAD: weight and scale may come apart
     for key, tensor in iter_checkpoint_tensors(directory):
         is_scale = key.endswith(".weight_scale_inv")
-        routed = _route_key(key.removesuffix("_scale_inv") if is_scale else key, cfg)
+        routed = route_hub_key(key.removesuffix("_scale_inv") if is_scale else key, cfg)
         if routed is None:
             continue
         name, spec = routed
