@@ -1,0 +1,271 @@
+"""The inference engine: add requests (token ids), step, collect tokens. Knows no tokenizer.
+
+    from glm5.engine import LLM, SamplingParams
+    llm = LLM.from_preset("nano")                       # or LLM.from_pretrained("runs/x/model")
+    out = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0, max_tokens=32))
+    out[0].token_ids                                    # the generated ids of the first prompt
+
+Step-wise (what the server drives from its engine thread):
+    engine.add_request(ids, params, request_id)  ->  engine.step() -> [StepOutput, ...]  ->  engine.abort(id)
+
+Each step: the scheduler picks a prefill or decode batch, the runner runs one forward over the paged latent
+cache, the sampler picks tokens, finished requests free their blocks. With `num_speculative_tokens` k > 0
+the MTP layer drafts k tokens per greedy sequence and the next decode step verifies them in the same forward
+(see glm5/engine/speculative.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from glm5.config import GLM5Config
+from glm5.engine.block_manager import BlockManager
+from glm5.engine.kv_cache import LatentKVCache
+from glm5.engine.runner import ModelRunner
+from glm5.engine.sampler import Sampler
+from glm5.engine.scheduler import Scheduler
+from glm5.engine.sequence import SamplingParams, Sequence, SequenceStatus, TokenLogprob
+from glm5.engine.speculative import MTPDrafter, verify_greedy
+from glm5.model.transformer import GLM5ForCausalLM
+
+
+@dataclass
+class StepOutput:
+    """What one request got from one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0  # tokens produced by decode steps (bonus + accepted drafts)
+    verify_steps: int = 0  # sequence-steps that verified drafts
+    drafted: int = 0
+    accepted: int = 0
+    preemptions: int = 0
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens produced per verifying sequence-step (1 + accepted drafts on average); 0 before any."""
+        return (self.verify_steps + self.accepted) / self.verify_steps if self.verify_steps else 0.0
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: GLM5ForCausalLM,
+        *,
+        block_size: int = 16,
+        kv_cache_tokens: int = 32768,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        num_speculative_tokens: int = 0,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        cfg = model.config
+        self.model = model.eval()
+        self.config = cfg
+        if num_speculative_tokens and not len(model.mtp):
+            raise ValueError("num_speculative_tokens > 0 needs a model with an MTP layer (num_nextn_predict_layers)")
+        self.num_speculative_tokens = num_speculative_tokens
+        self.block_size = block_size
+        num_blocks = max(1, -(-kv_cache_tokens // block_size))
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        param = next(model.parameters())
+        num_mtp = 1 if num_speculative_tokens else 0
+        self.cache = LatentKVCache(cfg, num_blocks, block_size, model.model.embed_tokens.weight.dtype, param.device, num_mtp)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, num_speculative_tokens)
+        self.runner = ModelRunner(model, self.cache, block_size)
+        self.sampler = Sampler()
+        self.drafter = MTPDrafter(self.runner, self.block_manager, num_speculative_tokens) if num_speculative_tokens else None
+        self.eos_token_ids = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        # a sequence never needs more than the whole cache (minus room for drafts)
+        self.capacity_tokens = num_blocks * block_size - 2 * num_speculative_tokens - 1
+        self.requests: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                        **kwargs) -> LLMEngine:
+        return cls(GLM5ForCausalLM.from_pretrained(directory, device=device, dtype=dtype), **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, *, seed: int = 0, device: str = "cpu", **kwargs) -> LLMEngine:
+        """Random weights (for smoke tests and benchmarks)."""
+        torch.manual_seed(seed)
+        return cls(GLM5ForCausalLM(GLM5Config.from_preset(name)).to(device), **kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """ValueError with a message a client can read, if the engine cannot take this prompt."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        limit = min(self.max_model_len, self.capacity_tokens)
+        if len(prompt_token_ids) >= limit:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context allows at most {limit - 1}"
+            )
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        self.validate_prompt(prompt_token_ids)
+        seq = Sequence(prompt_token_ids, params or SamplingParams(), request_id)
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already running")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ one step
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> bool:
+        """Add a generated token; True when the sequence is finished."""
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= min(self.max_model_len, self.capacity_tokens):
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.preemptions = self.scheduler.num_preemptions
+        if batch is None:
+            return []
+        self.stats.steps += 1
+        inputs = self.runner.prepare_batch(batch)
+        hidden = self.runner.forward(inputs)
+        # which rows need logits: the last fed token of a sequence whose prompt is complete, all rows when verifying
+        sample_seqs, rows, verify = [], [], []
+        computed_before = [s.num_computed_tokens for s in batch.seqs]
+        for i, (seq, n, k) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.num_draft_tokens)):
+            start = inputs.query_starts[i]
+            if k:
+                verify.append((seq, list(range(start, start + n))))
+            elif seq.num_computed_tokens + n == len(seq.token_ids):
+                sample_seqs.append(seq)
+                rows.append(start + n - 1)
+            if batch.is_prefill:
+                self.stats.prefill_tokens += n
+        new_tokens: dict[int, list[int]] = {id(s): [] for s in batch.seqs}
+        new_logprobs: dict[int, list[TokenLogprob]] = {id(s): [] for s in batch.seqs}
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if not seq.draft_token_ids:
+                seq.num_computed_tokens += n
+        if rows:
+            logits = self.runner.logits(hidden[torch.tensor(rows, device=hidden.device)])
+            tokens, logprobs = self.sampler(logits, sample_seqs)
+            for seq, token, logprob in zip(sample_seqs, tokens, logprobs):
+                self._append(seq, token, logprob)
+                new_tokens[id(seq)].append(token)
+                if logprob is not None:
+                    new_logprobs[id(seq)].append(logprob)
+                if not batch.is_prefill:
+                    self.stats.decode_tokens += 1
+        for seq, seq_rows in verify:
+            logits = self.runner.logits(hidden[torch.tensor(seq_rows, device=hidden.device)])
+            drafts = seq.draft_token_ids
+            accepted, tokens = verify_greedy(logits, drafts)
+            seq.draft_token_ids = []
+            seq.num_drafted += len(drafts)
+            seq.num_accepted += accepted
+            self.stats.verify_steps += 1
+            self.stats.drafted += len(drafts)
+            self.stats.accepted += accepted
+            seq.num_computed_tokens += 1 + accepted  # the last token and the accepted drafts are now cached
+            for token in tokens:
+                self.stats.decode_tokens += 1
+                new_tokens[id(seq)].append(token)
+                if self._append(seq, token, None):
+                    break
+        if self.drafter is not None:
+            self.drafter.after_step(batch, inputs, hidden, computed_before)
+        outputs = []
+        for seq in batch.seqs:
+            self.block_manager.commit(seq)
+            finished = seq.finish_reason is not None
+            if finished:
+                seq.status = SequenceStatus.FINISHED
+                seq.draft_token_ids = []
+                self.scheduler.remove(seq)
+                self.requests.pop(seq.request_id, None)
+            if new_tokens[id(seq)] or finished:
+                outputs.append(StepOutput(
+                    seq.request_id, new_tokens[id(seq)], new_logprobs[id(seq)], finished, seq.finish_reason,
+                    seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prefix_tokens,
+                ))
+        return outputs
+
+    # ------------------------------------------------------------------ offline API
+    def generate(
+        self, prompts: list[list[int]] | list[int], params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Run prompts to completion (continuous batching); results in the order of `prompts`."""
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]  # type: ignore[list-item]
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        seqs = [self.add_request(list(p), sp) for p, sp in zip(prompts, params)]
+        while any(s.finish_reason is None for s in seqs):
+            self.step()
+        return [
+            Completion(s.request_id, s.token_ids[: s.num_prompt_tokens], s.output_token_ids, s.finish_reason,
+                       s.logprobs, s.num_cached_prefix_tokens, s.num_drafted, s.num_accepted)
+            for s in seqs
+        ]
+
+
+LLM = LLMEngine
