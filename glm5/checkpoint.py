@@ -220,11 +220,18 @@ def load_state_into(model: torch.nn.Module, directory: str | os.PathLike, strict
     return unexpected
 
 
-def load_pretrained(cls, directory, *, device="cpu", dtype=None, attn_impl="sparse", strict=True):
-    """Build `cls` from directory/config.json on the meta device, allocate once on `device`, stream weights in."""
+def empty_model_for(directory, cls=None, *, device="cpu", dtype=None, attn_impl="sparse", prepare=None):
+    """The model a checkpoint directory describes, allocated once on `device` with uninitialized weights.
+
+    Built on the meta device from directory/config.json; an MTP layer absent from the checkpoint (transformers
+    writes none) is dropped with a warning. `prepare(model, keys)` may swap modules while still on meta (the
+    FP8 loader puts its FP8 modules in). Returns (model, keys of the checkpoint).
+    """
     from glm5.common import to_dtype
     from glm5.model.layers import RotaryEmbedding
 
+    if cls is None:
+        from glm5.model.transformer import GLM5ForCausalLM as cls
     cfg = GLM5Config.from_pretrained(directory)
     dtype = to_dtype(dtype or cfg.torch_dtype)
     keys = checkpoint_keys(directory)  # fails early on an empty directory, a broken index or a bad header
@@ -234,11 +241,19 @@ def load_pretrained(cls, directory, *, device="cpu", dtype=None, attn_impl="spar
         warnings.warn(f"{directory}: no MTP layer in the checkpoint; loading without MTP", stacklevel=3)
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
-        model = cls(cfg, attn_impl=attn_impl)
-    model = model.to(dtype).to_empty(device=device)
+        model = cls(cfg, attn_impl=attn_impl).to(dtype)
+        if prepare is not None:
+            prepare(model, keys)
+    model = model.to_empty(device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):  # non-persistent: recompute what to_empty left uninitialized
             module.reset()
+    return model, keys
+
+
+def load_pretrained(cls, directory, *, device="cpu", dtype=None, attn_impl="sparse", strict=True):
+    """Build `cls` from directory/config.json on the meta device, allocate once on `device`, stream weights in."""
+    model, _ = empty_model_for(directory, cls, device=device, dtype=dtype, attn_impl=attn_impl)
     load_state_into(model, directory, strict=strict)
     return model.eval()
 

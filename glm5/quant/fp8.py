@@ -379,42 +379,29 @@ def load_fp8_model(directory: str, device: str | torch.device = "cpu", dtype: to
     Which modules are FP8 is read from the file (a `weight_scale_inv` beside the weight), not assumed. The
     model is built on the meta device and allocated once; weights stream in tensor by tensor.
     """
-    import warnings
-
-    from glm5.checkpoint import CheckpointError, checkpoint_keys, iter_checkpoint_tensors, route_hub_key
-    from glm5.common import to_dtype
+    from glm5.checkpoint import CheckpointError, empty_model_for, iter_checkpoint_tensors, route_hub_key
     from glm5.config import GLM5Config
-    from glm5.model.layers import RotaryEmbedding
     from glm5.model.transformer import GLM5ForCausalLM
 
-    cfg = GLM5Config.from_pretrained(directory)
-    qcfg = cfg.extra.get("quantization_config") or {}
+    qcfg = GLM5Config.from_pretrained(directory).extra.get("quantization_config") or {}
     if qcfg.get("quant_method") != "fp8" or list(qcfg.get("weight_block_size", [])) != [BLOCK, BLOCK]:
         raise ValueError(f"{directory}: config.json has no block-wise FP8 quantization_config "
                          f"(quant_method 'fp8', weight_block_size [128, 128]); got {qcfg or None}")
-    dtype = to_dtype(dtype or cfg.torch_dtype)
-    keys = set(checkpoint_keys(directory))
-    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in keys):
-        warnings.warn(f"{directory}: no MTP layer in the checkpoint; loading without MTP", stacklevel=2)
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    scaled = {k.removesuffix(".weight_scale_inv") for k in keys if k.endswith(".weight_scale_inv")}
 
-    with torch.device("meta"):
-        model = GLM5ForCausalLM(cfg, attn_impl=attn_impl)
-    model = model.to(dtype)  # before the swap: FP8 modules keep their storage dtypes anyway
-    for name, module in list(model.named_modules()):
-        hub = _hub_module_name(name, cfg)
-        if type(module) is nn.Linear and hub in scaled and should_quantize(name, DEQUANTIZE_ON_LOAD):
-            with torch.device("meta"):
+    def swap_in_fp8_modules(model: nn.Module, keys: list[str]) -> None:
+        # which modules are FP8 is read from the file (a weight_scale_inv beside the weight), not assumed
+        scaled = {k.removesuffix(".weight_scale_inv") for k in keys if k.endswith(".weight_scale_inv")}
+        for name, module in list(model.named_modules()):
+            hub = _hub_module_name(name, model.config)
+            if type(module) is nn.Linear and hub in scaled and should_quantize(name, DEQUANTIZE_ON_LOAD):
                 model.set_submodule(name, FP8Linear(module.in_features, module.out_features, bias=module.bias is not None))
-        elif _is_fused_experts(module) and f"{hub}.0.gate_proj" in scaled:
-            experts, two_i, hidden = module.gate_up_proj.shape
-            with torch.device("meta"):
+            elif _is_fused_experts(module) and f"{hub}.0.gate_proj" in scaled:
+                experts, two_i, hidden = module.gate_up_proj.shape
                 model.set_submodule(name, FP8Experts(experts, hidden, two_i // 2))
-    model = model.to_empty(device=device)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.reset()  # non-persistent tables that to_empty left uninitialized
+
+    model, _ = empty_model_for(directory, GLM5ForCausalLM, device=device, dtype=dtype, attn_impl=attn_impl,
+                               prepare=swap_in_fp8_modules)
+    cfg = model.config
 
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     filled: dict[str, int] = {}
