@@ -30,7 +30,7 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def worker(impl: str, seq: int, repeats: int, threads: int) -> dict:
+def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu") -> dict:
     import gc
 
     import torch
@@ -52,7 +52,14 @@ def worker(impl: str, seq: int, repeats: int, threads: int) -> dict:
     else:
         model = ours
     gc.collect()
-    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
+    model.to(device)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     times = []
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -60,23 +67,33 @@ def worker(impl: str, seq: int, repeats: int, threads: int) -> dict:
     except OSError:
         pass
     base_kib = _rss_kib("VmRSS")
+    if cuda:
+        sync()
+        base_cuda = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        if seq <= 2048:
-            model(ids)  # warm-up (skipped at long lengths where one transformers pass takes many seconds)
+        if seq <= 2048 or cuda:
+            model(ids)  # warm-up (skipped on CPU at long lengths where one transformers pass takes many seconds)
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             model(ids)
+            sync()
             times.append(time.perf_counter() - t0)
     peak_kib = _rss_kib("VmHWM")
     median = statistics.median(times)
+    peak_mib = max(0, peak_kib - base_kib) / 1024
+    if cuda:  # on the GPU, the forward's peak of allocated device memory above the weights
+        peak_mib = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     return {
-        "impl": impl, "seq": seq, "times_s": times, "median_s": median, "tokens_per_s": seq / median,
-        "peak_mib": max(0, peak_kib - base_kib) / 1024, "peak_rss_mib": peak_kib / 1024,
+        "impl": impl, "seq": seq, "device": device, "times_s": times, "median_s": median,
+        "tokens_per_s": seq / median, "peak_mib": peak_mib, "peak_rss_mib": peak_kib / 1024,
     }
 
 
-def run_one(impl: str, seq: int, repeats: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, str(seq), "--repeats", str(repeats), "--threads", str(threads)]
+def run_one(impl: str, seq: int, repeats: int, threads: int, device: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, str(seq), "--repeats", str(repeats), "--threads", str(threads),
+           "--device", device]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} at {seq} failed:\n{out.stderr[-2000:]}")
@@ -89,18 +106,19 @@ def main() -> int:
     p.add_argument("--ours-only", type=int, nargs="*", default=[32768], help="lengths run by glm5 alone")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu (the goal's setting) or cuda (peak = device memory)")
     p.add_argument("--out", default="bench/results/forward.json", help="where the JSON goes")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads, args.device)))
         return 0
 
     rows = []
     plan = [(s, impl) for s in args.seqs for impl in ("glm5", "transformers")] + [(s, "glm5") for s in args.ours_only]
     for seq, impl in plan:
         print(f"[bench] {impl:<12} seq {seq:>6} ...", end=" ", flush=True)
-        r = run_one(impl, seq, args.repeats, args.threads)
+        r = run_one(impl, seq, args.repeats, args.threads, args.device)
         print(f"{r['median_s'] * 1000:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mib']:8.1f} MiB")
         rows.append(r)
 
@@ -131,6 +149,7 @@ def main() -> int:
         print(f"glm5 time x{g['time_ratio']:.2f} for length x{g['length_ratio']:.0f} ({g['from']} -> {g['to']})")
     result = {
         "benchmark": "forward", "preset": "tiny-bench", "dtype": "float32", "batch": 1, "threads": args.threads,
+        "device": args.device,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "rows": rows, "summary": summary, "growth": growth,
     }
