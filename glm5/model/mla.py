@@ -9,6 +9,12 @@ Per token the layer keeps a kv_lora_rank-wide normed latent plus one shared qk_r
                gathered latents, W_UV applied afterwards; T <= index_topk is plain causal attention (the
                indexer is skipped: every token would be selected)
 Both agree within 1e-5 in fp32 (tests/test_model_parity.py).
+
+Two switches for DSA training (glm5/train), off by default so the normal forward is unchanged:
+  dense_attention     attend to every earlier token, no top-k (MLA pretraining before DSA, the dense warm-up)
+  indexer_loss_mode   "dense" | "sparse": the forward also stores `indexer_kl`, the KL from the main attention's
+                      head-summed distribution to the indexer's softmax (over all earlier tokens, or only over
+                      the selected ones); the indexer sees a detached input, so it learns only from this loss
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.latent_dim, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.indexer = Indexer(cfg) if has_indexer else None
+        # DSA training switches (see the module docstring); the trainer sets them per stage
+        self.dense_attention = False
+        self.indexer_loss_mode: str | None = None
+        self.indexer_kl: torch.Tensor | None = None  # scalar, set by forward when indexer_loss_mode is on
 
     # ------------------------------------------------------------------ pieces reused by the engine
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -87,13 +97,20 @@ class MLAttention(nn.Module):
         q_nope, q_rope, q_resid = self.project_q(x, cos, sin)
         kv = self.project_latent(x, cos, sin)
         sparse = self.attn_impl == "sparse"
-        need_topk = not sparse or T > self.cfg.index_topk
-        topk = prev_topk
-        if self.indexer is not None and need_topk:
-            q_idx, w_idx = self.indexer.queries(x, q_resid, cos, sin)
-            k_idx = self.indexer.keys(x, cos, sin)
-            select = select_topk_blockwise if sparse else select_topk_reference
-            topk = select(self.indexer, q_idx, w_idx, k_idx, q_positions, key_mask)
+        need_topk = (not sparse or T > self.cfg.index_topk) and not self.dense_attention
+        topk = None if self.dense_attention else prev_topk
+        kl_mode = self.indexer_loss_mode if self.indexer is not None else None
+        if self.indexer is not None and (need_topk or kl_mode):
+            # the indexer's KL must not train the model under it: its input is detached in training mode
+            idx_x, idx_resid = (x.detach(), q_resid.detach()) if kl_mode else (x, q_resid)
+            q_idx, w_idx = self.indexer.queries(idx_x, idx_resid, cos, sin)
+            k_idx = self.indexer.keys(idx_x, cos, sin)
+            if need_topk:
+                select = select_topk_blockwise if sparse else select_topk_reference
+                topk = select(self.indexer, q_idx, w_idx, k_idx, q_positions, key_mask)
+            if kl_mode:
+                selected = topk if (need_topk and kl_mode == "sparse") else None
+                self.indexer_kl = self._indexer_kl(q_idx, w_idx, k_idx, q_nope, q_rope, kv, selected, q_positions, key_mask)
         elif self.indexer is None and need_topk and topk is None:
             raise ValueError("a layer without an indexer (IndexShare 'shared') needs the previous layer's top-k")
         if sparse:
@@ -101,6 +118,30 @@ class MLAttention(nn.Module):
         else:
             out = self._reference(q_nope, q_rope, kv, topk, q_positions, key_mask)
         return self.o_proj(out.reshape(B, T, -1)), (topk if need_topk else None)
+
+    def _indexer_kl(self, q_idx, w_idx, k_idx, q_nope, q_rope, kv, topk, q_positions, key_mask) -> torch.Tensor:
+        """Mean over queries of KL(p || softmax(I)): p is the main attention's probabilities summed over heads and
+        L1-normalized (no gradient), I the indexer's scores (gradient to the indexer only). With `topk` both are
+        restricted to each query's selected keys (the sparse stage). O(T^2): for training lengths only."""
+        B, T = kv.shape[:2]
+        allowed = causal_key_mask(q_positions, T, key_mask).expand(B, -1, -1)  # [B, S, T]
+        if topk is not None:
+            # a -1 slot (nothing to select) scatters into a spare column that is then dropped
+            slots = torch.where(topk >= 0, topk, torch.full_like(topk, T))
+            selected = torch.zeros(B, topk.shape[1], T + 1, dtype=torch.bool, device=kv.device)
+            allowed = allowed & selected.scatter_(-1, slots, True)[..., :T]
+        with torch.no_grad():
+            w_uk, _ = self.absorbed_weights()
+            q = torch.cat([torch.einsum("bthn,hnl->bthl", q_nope, w_uk), q_rope], dim=-1).float()  # [B, S, H, L+R]
+            scores = torch.einsum("bshd,btd->bhst", q, kv.float()) * self.scale
+            scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+            target = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0).sum(dim=1)  # [B, S, T]
+            target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        index_scores = self.indexer.scores(q_idx, w_idx, k_idx).masked_fill(~allowed, float("-inf"))
+        log_q = torch.log_softmax(index_scores, dim=-1).masked_fill(~allowed, 0.0)
+        kl = (target * (target.clamp_min(1e-12).log() - log_q)).sum(dim=-1)  # [B, S]
+        valid = allowed.any(dim=-1)
+        return (kl * valid).sum() / valid.sum().clamp_min(1)
 
     def _reference(self, q_nope, q_rope, kv, topk, q_positions, key_mask) -> torch.Tensor:
         B, T, H, _ = q_nope.shape

@@ -1,0 +1,58 @@
+"""The embedded demo corpus: text that ships with Python plus synthetic tool-use conversations. No network.
+
+    from glm5.train.corpus import build_demo_corpus
+    corpus = build_demo_corpus(stdlib_bytes=1_500_000, conversations=3000, seed=0)
+    corpus.train_texts, corpus.heldout_texts          # pretraining documents (stdlib files, rendered chats)
+    corpus.sft_train, corpus.sft_heldout              # conversations ({"messages", "tools"}) for SFT
+    corpus.tasks                                      # eval prompts with the one right tool call each
+
+Stdlib text: pydoc's topic help (English prose) then the library's sources, each file one document (the same
+text the default tokenizer learns from, see glm5.tokenizer.default_corpus). Conversations are rendered in
+GLM-5's chat format (glm5.chat.render_messages), so pretraining already sees `<tool_call>` and friends.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from glm5.chat import render_messages
+from glm5.tokenizer import default_corpus
+from glm5.train.conversations import make_conversation, make_task
+
+
+@dataclass
+class DemoCorpus:
+    train_texts: list[str]
+    heldout_texts: list[str]
+    sft_train: list[dict]
+    sft_heldout: list[dict]
+    tasks: list[dict]
+
+    def summary(self) -> str:
+        chars = sum(map(len, self.train_texts))
+        return (f"{len(self.train_texts)} pretraining documents ({chars / 1e6:.1f} MB), {len(self.heldout_texts)} held out; "
+                f"{len(self.sft_train)} SFT conversations, {len(self.sft_heldout)} held out; {len(self.tasks)} eval tasks")
+
+
+def render_conversation(conversation: dict) -> str:
+    return render_messages(conversation["messages"], conversation.get("tools"), add_generation_prompt=False)
+
+
+def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, sft_conversations: int = 2000,
+                      tasks: int = 40, heldout_fraction: float = 0.03, seed: int = 0) -> DemoCorpus:
+    rng = random.Random(seed)
+    stdlib = [t for t in default_corpus(stdlib_bytes) if t.strip()]
+    rng.shuffle(stdlib)
+    n_heldout = max(1, int(len(stdlib) * heldout_fraction))
+    chats = [render_conversation(make_conversation(rng, "train")) for _ in range(conversations)]
+    heldout_chats = [render_conversation(make_conversation(rng, "eval")) for _ in range(max(1, int(conversations * heldout_fraction)))]
+    train_texts = stdlib[n_heldout:] + chats
+    rng.shuffle(train_texts)
+    return DemoCorpus(
+        train_texts=train_texts,
+        heldout_texts=stdlib[:n_heldout] + heldout_chats,
+        sft_train=[make_conversation(rng, "train") for _ in range(sft_conversations)],
+        sft_heldout=[make_conversation(rng, "eval") for _ in range(max(8, sft_conversations // 20))],
+        tasks=[make_task(rng, "eval") for _ in range(tasks)],
+    )

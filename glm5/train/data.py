@@ -1,0 +1,214 @@
+"""Training data: the embedded demo corpus, file loaders, packing into fixed-length rows, sharded batches.
+
+    from glm5.train.data import load_documents, pack_documents, pack_conversations, Batches
+    docs = load_documents("corpus.jsonl")                    # or .txt, .parquet, a `datasets.save_to_disk` dir
+    rows = pack_documents([tok.encode(d) for d in docs], seq_len=256, eos_id=tok.pad_token_id)
+    batches = Batches(rows, batch_size=8, seed=0, rank=0, world_size=1)
+    ids, labels = batches.next()                             # this rank's share of the next global batch
+    state = batches.state_dict()                             # resumable position: {"position": batches taken}
+
+Rows are `PackedRows(ids [N, T], labels [N, T])`; labels use -100 where no loss is taken (padding, and the
+non-assistant tokens of SFT data). The model shifts labels itself: labels[t] is the target of position t-1.
+Sharding is deterministic: global batch k is rows perm[k*B : (k+1)*B] of a seeded per-epoch permutation and
+rank r takes the r-th contiguous slice, so N ranks see exactly the rows one process would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedRows:
+    ids: torch.Tensor  # [N, T] int64
+    labels: torch.Tensor  # [N, T] int64, IGNORE_INDEX where no loss is taken
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1]
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{path}.tmp"
+        torch.save({"ids": self.ids, "labels": self.labels}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PackedRows:
+        data = torch.load(path, weights_only=True)
+        return cls(data["ids"], data["labels"])
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+def load_records(path: str | os.PathLike) -> list:
+    """Records from a file or folder: .txt (one document), .jsonl (one JSON object a line), .parquet
+    (pyarrow), or a folder written by `datasets.Dataset.save_to_disk` (needs `datasets`). A folder of
+    such files is read in sorted order."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file or folder: {path}")
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            try:
+                import datasets
+            except ImportError as err:
+                raise ValueError(f"{path} is a Hugging Face dataset folder; reading it needs `pip install datasets`") from err
+            return list(datasets.load_from_disk(str(path)))
+        records = []
+        for child in sorted(path.iterdir()):
+            if child.suffix in (".txt", ".jsonl", ".parquet"):
+                records.extend(load_records(child))
+        return records
+    if path.suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        return records
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ValueError(f"reading {path} needs `pip install pyarrow`") from err
+        return pq.read_table(path).to_pylist()
+    return [path.read_text(encoding="utf-8")]
+
+
+def record_text(record) -> str:
+    """The text of a pretraining record: a string, or a dict's "text" (or "content") field."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for key in ("text", "content"):
+            if isinstance(record.get(key), str):
+                return record[key]
+    raise ValueError(f"a pretraining record needs a 'text' field, got {str(record)[:80]!r}")
+
+
+def load_documents(paths: str | os.PathLike | Sequence) -> list[str]:
+    """The documents (strings) of one or more data paths; raises ValueError when there are none."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    docs = [record_text(r) for p in paths for r in load_records(p)]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"empty dataset: no text in {', '.join(map(str, paths))}")
+    return docs
+
+
+def load_conversations(paths: str | os.PathLike | Sequence) -> list[dict]:
+    """Chat records ({"messages": [...], "tools": [...]?}) of one or more paths; ValueError when there are none."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    convs = []
+    for p in paths:
+        for record in load_records(p):
+            if not (isinstance(record, dict) and isinstance(record.get("messages"), list)):
+                raise ValueError(f"{p}: an SFT record needs a 'messages' list, got {str(record)[:80]!r}")
+            convs.append(record)
+    if not convs:
+        raise ValueError(f"empty dataset: no conversations in {', '.join(map(str, paths))}")
+    return convs
+
+
+# ---- packing ----------------------------------------------------------------------------------------
+def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) -> PackedRows:
+    """Concatenate documents, each followed by `eos_id`, and cut the stream into rows of seq_len tokens
+    (the tail that does not fill a row is dropped). Every token is a target."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        stream.append(eos_id)
+    n_rows = len(stream) // seq_len
+    if n_rows == 0:
+        raise ValueError(f"empty dataset: {len(stream)} tokens do not fill one row of {seq_len}")
+    ids = torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
+    return PackedRows(ids, ids.clone())
+
+
+def pack_conversations(samples: Iterable[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> PackedRows:
+    """Pack (ids, target mask) samples whole into rows of seq_len (first fit in order, no sample split);
+    labels are the ids where the mask is set, IGNORE_INDEX elsewhere and on padding.
+    A sample longer than seq_len is cut to it."""
+    rows: list[tuple[list[int], list[int]]] = []
+    current_ids: list[int] = []
+    current_labels: list[int] = []
+    for ids, mask in samples:
+        ids, mask = list(ids)[:seq_len], list(mask)[:seq_len]
+        if len(current_ids) + len(ids) > seq_len:
+            rows.append((current_ids, current_labels))
+            current_ids, current_labels = [], []
+        current_ids.extend(ids)
+        current_labels.extend(i if m else IGNORE_INDEX for i, m in zip(ids, mask))
+    if current_ids:
+        rows.append((current_ids, current_labels))
+    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r[1])]
+    if not rows:
+        raise ValueError("empty dataset: no conversation has an assistant token to learn")
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for n, (row_ids, row_labels) in enumerate(rows):
+        ids[n, : len(row_ids)] = torch.tensor(row_ids)
+        labels[n, : len(row_labels)] = torch.tensor(row_labels)
+    return PackedRows(ids, labels)
+
+
+# ---- batches ----------------------------------------------------------------------------------------
+class Batches:
+    """An endless, deterministic, resumable stream of global batches; each rank gets its slice.
+
+    `batch_size` is the global number of rows per call of `next()`; it must divide by world_size.
+    The permutation of epoch e comes from seed + e, so the stream depends only on (rows, seed).
+    """
+
+    def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if len(rows) == 0:
+            raise ValueError("empty dataset: no rows to batch")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be divisible by the {world_size} processes")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # global batches handed out so far
+        self._perm_epoch, self._perm = -1, None
+
+    def _row(self, stream_index: int) -> int:
+        epoch, offset = divmod(stream_index, len(self.rows))
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.rows), generator=gen), epoch
+        return int(self._perm[offset])
+
+    def indices(self, position: int) -> list[int]:
+        """Row indices of this rank's slice of global batch `position`."""
+        per_rank = self.batch_size // self.world_size
+        start = position * self.batch_size + self.rank * per_rank
+        return [self._row(i) for i in range(start, start + per_rank)]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(self.indices(self.position))
+        self.position += 1
+        return self.rows.ids[index], self.rows.labels[index]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "rows": len(self.rows), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "rows", "batch_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"the checkpoint's data position is for {key}={state.get(key)}, this run has {mine[key]}")
+        self.position = int(state["position"])

@@ -1,0 +1,67 @@
+"""Data parallelism applied from outside the single-device model: DDP or FSDP2, gloo on CPU, nccl on CUDA.
+
+    torchrun --nproc_per_node 2 -m glm5.cli train pretrain --parallel ddp ...
+    world = init_distributed()                 # (rank, world_size); (0, 1) when not under torchrun
+    model = parallelize(model, "fsdp")         # FSDP2: each decoder layer and MTP layer sharded, then the root
+    inner = unwrap(model)                      # the GLM5ForCausalLM inside (for switches and saving)
+
+Each process takes its slice of every global batch (glm5.train.data.Batches); gradients are averaged by DDP
+(all-reduce) or FSDP2 (reduce-scatter), so with the loss normalized by the step's global target count a
+run on N processes follows the single-process run to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun set up (env RANK / WORLD_SIZE); (0, 1) without torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def parallelize(model: nn.Module, mode: str) -> nn.Module:
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel={mode!r}: must be one of {PARALLEL_MODES}")
+    if mode == "none" or not is_distributed():
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: a stage may run modules whose parameters get no gradient (MTP off, say)
+        return DistributedDataParallel(model, find_unused_parameters=True)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in list(model.model.layers) + list(model.mtp):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and not hasattr(model, "model") else model
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum scalars over processes (a no-op in a single process)."""
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

@@ -1,0 +1,169 @@
+"""The run report: PNG plots and `report.md` from a run's `metrics.jsonl` (+ a summary dict).
+
+    from glm5.train.report import write_report
+    write_report("runs/demo", summary)    # -> runs/demo/report.md, runs/demo/plots/*.png
+
+Plots: loss per stage, per-layer expert load imbalance over steps and the final load per expert,
+indexer KL in the DSA stages, MTP accuracy, throughput. matplotlib with the Agg backend (no display).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _by_stage(records: list[dict]) -> dict[str, list[dict]]:
+    stages: dict[str, list[dict]] = {}
+    for r in records:
+        stages.setdefault(r["stage"], []).append(r)
+    return stages
+
+
+def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
+    """-> [(title, file name)] of the plots written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    stages = _by_stage(records)
+    written = []
+
+    def save(fig, name, title):
+        fig.tight_layout()
+        fig.savefig(plot_dir / name, dpi=90)
+        plt.close(fig)
+        written.append((title, name))
+
+    # loss per stage, on one global step axis
+    fig, ax = plt.subplots(figsize=(8, 4))
+    offset = 0
+    for stage, recs in stages.items():
+        key = "loss"
+        ax.plot([offset + r["step"] for r in recs], [r[key] for r in recs],
+                label=f"{stage} ({'indexer KL' if stage == 'dsa-warmup' else 'LM loss'})")
+        offset += recs[-1]["step"]
+    ax.set_xlabel("step (stages in sequence)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Training loss per stage")
+    save(fig, "loss.png", "Loss curves")
+
+    # expert load: imbalance over steps per layer, and the last step's load per expert
+    with_load = [r for r in records if r.get("expert_imbalance")]
+    if with_load:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        n_layers = len(with_load[0]["expert_imbalance"])
+        for layer in range(n_layers):
+            ax1.plot(range(len(with_load)), [r["expert_imbalance"][layer] for r in with_load], label=f"MoE layer {layer}")
+        ax1.set_xlabel("logged step (all stages)")
+        ax1.set_ylabel("max / mean tokens per expert")
+        ax1.set_title("Expert load imbalance")
+        ax1.legend(fontsize=7)
+        last = with_load[-1]["expert_load"]
+        width = 0.8 / len(last)
+        for layer, load in enumerate(last):
+            total = sum(load) or 1
+            ax2.bar([e + layer * width for e in range(len(load))], [x / total for x in load], width, label=f"layer {layer}")
+        ax2.set_xlabel("expert")
+        ax2.set_ylabel("share of routed tokens (last step)")
+        ax2.set_title("Per-layer expert load")
+        ax2.legend(fontsize=7)
+        save(fig, "expert_load.png", "Per-layer expert load")
+
+    kl = [(s, [r for r in recs if r.get("indexer_kl") is not None]) for s, recs in stages.items()]
+    kl = [(s, recs) for s, recs in kl if recs]
+    if kl:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for stage, recs in kl:
+            ax.plot([r["step"] for r in recs], [r["indexer_kl"] for r in recs], label=stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("KL(main attention || indexer), summed over layers")
+        ax.set_title("Indexer KL")
+        ax.legend()
+        save(fig, "indexer_kl.png", "Indexer KL")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    offset = 0
+    for stage, recs in stages.items():
+        if stage != "dsa-warmup":
+            ax.plot([offset + r["step"] for r in recs], [r.get("mtp_acc", 0) for r in recs], label=stage)
+        offset += recs[-1]["step"]
+    ax.set_xlabel("step (stages in sequence)")
+    ax.set_ylabel("top-1 accuracy of token t+2")
+    ax.set_title("MTP accuracy")
+    ax.legend()
+    save(fig, "mtp_accuracy.png", "MTP accuracy")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    offset = 0
+    for stage, recs in stages.items():
+        ax.plot([offset + r["step"] for r in recs], [r.get("tokens_per_s", 0) for r in recs], label=stage)
+        offset += recs[-1]["step"]
+    ax.set_xlabel("step (stages in sequence)")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Training throughput")
+    ax.legend()
+    save(fig, "throughput.png", "Throughput")
+    return written
+
+
+def stage_table(records: list[dict]) -> list[dict]:
+    rows = []
+    for stage, recs in _by_stage(records).items():
+        k = max(1, min(5, len(recs) // 5))  # smooth the ends over a few steps: single steps are noisy
+        first = sum(r["loss"] for r in recs[:k]) / k
+        last = sum(r["loss"] for r in recs[-k:]) / k
+        speed = sorted(r.get("tokens_per_s", 0) for r in recs)
+        rows.append({"stage": stage, "steps": recs[-1]["step"], "loss_start": recs[0]["loss"], "loss_end": recs[-1]["loss"],
+                     f"loss_first{k}": first, f"loss_last{k}": last, "smoothing": k,
+                     "mtp_acc_end": recs[-1].get("mtp_acc"), "indexer_kl_end": recs[-1].get("indexer_kl"),
+                     "imbalance_end": max(recs[-1].get("expert_imbalance") or [0]),
+                     "tokens_per_s_median": speed[len(speed) // 2]})
+    return rows
+
+
+def write_report(run_dir: str | Path, summary: dict) -> Path:
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plots = make_plots(records, run_dir / "plots") if records else []
+    lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
+    if summary.get("description"):
+        lines += [summary["description"], ""]
+    lines += ["## Stages", "", "| stage | steps | loss at start | loss at end | mean of first / last steps | MTP acc (end) | "
+              "indexer KL (end) | worst expert imbalance (end) | tokens/s (median) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in stage_table(records):
+        k = row["smoothing"]
+        kl = f"{row['indexer_kl_end']:.4f}" if row["indexer_kl_end"] is not None else "–"
+        lines.append(f"| {row['stage']} | {row['steps']} | {row['loss_start']:.3f} | {row['loss_end']:.3f} | "
+                     f"{row[f'loss_first{k}']:.3f} → {row[f'loss_last{k}']:.3f} ({k} steps) | {row['mtp_acc_end']:.3f} | {kl} | "
+                     f"{row['imbalance_end']:.2f} | {row['tokens_per_s_median']:.0f} |")
+    lines += ["", "The dsa-warmup loss is the indexer KL (summed over layers); the others are the LM loss "
+              "(SFT: on assistant tokens only).", ""]
+    if summary.get("final"):
+        lines += ["## Final", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value} |" for key, value in summary["final"].items()]
+        lines.append("")
+    for title, name in plots:
+        lines += [f"## {title}", "", f"![{title}](plots/{name})", ""]
+    if summary.get("sample_chat"):
+        lines += ["## Sample chat", "", "```", summary["sample_chat"], "```", ""]
+    if summary.get("eval_samples"):
+        lines += ["## Eval answers (first few)", "", "| request | output | valid | correct |", "|---|---|---|---|"]
+        for s in summary["eval_samples"][:8]:
+            out = s["output"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {s['request']} | `{out}` | {s['valid']} | {s['correct']} |")
+        lines.append("")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,304 @@
+"""The training loop shared by every stage: pretraining, the two DSA stages and SFT.
+
+    from glm5.train.trainer import Trainer, TrainConfig
+    trainer = Trainer(model, rows, TrainConfig(stage="pretrain", steps=200), out_dir="runs/x")
+    summary = trainer.run()                  # or trainer.run(resume=True) to continue from the last checkpoint
+
+Stages (DeepSeek-V3.2's DSA recipe, which GLM-5 follows, after MLA pretraining):
+  pretrain     dense MLA attention; LM + MTP + MoE balance losses; the indexer is frozen (it has no loss yet)
+  dsa-warmup   dense attention, everything frozen but the indexers; loss = KL(main attention || indexer)
+  dsa-sparse   each query attends to its indexer top-k; all weights train on LM + MTP; the indexer on its
+               KL over the selected tokens, from a detached input
+  sft          as dsa-sparse, the LM loss only on the assistant's tokens (labels -100 elsewhere)
+Every step: loss normalized by the step's global target count (so gradient accumulation and N processes
+match one process), gradient clipping, the schedule, the router-bias update from the step's expert load.
+Metrics go to `out/metrics.jsonl` (one object per logged step), checkpoints to `out/checkpoints/<stage>/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glm5.train import losses
+from glm5.train.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from glm5.train.data import Batches, PackedRows
+from glm5.train.moe_balance import all_reduce_loads, expert_loads, imbalance, update_router_bias
+from glm5.train.optim import build_optimizer, lr_factor
+from glm5.train.parallel import all_reduce_sum, is_distributed, parallelize, unwrap
+
+STAGES = ("pretrain", "dsa-warmup", "dsa-sparse", "sft")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"
+    steps: int = 100
+    batch_size: int = 8  # global rows per optimizer step (all processes, all micro-batches)
+    micro_batch_size: int = 0  # rows per forward on one process; 0: batch_size / processes (no accumulation)
+    lr: float = 3e-3  # AdamW
+    muon_lr: float = 0.02
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "float32"  # "bfloat16": autocast the forward (weights and optimizer stay fp32)
+    mtp_weight: float = 0.3
+    aux_loss_weight: float = 1e-4  # the sequence-wise balance loss (alpha)
+    bias_update_speed: float = 1e-3  # aux-loss-free balancing (gamma)
+    indexer_kl_weight: float = 1.0
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    parallel: str = "none"
+    max_minutes: float = 0.0  # stop early once the stage has run this long (0: no limit)
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}: must be one of {STAGES}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: must be float32 or bfloat16")
+
+
+def configure_stage(model: nn.Module, stage: str) -> None:
+    """Set the model's DSA switches, which parameters train, and routing capture for `stage`."""
+    model = unwrap(model)
+    for name, p in model.named_parameters():
+        in_indexer = ".indexer." in name
+        if stage == "pretrain":
+            p.requires_grad_(not in_indexer)
+        elif stage == "dsa-warmup":
+            p.requires_grad_(in_indexer)
+        else:
+            p.requires_grad_(True)
+    for attn in losses.attention_modules(model):
+        attn.dense_attention = stage in ("pretrain", "dsa-warmup")
+        attn.indexer_loss_mode = {"pretrain": None, "dsa-warmup": "dense"}.get(stage, "sparse")
+    for moe in losses.moe_modules(model):
+        moe.record_routing = True
+
+
+def release_stage(model: nn.Module) -> None:
+    """Back to the plain inference model: sparse attention, no indexer loss, no routing capture, all trainable."""
+    model = unwrap(model)
+    for attn in losses.attention_modules(model):
+        attn.dense_attention, attn.indexer_loss_mode, attn.indexer_kl = False, None, None
+    for moe in losses.moe_modules(model):
+        moe.record_routing, moe.last_routing = False, None
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, rows: PackedRows, config: TrainConfig, out_dir: str | os.PathLike,
+                 rank: int = 0, world_size: int = 1):
+        config.validate()
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints" / config.stage
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        micro = config.micro_batch_size or config.batch_size // world_size
+        if config.batch_size % (micro * world_size):
+            raise ValueError(f"batch size {config.batch_size} must be a multiple of micro batch {micro} x {world_size} processes")
+        self.micro, self.accum = micro, config.batch_size // (micro * world_size)
+        max_pos = unwrap(model).config.max_position_embeddings
+        if rows.seq_len > max_pos:
+            raise ValueError(f"sequence length {rows.seq_len} is longer than the model's {max_pos} positions")
+        if config.parallel == "fsdp" and config.optimizer == "muon":
+            raise ValueError("Muon needs whole matrices; with --parallel fsdp use --optimizer adamw")
+        self.batches = Batches(rows, micro * world_size, seed=config.seed, rank=rank, world_size=world_size)
+        self.inner = unwrap(model)
+        configure_stage(self.inner, config.stage)
+        self.model = parallelize(self.inner, config.parallel)
+        self.optimizer = build_optimizer(self.inner, config.optimizer, lr=config.lr, muon_lr=config.muon_lr,
+                                         weight_decay=config.weight_decay)
+        self.moes = losses.moe_modules(self.inner)
+        self.step = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _fsdp(self) -> bool:
+        return self.config.parallel == "fsdp" and is_distributed()
+
+    def state_dict(self) -> dict:
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer.optimizers, options=options)
+        else:
+            model_state, optim_state = self.inner.state_dict(), self.optimizer.state_dict()
+        return {"model": model_state, "optimizer": optim_state, "step": self.step, "stage": self.config.stage,
+                "scheduler": {"step": self.step}, "data": self.batches.state_dict(), "rng": rng_state(),
+                "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["stage"] != self.config.stage:
+            raise ValueError(f"checkpoint is from stage {state['stage']!r}, this run is {self.config.stage!r}")
+        if self._fsdp():
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer.optimizers, state["optimizer"], options=options)
+        else:
+            self.inner.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save(self) -> None:
+        state = self.state_dict()  # collective under FSDP: every rank takes part
+        if self.rank == 0:
+            save_checkpoint(self.ckpt_dir, self.step, state, keep_last=self.config.keep_last)
+
+    def resume(self) -> bool:
+        """Load the stage's latest checkpoint; False when there is none. Metrics logged after it are dropped,
+        since the resumed run logs those steps again."""
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        self.load_state_dict(load_checkpoint(path))
+        if self.rank == 0 and self.metrics_path.is_file():
+            kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip()
+                    and not (json.loads(line)["stage"] == self.config.stage and json.loads(line)["step"] > self.step)]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_path)
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.config.dtype == "bfloat16":
+            device = next(self.inner.parameters()).device.type
+            return torch.autocast(device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        self.model.train()
+        micro_batches = [self.batches.next() for _ in range(self.accum)]
+        local_targets = sum(int((labels[:, 1:] != losses.IGNORE_INDEX).sum()) for _, labels in micro_batches)
+        (global_targets,) = all_reduce_sum([local_targets])
+        global_targets = max(global_targets, 1.0)
+        warmup_stage = cfg.stage == "dsa-warmup"
+        sums = {"lm": 0.0, "mtp": 0.0, "mtp_acc": 0.0, "aux": 0.0, "kl": 0.0}
+        step_loads = None
+        for ids, labels in micro_batches:
+            with self._autocast():
+                out = self.model(ids, return_mtp=cfg.mtp_weight > 0 or warmup_stage)
+            lm_sum, _ = losses.lm_loss_sum(out.logits, labels)
+            mtp, mtp_acc = losses.mtp_loss(out.mtp_logits, labels)
+            aux = losses.sequence_balance_loss(self.moes, ids.shape[0])
+            kl = losses.indexer_kl(self.inner)
+            if warmup_stage:
+                total = kl / self.accum
+            else:
+                # DDP / FSDP average gradients over processes: scale by world size so the sum is the global mean
+                total = lm_sum * (self.world_size / global_targets) + (cfg.mtp_weight * mtp + cfg.aux_loss_weight * aux) / self.accum
+                if kl is not None:
+                    total = total + cfg.indexer_kl_weight * kl / self.accum
+            total.backward()
+            loads = expert_loads(self.moes)
+            step_loads = loads if step_loads is None else [a + b for a, b in zip(step_loads, loads)]
+            sums["lm"] += float(lm_sum.detach())
+            sums["mtp"] += float(mtp.detach()) / self.accum
+            sums["mtp_acc"] += mtp_acc / self.accum
+            sums["aux"] += float(aux.detach()) / self.accum
+            sums["kl"] += float(kl.detach()) / self.accum if kl is not None else 0.0
+        params = [p for p in self.inner.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        factor = lr_factor(self.step, cfg.steps, cfg.schedule, cfg.warmup, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loads = all_reduce_loads(step_loads)
+        if not warmup_stage:
+            update_router_bias(self.moes, step_loads, cfg.bias_update_speed)
+        self.step += 1
+        lm, mtp, mtp_acc, aux, kl = all_reduce_sum([sums["lm"], sums["mtp"], sums["mtp_acc"], sums["aux"], sums["kl"]])
+        n = self.world_size
+        lm_loss = lm / global_targets
+        record = {"stage": cfg.stage, "step": self.step, "loss": kl / n if warmup_stage else lm_loss,
+                  "lm_loss": lm_loss, "mtp_loss": mtp / n, "mtp_acc": mtp_acc / n, "aux_loss": aux / n,
+                  "indexer_kl": kl / n if kl else None, "lr": self.optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(grad_norm), "targets": int(global_targets),
+                  "expert_load": [load.tolist() for load in step_loads],
+                  "expert_imbalance": [imbalance(load) for load in step_loads]}
+        return record
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        if resume and not self.resume() and self.rank == 0:
+            print(f"[train] --resume: no checkpoint in {self.ckpt_dir}; starting {cfg.stage} from step 0", flush=True)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        tokens_per_step = cfg.batch_size * self.batches.rows.seq_len
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        first = last = None
+        stopped_early = False
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            elapsed = time.perf_counter() - t0
+            record["tokens_per_s"] = tokens_per_step / elapsed
+            record["step_time_s"] = elapsed
+            record["tokens"] = self.step * tokens_per_step
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"{cfg.stage} step {self.step}: loss is {record['loss']}")
+            first = first or record
+            last = record
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == 1):
+                with open(self.metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save()
+            over_time = cfg.max_minutes > 0 and (time.perf_counter() - started) > cfg.max_minutes * 60
+            if is_distributed():
+                (over_time,) = all_reduce_sum([float(over_time)])
+            if over_time and self.step < cfg.steps:
+                stopped_early = True
+                break
+        if bar is not None:
+            bar.close()
+        self.save()
+        return {"stage": cfg.stage, "steps": self.step, "first": first, "last": last, "stopped_early": stopped_early,
+                "seconds": time.perf_counter() - started}
