@@ -22,10 +22,16 @@ from torch import nn
 from glm5.config import GLM5Config
 from glm5.model.layers import apply_rope_interleaved
 
-# Upper bound on elements of one block of indexer scores [B, block, heads, keys]; bounds memory at long T.
+# Upper bounds on the elements of one block: indexer scores [B, block, heads, keys] and gathered latents
+# [B, block, k, latent]. They bound memory at long T. On the CPU, small blocks stay in cache (16 MB of
+# scores); on a GPU, each block is a few kernel launches and a sync, so blocks are larger.
 INDEXER_BLOCK_ELEMENTS = 1 << 22
-# Upper bound on elements of gathered latents [B, block, k, latent] in sparse attention.
 GATHER_BLOCK_ELEMENTS = 1 << 24
+CUDA_BLOCK_ELEMENTS = 1 << 27
+
+
+def _block_budget(cpu_budget: int, device: torch.device) -> int:
+    return CUDA_BLOCK_ELEMENTS if device.type == "cuda" else cpu_budget
 
 
 class Indexer(nn.Module):
@@ -119,7 +125,7 @@ def select_topk_blockwise(
     T = k.shape[1]
     topk = indexer.index_topk
     if block is None:
-        block = max(1, min(S, INDEXER_BLOCK_ELEMENTS // max(1, B * H * T)))
+        block = max(1, min(S, _block_budget(INDEXER_BLOCK_ELEMENTS, q.device) // max(1, B * H * T)))
     out = torch.full((B, S, topk), -1, dtype=torch.long, device=q.device)
     for start in range(0, S, block):
         end = min(S, start + block)
@@ -153,7 +159,7 @@ def sparse_latent_attention(
     T = kv.shape[1]
     K = topk_indices.shape[-1]
     if block is None:
-        block = max(1, min(S, GATHER_BLOCK_ELEMENTS // max(1, B * K * D)))
+        block = max(1, min(S, _block_budget(GATHER_BLOCK_ELEMENTS, q.device) // max(1, B * K * D)))
     flat_kv = kv.reshape(B * T, D)
     batch_offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
     outputs = []

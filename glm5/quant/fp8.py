@@ -171,6 +171,11 @@ def fp8_matmul(
     m = x2.shape[0]
     if m == 0:
         return x.new_zeros(*lead, n, dtype=out_dtype)
+    # cuBLASLt's FP8 GEMMs refuse some row counts (seen on H200: one token, 33 tokens); zero rows padded to a
+    # multiple of 16 cost nothing in the result and are sliced off below
+    m_padded = 16 * math.ceil(m / 16)
+    if m_padded != m:
+        x2 = F.pad(x2, (0, 0, 0, m_padded - m))
     x_fp8, x_scales = quantize_fp8_per_token_group(x2)  # [M, K], [M, K/128]
     k_blocks = k // BLOCK
     if _blockwise_scaled_mm_available(x2.device) and n % BLOCK == 0:
@@ -184,13 +189,13 @@ def fp8_matmul(
                 F.SwizzleType.NO_SWIZZLE, F.SwizzleType.NO_SWIZZLE, output_dtype=torch.bfloat16,
             )
             _last_path[0] = "blockwise"
-            return out.to(out_dtype).reshape(*lead, n)
+            return out[:m].to(out_dtype).reshape(*lead, n)
         except (RuntimeError, ValueError, NotImplementedError) as err:  # an older cuBLASLt: use the loop from now on
             _blockwise_scaled_mm_failed[x2.device] = f"{type(err).__name__}: {err}"
     # One row-wise scaled_mm per 128-wide K slice: scale_a = the tokens' group scales, scale_b = each output
     # row's block scale for that slice. Partial sums in bf16 (scaled_mm's row-wise output), accumulated in fp32.
     row_scales = weight_scale_inv.float().repeat_interleave(BLOCK, dim=0)[:n]  # [N, K/128]
-    out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    out = torch.zeros(m_padded, n, dtype=torch.float32, device=x2.device)
     for kb in range(k_blocks):
         cols = slice(kb * BLOCK, (kb + 1) * BLOCK)
         part = torch._scaled_mm(
@@ -202,7 +207,7 @@ def fp8_matmul(
         )
         out += part.float()
     _last_path[0] = "rowwise-loop"
-    return out.to(out_dtype).reshape(*lead, n)
+    return out[:m].to(out_dtype).reshape(*lead, n)
 
 
 # ---------------------------------------------------------------------------------------------- modules
