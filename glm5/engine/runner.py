@@ -10,7 +10,14 @@ The tokens of all scheduled sequences are packed into one row [N] for everything
     sparse   otherwise the indexer scores the cached indexer keys, each query keeps its top-k, and absorbed MQA
              runs over those k gathered latents only; IndexShare layers reuse the previous layer's top-k
 
-W_UK is folded into the query and W_UV applied after attention, so no per-head K or V is ever built.
+W_UK is folded into the query and W_UV into the output projection, so no per-head K or V is ever built.
+Few ops per layer matter more than FLOPs at small batch on a CPU, so `FusedMLA` precomputes, once, from the
+model's weights: one matmul for everything read from the layer input (q_a, kv_a, indexer key and head
+weights), one for everything read from the q residual (the absorbed per-head latent query with the softmax
+scale folded in, the rope query, the indexer query), and W_UV folded into o_proj. RoPE is one batched matmul
+with per-position rotation matrices built once per step. (For the released 744B widths the absorbed q and o
+weights are ~2x the originals: the trade a decode engine makes; call `refresh_weights()` after changing the
+model's weights.)
 Pure PyTorch with no per-sequence or per-block Python loop inside the layers; runs wherever torch runs.
 """
 
@@ -19,10 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.scheduler import ScheduledBatch
 from glm5.model.mla import MLAttention
+from glm5.model.moe import MoE
 from glm5.model.transformer import GLM5ForCausalLM
 
 
@@ -40,6 +49,7 @@ class StepInputs:
     sparse: bool  # some context is longer than index_topk: run the indexer
     query_starts: list[int]  # per sequence, its first row in the packed tokens
     query_counts: list[int]
+    rotation: torch.Tensor | None = None  # [N, R, R] RoPE matrices, built on first use
 
 
 class ModelRunner:
@@ -51,6 +61,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.index_topk = self.cfg.index_topk
+        self.fused: dict[int, FusedMLA] = {}
 
     # ------------------------------------------------------------------ inputs
     def prepare(
@@ -119,10 +130,27 @@ class ModelRunner:
         cos, sin = model.rotary_emb(inputs.positions.unsqueeze(0), x.dtype)
         topk = None
         for i, layer in enumerate(model.layers):
-            attn_out, topk = self.attention(layer.self_attn, i, layer.input_layernorm(x), cos, sin, inputs, topk)
+            attn_out, topk = self.attention(layer.self_attn, i, _norm(layer.input_layernorm, x), cos, sin, inputs, topk)
             x = x + attn_out
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return model.norm(x)[0]
+            x = x + self.mlp(layer.mlp, _norm(layer.post_attention_layernorm, x))
+        return _norm(model.norm, x)[0]
+
+    def mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        """The layer's dense MLP or MoE on x [1, N, hidden]; a short path for MoE at decode batch sizes."""
+        if not isinstance(mlp, MoE) or x.shape[1] > 4 or mlp.record_routing:
+            return mlp(x)
+        flat = x[0]
+        _, weights, indices = mlp.gate(flat)
+        experts = mlp.experts
+        out = mlp.shared_experts(flat)
+        w = weights.tolist()
+        for n, row in enumerate(indices.tolist()):
+            xn = flat[n : n + 1]
+            for j, e in enumerate(row):
+                gate, up = F.linear(xn, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * w[n][j]
+                out[n : n + 1] += y.to(out.dtype)
+        return out.unsqueeze(0)
 
     @torch.no_grad()
     def forward_mtp(self, inputs: StepInputs, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
@@ -149,30 +177,135 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [1, N, hidden] (normed) -> attention output [1, N, hidden], and the top-k used ([S, Q, k] positions,
         -1 = empty; None on the dense path) for an IndexShare layer after it."""
-        N = x.shape[1]
-        q_nope, q_rope, q_resid = attn.project_q(x, cos, sin)  # [1, N, H, nope], [1, N, H, rope]
-        latent_cache = self.cache.latent[cache_layer]
-        latent_cache.index_copy_(0, inputs.slot_mapping, attn.project_latent(x, cos, sin)[0])
+        fused = self.fused.get(id(attn))
+        if fused is None:
+            fused = self.fused[id(attn)] = FusedMLA(attn)
+        rot = self._rotation(inputs, cos, sin)
+        return fused(x[0], rot, self.cache.latent[cache_layer], self.cache.index_keys[cache_layer], inputs,
+                     prev_topk, self.index_topk)
+
+    def _rotation(self, inputs: StepInputs, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Per-position RoPE as a matrix [N, R, R]: x @ rot rotates the interleaved pairs of x and writes them
+        de-interleaved, exactly `apply_rope_interleaved`. Built once per step, shared by every layer."""
+        if inputs.rotation is not None and inputs.rotation.dtype == cos.dtype:
+            return inputs.rotation
+        c, s = cos[0], sin[0]  # [N, R/2]
+        N, half = c.shape
+        rot = torch.zeros(N, 2 * half, 2 * half, dtype=c.dtype, device=c.device)
+        i = torch.arange(half, device=c.device)
+        rot[:, 2 * i, i] = c
+        rot[:, 2 * i + 1, i] = -s
+        rot[:, 2 * i + 1, half + i] = c
+        rot[:, 2 * i, half + i] = s
+        inputs.rotation = rot
+        return rot
+
+    def refresh_weights(self) -> None:
+        """Rebuild the fused weights (after the model's weights changed)."""
+        self.fused.clear()
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    return _rms_norm(x, norm.weight, norm.eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # as glm5.model.layers.RMSNorm
+    return weight * normed.to(x.dtype)
+
+
+class FusedMLA:
+    """An MLAttention layer's weights rearranged for decoding over the latent cache (see the module docstring)."""
+
+    @torch.no_grad()
+    def __init__(self, attn: MLAttention) -> None:
+        H, nope, R, L = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.latent_dim
+        self.H, self.R, self.L = H, R, L
+        self.q_lora = attn.q_a_proj.out_features
+        dtype = attn.q_a_proj.weight.dtype
         indexer = attn.indexer
+        w_uk, w_uv = (w.double() for w in attn.absorbed_weights())  # [H, nope, L], [H, v, L]
+        # from the layer input: q_a | kv_a (latent, rope key) | indexer key | indexer head weights (fp32 only)
+        rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
+        biases = [attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias]
+        self.index_weights_fused = False
         if indexer is not None:
-            key_cache = self.cache.index_keys[cache_layer]
-            key_cache.index_copy_(0, inputs.slot_mapping, indexer.keys(x, cos, sin)[0].to(key_cache.dtype))
-        w_uk, w_uv = attn.absorbed_weights()
-        H, L = attn.num_heads, attn.latent_dim
-        q_latent = torch.bmm(q_nope[0].transpose(0, 1), w_uk)  # [H, N, nope] @ [H, nope, L] -> [H, N, L]
-        q = torch.cat([q_latent.transpose(0, 1), q_rope[0]], dim=-1)[inputs.pad_index]  # [S, Q, H, L + R]
+            rows.append(indexer.wk.weight)
+            biases.append(None)
+            self.index_heads, self.index_dim = indexer.n_heads, indexer.head_dim
+            # relu(c * s) = c * relu(s), c > 0: the indexer's two scales fold into its head weights
+            self.index_weight_scale = indexer.n_heads**-0.5 * indexer.softmax_scale
+            if dtype == torch.float32:
+                rows.append(indexer.weights_proj.weight * self.index_weight_scale)
+                biases.append(None)
+                self.index_weights_fused = True
+            else:
+                self.weights_proj = indexer.weights_proj.weight
+            self.k_norm = (indexer.k_norm.weight, indexer.k_norm.bias, indexer.k_norm.eps)
+        self.w_in = torch.cat([r.to(dtype) for r in rows], 0)
+        self.b_in = None
+        if any(b is not None for b in biases):
+            self.b_in = torch.cat([b if b is not None else torch.zeros(r.shape[0], dtype=dtype, device=r.device)
+                                   for r, b in zip(rows, biases)])
+        self.in_splits = [r.shape[0] for r in rows]
+        # from the q residual: per-head latent query (W_UK absorbed) | rope query, both scaled | indexer query
+        w_qb = attn.q_b_proj.weight.double().view(H, nope + R, self.q_lora)
+        q_latent = torch.einsum("hnl,hnq->hlq", w_uk, w_qb[:, :nope]).reshape(H * L, self.q_lora) * attn.scale
+        q_rope = w_qb[:, nope:].reshape(H * R, self.q_lora) * attn.scale
+        q_rows = [q_latent, q_rope] + ([indexer.wq_b.weight.double()] if indexer is not None else [])
+        self.w_q = torch.cat(q_rows, 0).to(dtype)
+        self.q_splits = [r.shape[0] for r in q_rows]
+        # output: o_proj(W_UV out_latent) = (o_proj . W_UV) out_latent
+        w_o = attn.o_proj.weight.double().view(-1, H, attn.v_dim)  # [hidden, H, v]
+        self.w_o = torch.einsum("ohv,hvl->ohl", w_o, w_uv).reshape(-1, H * L).to(dtype)
+        self.b_o = attn.o_proj.bias
+        self.q_norm = (attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
+        self.kv_norm = (attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps)
+
+    def __call__(
+        self, x: torch.Tensor, rot: torch.Tensor, latent_cache: torch.Tensor, key_cache: torch.Tensor | None,
+        inputs: StepInputs, prev_topk: torch.Tensor | None, index_topk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        N = x.shape[0]
+        H, R, L = self.H, self.R, self.L
+        parts = F.linear(x, self.w_in, self.b_in).split(self.in_splits, dim=-1)
+        q_resid = _rms_norm(parts[0], *self.q_norm)
+        latent, k_rope = parts[1].split([L, R], dim=-1)
+        k_rope = torch.bmm(k_rope.unsqueeze(1), rot).squeeze(1)  # [N, R]
+        latent_cache.index_copy_(0, inputs.slot_mapping, torch.cat([_rms_norm(latent, *self.kv_norm), k_rope], -1))
+        has_indexer = key_cache is not None
+        if has_indexer:
+            k_idx = F.layer_norm(parts[2], (self.index_dim,), *self.k_norm)
+            k_idx = torch.cat([torch.bmm(k_idx[:, None, :R], rot).squeeze(1), k_idx[:, R:]], -1)
+            key_cache.index_copy_(0, inputs.slot_mapping, k_idx.to(key_cache.dtype))
+        q_parts = F.linear(q_resid, self.w_q).split(self.q_splits, dim=-1)
+        q_rope = torch.bmm(q_parts[1].view(N, H, R), rot)  # [N, H, R]
+        q = torch.cat([q_parts[0].view(N, H, L), q_rope], dim=-1)  # [N, H, L + R], scale folded in
+        decode = inputs.pad_index.shape[1] == 1
+        q = q.unsqueeze(1) if decode else q[inputs.pad_index]  # [S, Q, H, D]
         S, Q, _, D = q.shape
-        context = latent_cache[inputs.ctx_slots]  # [S, T, L + R]
+        context = latent_cache.index_select(0, inputs.ctx_slots.view(-1)).view(*inputs.ctx_slots.shape, -1)  # [S, T, L + R]
         T = context.shape[1]
         topk = None
         if inputs.sparse:
-            if indexer is not None:
-                q_idx, w_idx = indexer.queries(x, q_resid, cos, sin)  # [1, N, h, d], [1, N, h]
-                keys = self.cache.index_keys[cache_layer][inputs.ctx_slots]  # [S, T, d]
-                scores = indexer.scores(q_idx[0][inputs.pad_index], w_idx[0][inputs.pad_index], keys)  # [S, Q, T]
+            if has_indexer:
+                q_idx = q_parts[2].view(N, self.index_heads, self.index_dim)
+                q_idx = torch.cat([torch.bmm(q_idx[..., :R], rot), q_idx[..., R:]], -1)
+                if self.index_weights_fused:
+                    w_idx = parts[3]
+                else:
+                    w_idx = F.linear(x.float(), self.weights_proj.float()) * self.index_weight_scale
+                if not decode:
+                    q_idx, w_idx = q_idx[inputs.pad_index], w_idx[inputs.pad_index]
+                keys = key_cache.index_select(0, inputs.ctx_slots.view(-1)).view(S, T, -1).float()  # [S, T, d]
+                scores = torch.bmm(q_idx.float().reshape(S, Q * self.index_heads, -1), keys.transpose(1, 2))
+                scores = torch.relu_(scores).view(S, Q, self.index_heads, T)
+                scores = torch.matmul(w_idx.float().view(S, Q, 1, -1), scores).view(S, Q, T)
                 scores.masked_fill_(~inputs.visible, float("-inf"))
-                values, topk = scores.topk(min(self.index_topk, T), dim=-1)
-                topk = topk.masked_fill(values == float("-inf"), -1)
+                values, topk = scores.topk(min(index_topk, T), dim=-1)
+                topk = topk.masked_fill_(values == float("-inf"), -1)
             else:
                 topk = prev_topk
                 if topk is None:
@@ -180,15 +313,16 @@ class ModelRunner:
             K = topk.shape[-1]
             offsets = (torch.arange(S, device=q.device) * T).view(S, 1, 1)
             gathered = context.reshape(S * T, D)[(topk.clamp(min=0) + offsets).reshape(-1)].view(S, Q, K, D)
-            scores = torch.matmul(q, gathered.transpose(-1, -2)).float() * attn.scale  # [S, Q, H, K]
+            scores = torch.matmul(q, gathered.transpose(-1, -2)).float()  # [S, Q, H, K]
             scores.masked_fill_((topk < 0).unsqueeze(2), float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
             out = torch.matmul(probs, gathered[..., :L])  # [S, Q, H, L]
         else:
-            scores = torch.bmm(q.reshape(S, Q * H, D), context.transpose(1, 2)).float() * attn.scale
+            scores = torch.bmm(q.reshape(S, Q * H, D), context.transpose(1, 2)).float()
             scores = scores.view(S, Q, H, T).masked_fill_(~inputs.visible.unsqueeze(2), float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            out = torch.bmm(probs.view(S, Q * H, T), context[..., :L]).view(S, Q, H, L)
-        out = out.reshape(S * Q, H, L)[inputs.unpad_index]  # [N, H, L]
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [H, N, L] @ [H, L, v] -> [H, N, v]
-        return attn.o_proj(out.transpose(0, 1).reshape(1, N, -1)), topk
+            out = torch.bmm(probs.view(S, Q * H, T), context[..., :L])  # [S, Q * H, L]
+        out = out.reshape(S * Q, H * L)
+        if not decode:
+            out = out[inputs.unpad_index]
+        return F.linear(out, self.w_o, self.b_o).unsqueeze(0), topk

@@ -1,6 +1,6 @@
 """Next-token sampling for a batch of sequences, each with its own SamplingParams.
 
-Order (as vLLM): penalties (repetition on prompt + output, presence / frequency on output) -> temperature ->
+Order (as vLLM): logits processors -> penalties (repetition on prompt + output, presence / frequency on output) -> temperature ->
 top-k -> top-p -> min-p -> draw. Greedy rows (temperature 0) take the argmax of the penalized logits. A seeded
 sequence draws from its own torch.Generator, so the same seed gives the same tokens whatever else is in the
 batch. Logprobs are those of the model's raw distribution (log_softmax of the logits, before any processing).
@@ -55,6 +55,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [S, V] fp32, one row per sequence -> the next token of each, and its logprobs if asked."""
         raw = logits
+        if any(s.params.logits_processors for s in seqs):
+            logits = logits.clone()
+            for i, seq in enumerate(seqs):
+                for processor in seq.params.logits_processors:
+                    logits[i] = processor(seq.output_token_ids, logits[i])
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits.clone(), seqs)
         tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep this

@@ -32,7 +32,7 @@ def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[int, list[in
 
 def can_speculate(seq) -> bool:
     p = seq.params
-    return p.greedy and not p.has_penalties and p.logprobs is None
+    return p.greedy and not p.has_penalties and p.logprobs is None and not p.logits_processors
 
 
 class MTPDrafter:

@@ -1,0 +1,563 @@
+"""The OpenAI-compatible HTTP server (FastAPI): chat and text completions over the engine, streamed or not.
+
+    glm5 serve --preset nano --port 8000          # random weights, default tokenizer
+    glm5 serve --model runs/demo/model            # a checkpoint (ours or transformers')
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics.
+The engine works on ids on its own thread (serve/async_engine.py); everything textual happens here: the chat
+template (glm5.chat.render_messages), incremental detokenization and stop strings (serve/text.py), and the
+reasoning / tool-call parser (glm5.chat.StreamingParser). Every error is an OpenAI error body
+{"error": {"message", "type", "param", "code"}} (400 bad field or too long a prompt, 404 unknown model or
+route, 422 messages that are well-formed but cannot be rendered, 500 engine failure); never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart, render_messages
+from glm5.engine.sequence import SamplingParams
+from glm5.serve.async_engine import AsyncEngine, EngineError
+from glm5.serve.json_mode import JSONPrefixProcessor
+from glm5.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    new_id,
+    now,
+    usage,
+    validation_error,
+)
+from glm5.serve.text import ChoiceText, TextStream
+
+log = logging.getLogger("glm5.serve")
+MAX_BODY_BYTES = 4 << 20
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "glm5"
+    default_max_tokens: int = 256
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several servers can live in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("glm5_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("glm5_prompt_tokens", "prompt tokens of served requests", registry=r)
+        self.generation_tokens = Counter("glm5_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("glm5_time_to_first_token_seconds", "time to first token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.latency = Histogram("glm5_request_latency_seconds", "request latency", registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.running = Gauge("glm5_num_requests_running", "sequences in the running batch", registry=r)
+        self.waiting = Gauge("glm5_num_requests_waiting", "sequences waiting", registry=r)
+        self.cache_usage = Gauge("glm5_kv_cache_usage", "fraction of KV cache blocks in use", registry=r)
+        self.step_seconds = Histogram("glm5_engine_step_seconds", "engine step time", registry=r,
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+
+
+@dataclass
+class Choice:
+    """One generation (one of n) of a request."""
+
+    index: int
+    request_id: str
+    params: SamplingParams
+    text: ChoiceText | TextStream
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    num_tool_calls: int = 0
+    task: asyncio.Task | None = None
+
+
+def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` (started by the caller) with `tokenizer` for the text side."""
+    cfg = config or ServerConfig()
+    metrics = Metrics()
+    app = FastAPI(title="glm5", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.tokenizer, app.state.metrics, app.state.config = engine, tokenizer, metrics, cfg
+    llm = engine.engine
+    hidden_ids = set(tokenizer.eos_token_ids)
+    token_text_cache: dict[int, str] = {}
+
+    def on_step(outputs, seconds):
+        metrics.step_seconds.observe(seconds)
+        metrics.running.set(llm.num_running)
+        metrics.waiting.set(llm.num_waiting)
+        bm = llm.block_manager
+        metrics.cache_usage.set(1 - bm.num_free_blocks / bm.num_blocks)
+        metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+
+    engine.on_step = on_step
+
+    # ------------------------------------------------------------------ errors
+    def error_response(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        if err.status_code == 404:
+            return error_response(APIError(404, f"no route {request.method} {request.url.path}", "not_found_error",
+                                           code="unknown_route"))
+        return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return error_response(APIError(422, str(err.errors()[:1]), "invalid_request_error", code="unprocessable"))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception):
+        log.exception("unhandled error")
+        return error_response(APIError(500, f"internal error: {type(err).__name__}", "server_error"))
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            response = error_response(APIError(413, f"request body over {cfg.max_body_bytes} bytes", code="too_large"))
+        else:
+            response = await call_next(request)
+        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    async def read_json(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > cfg.max_body_bytes:
+            raise APIError(413, f"request body over {cfg.max_body_bytes} bytes", code="too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    def parse(model_cls, body: dict):
+        try:
+            req = model_cls.model_validate(body)
+        except ValidationError as err:
+            raise validation_error(err) from None
+        if req.model != cfg.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {cfg.model_name!r}",
+                           "not_found_error", "model", "model_not_found")
+        return req
+
+    # ------------------------------------------------------------------ simple routes
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return error_response(APIError(503, "the engine thread is not running", "server_error"))
+        return {"status": "ok", "running": llm.num_running, "waiting": llm.num_waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": START_TIME,
+                                            "owned_by": "glm5", "max_model_len": llm.max_model_len}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ shared generation pieces
+    def sampling_params(req, prompt_len: int, index: int, logprobs: int | None, processors=None) -> SamplingParams:
+        room = llm.max_model_len - prompt_len
+        max_tokens = req.max_new_tokens
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"this model's maximum context length is {llm.max_model_len} tokens; the prompt has "
+                                f"{prompt_len} and {max_tokens} more were requested", param="max_tokens",
+                           code="context_length_exceeded")
+        seed = None if req.seed is None else (req.seed + index) % (2**63)
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens or max(1, min(cfg.default_max_tokens, room)), temperature=req.temperature,
+                top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, seed=seed,
+                ignore_eos=req.ignore_eos, logprobs=logprobs, logits_processors=processors or [],
+            )
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+
+    def encode_prompt(text: str) -> list[int]:
+        ids = tokenizer.encode(text, allow_special=True)
+        check_prompt(ids)
+        return ids
+
+    def check_prompt(ids: list[int]) -> None:
+        try:
+            llm.validate_prompt(ids)
+        except ValueError as err:
+            code = "context_length_exceeded" if "context" in str(err) else "invalid_prompt"
+            raise APIError(400, str(err), param="messages" if code else "prompt", code=code) from None
+
+    def token_text(token_id: int) -> str:
+        text = token_text_cache.get(token_id)
+        if text is None:
+            text = token_text_cache[token_id] = tokenizer.decode([token_id])
+        return text
+
+    async def run_choices(choices: list[Choice], prompt_ids: list[int], updates: asyncio.Queue) -> None:
+        """Drive every choice's engine request, putting (choice, StepOutput | Exception) on `updates`, then None.
+        A consumer that ends a choice early (a stop string) cancels `choice.task`, which aborts the request."""
+
+        async def one(choice: Choice):
+            try:
+                async for out in engine.generate(prompt_ids, choice.params, choice.request_id):
+                    await updates.put((choice, out))
+            except (EngineError, ValueError) as err:
+                await updates.put((choice, err))
+
+        for c in choices:
+            c.task = asyncio.create_task(one(c))
+        try:
+            await asyncio.gather(*(c.task for c in choices), return_exceptions=True)
+        finally:
+            for c in choices:
+                c.task.cancel()
+            await updates.put(None)
+
+    def chat_logprobs(choice: Choice, entries) -> list[dict]:
+        out = []
+        for lp in entries:
+            text = token_text(lp.token_id)
+            out.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode())}
+                                         for t, v in lp.top]})
+        return out
+
+    # ------------------------------------------------------------------ chat completions
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        choice_mode = req.tool_choice or ("auto" if tools else "none")
+        thinking = req.enable_thinking
+        try:
+            prompt = render_messages(req.messages, tools if choice_mode != "none" else None,
+                                     enable_thinking=thinking, clear_thinking=req.clear_thinking)
+        except (ValueError, TypeError, KeyError) as err:
+            raise APIError(422, f"messages cannot be rendered: {err}", param="messages", code="invalid_messages") from None
+        # tool_choice required / named: the assistant turn is made to open with a tool call
+        forced = ""
+        forced_name = None
+        if isinstance(choice_mode, NamedToolChoice):
+            forced_name = choice_mode.function.name
+        elif choice_mode == "required" and len(tools) == 1:
+            forced_name = tools[0]["function"]["name"]
+        if forced_name is not None:
+            # the name is complete once the first argument key (or the end of the call) follows it
+            schema = next(t["function"].get("parameters") or {} for t in tools if t["function"]["name"] == forced_name)
+            forced = f"<tool_call>{forced_name}" + ("<arg_key>" if schema.get("properties") else "</tool_call>")
+        elif choice_mode == "required":
+            forced = "<tool_call>"  # several tools: the model writes the name
+        if forced and thinking:
+            forced = "</think>" + forced
+        prompt_ids = encode_prompt(prompt + forced)
+        parse_tools = tools if choice_mode != "none" else None
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        json_mode = req.response_format is not None and req.response_format.type != "text"
+        created, completion_id = now(), new_id("chatcmpl")
+        choices = []
+        for i in range(req.n):
+            processors = [JSONPrefixProcessor(tokenizer, hidden_ids)] if json_mode else None
+            params = sampling_params(req, len(prompt_ids), i, logprobs, processors)
+            text = ChoiceText(tokenizer, parse_tools, thinking and not forced and not json_mode, req.stop, hidden_ids,
+                              forced=forced.removeprefix("</think>") if forced else "")
+            choices.append(Choice(i, f"{completion_id}-{i}-{uuid.uuid4().hex[:8]}", params, text))
+        metrics.prompt_tokens.inc(len(prompt_ids) * req.n)
+        call_ids = {}
+
+        def call_id(choice: Choice, index: int) -> str:
+            return call_ids.setdefault((choice.index, index), f"call_{uuid.uuid4().hex[:24]}")
+
+        def deltas(choice: Choice, events) -> list[dict]:
+            out = []
+            for ev in events:
+                if isinstance(ev, ReasoningDelta):
+                    out.append({"reasoning_content": ev.text, "reasoning": ev.text})
+                elif isinstance(ev, ContentDelta):
+                    out.append({"content": ev.text})
+                elif choice_mode == "none" or (not req.parallel_tool_calls and getattr(ev, "index", 0) > 0):
+                    continue
+                elif isinstance(ev, ToolCallStart):
+                    choice.num_tool_calls += 1
+                    out.append({"tool_calls": [{"index": ev.index, "id": call_id(choice, ev.index), "type": "function",
+                                                "function": {"name": ev.name, "arguments": ""}}]})
+                elif isinstance(ev, ToolCallArgumentsDelta):
+                    out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]})
+            return out
+
+        def finish_reason(choice: Choice, out) -> str:
+            if choice.num_tool_calls:
+                return "tool_calls"
+            if choice.text.stream.stopped:
+                return "stop"
+            return out.finish_reason or "stop"
+
+        start = time.perf_counter()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def sse():
+                updates: asyncio.Queue = asyncio.Queue()
+                runner = asyncio.create_task(run_choices(choices, prompt_ids, updates))
+                first = True
+                prompt_tokens = completion_tokens = cached = 0
+
+                def chunk(choice_list, usage_value=None):
+                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                            "model": cfg.model_name, "choices": choice_list}
+                    if include_usage:
+                        body["usage"] = usage_value
+                    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+                try:
+                    for c in choices:
+                        yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}])
+                    while True:
+                        item = await updates.get()
+                        if item is None:
+                            break
+                        choice, out = item
+                        if isinstance(out, Exception):
+                            body = APIError(500 if isinstance(out, EngineError) else 400, str(out),
+                                            "server_error" if isinstance(out, EngineError) else "invalid_request_error").body()
+                            yield f"data: {json.dumps(body)}\n\n"
+                            continue
+                        if choice.finish_reason is not None:
+                            continue  # ended early by a stop string
+                        if first:
+                            metrics.ttft.observe(time.perf_counter() - start)
+                            first = False
+                        events = choice.text.push(out.new_token_ids, out.finished)
+                        done = out.finished or choice.text.stream.stopped
+                        if done and not out.finished:
+                            choice.task.cancel()
+                        lp = {"content": chat_logprobs(choice, out.new_logprobs)} if logprobs is not None else None
+                        pieces = deltas(choice, events)
+                        for j, delta in enumerate(pieces):
+                            yield chunk([{"index": choice.index, "delta": delta,
+                                          "logprobs": lp if j == 0 else None, "finish_reason": None}])
+                        if lp and not pieces:
+                            yield chunk([{"index": choice.index, "delta": {}, "logprobs": lp, "finish_reason": None}])
+                        if done and choice.finish_reason is None:
+                            choice.finish_reason = finish_reason(choice, out)
+                            prompt_tokens, cached = out.num_prompt_tokens, out.num_cached_tokens
+                            completion_tokens += out.num_output_tokens
+                            yield chunk([{"index": choice.index, "delta": {}, "logprobs": None,
+                                          "finish_reason": choice.finish_reason}])
+                    if include_usage:
+                        yield chunk([], usage(prompt_tokens or len(prompt_ids), completion_tokens, cached))
+                    yield "data: [DONE]\n\n"
+                    metrics.latency.observe(time.perf_counter() - start)
+                finally:
+                    runner.cancel()
+
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        updates: asyncio.Queue = asyncio.Queue()
+        runner = asyncio.create_task(run_choices(choices, prompt_ids, updates))
+        completion_tokens, cached, first = 0, 0, True
+        try:
+            while (item := await updates.get()) is not None:
+                choice, out = item
+                if isinstance(out, EngineError):
+                    raise APIError(500, str(out), "server_error")
+                if isinstance(out, Exception):
+                    raise APIError(400, str(out))
+                if choice.finish_reason is not None:
+                    continue
+                if first:
+                    metrics.ttft.observe(time.perf_counter() - start)
+                    first = False
+                choice.text.push(out.new_token_ids, out.finished)
+                done = out.finished or choice.text.stream.stopped
+                if done and not out.finished:
+                    choice.task.cancel()
+                choice.logprobs.extend(out.new_logprobs)
+                if done and choice.finish_reason is None:
+                    choice.finish_reason = "stop" if choice.text.stream.stopped else out.finish_reason
+                    completion_tokens += out.num_output_tokens
+                    cached = out.num_cached_tokens
+        finally:
+            runner.cancel()
+        result = []
+        for c in choices:
+            parsed = c.text.finish()
+            message = {"role": "assistant", "content": parsed.content}
+            if parsed.reasoning is not None:
+                message["reasoning_content"] = message["reasoning"] = parsed.reasoning
+            calls = [] if choice_mode == "none" else parsed.tool_calls
+            if not req.parallel_tool_calls:
+                calls = calls[:1]
+            if calls:
+                message["tool_calls"] = [call.to_openai(call_id(c, call.index)) for call in calls]
+                message["content"] = parsed.content or None
+            reason = "tool_calls" if calls else ("stop" if c.text.stream.stopped else c.finish_reason or "stop")
+            entry = {"index": c.index, "message": message, "logprobs": None, "finish_reason": reason}
+            if logprobs is not None:
+                entry["logprobs"] = {"content": chat_logprobs(c, c.logprobs)}
+            result.append(entry)
+        metrics.latency.observe(time.perf_counter() - start)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": cfg.model_name,
+                "choices": result, "usage": usage(len(prompt_ids), completion_tokens, cached)}
+
+    # ------------------------------------------------------------------ text completions
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = parse(CompletionRequest, await read_json(request))
+        prompts = req.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompt_ids_list = []
+        for p in prompts:
+            ids = tokenizer.encode(p, allow_special=True) if isinstance(p, str) else list(p)
+            try:
+                llm.validate_prompt(ids)
+            except ValueError as err:
+                code = "context_length_exceeded" if "context" in str(err) else "invalid_prompt"
+                raise APIError(400, str(err), param="prompt", code=code) from None
+            prompt_ids_list.append(ids)
+        created, completion_id = now(), new_id("cmpl")
+        groups = []
+        for pi, ids in enumerate(prompt_ids_list):
+            group = []
+            for i in range(req.n):
+                index = pi * req.n + i
+                params = sampling_params(req, len(ids), i, req.logprobs)
+                group.append(Choice(index, f"{completion_id}-{index}-{uuid.uuid4().hex[:8]}", params,
+                                    TextStream(tokenizer, req.stop, hidden_ids)))
+            groups.append((ids, group))
+            metrics.prompt_tokens.inc(len(ids) * req.n)
+        start = time.perf_counter()
+
+        def text_logprobs(entries) -> dict:
+            tokens = [token_text(lp.token_id) for lp in entries]
+            return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in entries],
+                    "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in entries],
+                    "text_offset": []}
+
+        updates: asyncio.Queue = asyncio.Queue()
+        runners = [asyncio.create_task(run_choices(group, ids, updates)) for ids, group in groups]
+        pending = len(runners)
+
+        def echo_text(choice: Choice) -> str:
+            for ids, group in groups:
+                if choice in group:
+                    return tokenizer.decode(ids)
+            return ""
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def sse():
+                nonlocal pending
+                total_prompt = sum(len(ids) * req.n for ids, _ in groups)
+                completion_tokens = 0
+                try:
+                    while pending:
+                        item = await updates.get()
+                        if item is None:
+                            pending -= 1
+                            continue
+                        choice, out = item
+                        if isinstance(out, Exception):
+                            yield f"data: {json.dumps(APIError(500, str(out), 'server_error').body())}\n\n"
+                            continue
+                        if choice.finish_reason is not None:
+                            continue
+                        piece = choice.text.push(out.new_token_ids, out.finished)
+                        done = out.finished or choice.text.stopped
+                        if done and not out.finished:
+                            choice.task.cancel()
+                        if req.echo and not choice.tokens:
+                            piece = echo_text(choice) + piece
+                        choice.tokens.extend(out.new_token_ids)
+                        reason = None
+                        if done and choice.finish_reason is None:
+                            reason = choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
+                            completion_tokens += out.num_output_tokens
+                        if piece or reason:
+                            body = {"id": completion_id, "object": "text_completion", "created": created,
+                                    "model": cfg.model_name, "choices": [{
+                                        "index": choice.index, "text": piece, "finish_reason": reason,
+                                        "logprobs": text_logprobs(out.new_logprobs) if req.logprobs is not None else None}]}
+                            if include_usage:
+                                body["usage"] = None
+                            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                    if include_usage:
+                        body = {"id": completion_id, "object": "text_completion", "created": created,
+                                "model": cfg.model_name, "choices": [], "usage": usage(total_prompt, completion_tokens)}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    for r in runners:
+                        r.cancel()
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        try:
+            while pending:
+                item = await updates.get()
+                if item is None:
+                    pending -= 1
+                    continue
+                choice, out = item
+                if isinstance(out, Exception):
+                    raise APIError(500 if isinstance(out, EngineError) else 400, str(out))
+                if choice.finish_reason is not None:
+                    continue
+                choice.text.push(out.new_token_ids, out.finished)
+                done = out.finished or choice.text.stopped
+                if done and not out.finished:
+                    choice.task.cancel()
+                choice.tokens.extend(out.new_token_ids)
+                choice.logprobs.extend(out.new_logprobs)
+                if done and choice.finish_reason is None:
+                    choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
+        finally:
+            for r in runners:
+                r.cancel()
+        result, completion_tokens = [], 0
+        for ids, group in groups:
+            for c in group:
+                text = c.text.text
+                if req.echo:
+                    text = tokenizer.decode(ids) + text
+                completion_tokens += len(c.tokens)
+                result.append({"index": c.index, "text": text, "finish_reason": c.finish_reason,
+                               "logprobs": text_logprobs(c.logprobs) if req.logprobs is not None else None})
+        metrics.latency.observe(time.perf_counter() - start)
+        total_prompt = sum(len(ids) * req.n for ids, _ in groups)
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": cfg.model_name,
+                "choices": sorted(result, key=lambda c: c["index"]), "usage": usage(total_prompt, completion_tokens)}
+
+    return app
+
+
+START_TIME = now()
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}

@@ -1,0 +1,134 @@
+"""`response_format: json_object` by constrained decoding: every token keeps the output a prefix of a JSON object.
+
+A logits processor (the engine calls it with the ids generated so far and the next-token logits) walks the
+candidates from the most likely down and keeps those whose text leaves the output a valid prefix of compact
+JSON (no whitespace outside strings, so a model cannot pad forever); once the object is complete only the
+end-of-text token remains. The check is a small character-level JSON state machine, advanced incrementally.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)?(\.[0-9]*)?([eE][+-]?[0-9]*)?")
+_LITERALS = ("true", "false", "null")
+
+
+def _number_ok(text: str) -> bool:
+    match = _NUMBER.fullmatch(text)
+    return match is not None
+
+
+def advance(state, ch: str):
+    """state = (stack, mode, buf); returns the next state or None when `ch` breaks the JSON prefix."""
+    stack, mode, buf = state
+    if mode == "string" or mode == "key":
+        if buf == "\\":
+            return (stack, mode, "") if ch in '"\\/bfnrtu' else None
+        if ch == "\\":
+            return (stack, mode, "\\")
+        if ch == '"':
+            return (stack, "colon", "") if mode == "key" else (stack, "after", "")
+        return None if ord(ch) < 0x20 else state
+    if mode == "number":
+        if ch in "0123456789+-.eE" and _number_ok(buf + ch):
+            return (stack, mode, buf + ch)
+        if buf in ("-", "") or buf.endswith(("e", "E", "+", "-", ".")):
+            return None
+        return advance((stack, "after", ""), ch)
+    if mode == "literal":
+        for word in _LITERALS:
+            if word.startswith(buf + ch):
+                return (stack, "after", "") if word == buf + ch else (stack, mode, buf + ch)
+        return None
+    if mode in ("start", "value"):
+        if mode == "start" and ch != "{":
+            return None
+        if ch == "{":
+            return (stack + ("{",), "key_or_end", "")
+        if ch == "[":
+            return (stack + ("[",), "value_or_end", "")
+        if ch == '"':
+            return (stack, "string", "")
+        if ch in "-0123456789":
+            return (stack, "number", ch)
+        if any(w.startswith(ch) for w in _LITERALS):
+            return (stack, "literal", ch)
+        return None
+    if mode == "value_or_end":
+        if ch == "]":
+            return (stack[:-1], "after", "")
+        return advance((stack, "value", ""), ch)
+    if mode in ("key_or_end", "key_start"):
+        if ch == "}" and mode == "key_or_end":
+            return (stack[:-1], "after", "")
+        return (stack, "key", "") if ch == '"' else None
+    if mode == "colon":
+        return (stack, "value", "") if ch == ":" else None
+    if mode == "after":
+        if not stack:
+            return None  # complete: nothing may follow
+        if ch == ",":
+            return (stack, "key_start" if stack[-1] == "{" else "value", "")
+        if (ch == "}" and stack[-1] == "{") or (ch == "]" and stack[-1] == "["):
+            return (stack[:-1], "after", "")
+        return None
+    return None
+
+
+def advance_text(state, text: str):
+    for ch in text:
+        state = advance(state, ch)
+        if state is None:
+            return None
+    return state
+
+
+def is_complete(state) -> bool:
+    return state is not None and state[1] == "after" and not state[0]
+
+
+class JSONPrefixProcessor:
+    """Keeps one sequence's output a JSON object. Call with (output token ids, logits [V]) -> logits."""
+
+    def __init__(self, tokenizer, end_ids: set[int], candidates: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.end_id = min(end_ids) if end_ids else None
+        self.end_ids = end_ids
+        self.candidates = candidates
+        self.state = ((), "start", "")
+        self.seen = 0
+        self._texts: dict[int, str] = {}
+
+    def _text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output_ids) > self.seen:
+            new = [t for t in output_ids[self.seen :] if t not in self.end_ids]
+            self.state = advance_text(self.state, self.tokenizer.decode(new)) or self.state
+            self.seen = len(output_ids)
+        masked = torch.full_like(logits, float("-inf"))
+        if is_complete(self.state) and self.end_id is not None:
+            masked[self.end_id] = 0.0
+            return masked
+        order = torch.argsort(logits, descending=True).tolist()
+        allowed = []
+        for token_id in order:
+            if token_id in self.end_ids:
+                continue
+            text = self._text(token_id)
+            if text and "\ufffd" not in text and advance_text(self.state, text) is not None:
+                allowed.append(token_id)
+                if len(allowed) >= self.candidates:
+                    break
+        if not allowed:
+            return logits  # nothing fits (should not happen with a byte-level vocabulary): leave it be
+        index = torch.tensor(allowed, device=logits.device)
+        masked[index] = logits[index]
+        return masked

@@ -1,0 +1,88 @@
+"""The text side of a generation: incremental detokenization, stop strings, and the GLM-5 output parser.
+
+`TextStream` turns the token ids of one choice into text pieces that are safe to send: a piece never ends in
+a broken UTF-8 character, never contains a stop string, and text that could still become one is held back.
+`ChoiceText` adds the chat parser (reasoning / content / tool calls) on top.
+"""
+
+from __future__ import annotations
+
+from glm5.chat import StreamingParser
+
+
+class IncrementalDetokenizer:
+    """Decode ids as they come (vLLM's prefix-offset method): O(new tokens) per step, correct across
+    multi-byte characters split over tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read])
+        after = decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        decode = self.tokenizer.decode
+        rest = decode(self.ids[self.prefix :])[len(decode(self.ids[self.prefix : self.read])) :]
+        self.prefix = self.read = len(self.ids)
+        return rest
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: list[str] | None = None, hidden_ids: set[int] | None = None,
+                 prefix: str = "") -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.stop = list(stop or [])
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.hidden_ids = hidden_ids or set()  # end-of-turn ids: end the text, never part of it
+        self.text = prefix  # everything so far (a forced prefix included)
+        self.sent = 0
+        self.stopped = False  # a stop string ended the text
+
+    def push(self, ids: list[int], finished: bool) -> str:
+        """New token ids -> the next piece of text that is safe to send ('' if none yet)."""
+        if not self.stopped:
+            visible = [i for i in ids if i not in self.hidden_ids]
+            self.text += self.detokenizer.push(visible)
+            if finished:
+                self.text += self.detokenizer.flush()
+            if self.stop:
+                search_from = max(0, self.sent - self.holdback)
+                hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+                if hits:
+                    self.text = self.text[: min(hits)]
+                    self.stopped = True
+        end = len(self.text) if (finished or self.stopped) else max(self.sent, len(self.text) - self.holdback)
+        piece = self.text[self.sent : end]
+        self.sent = end
+        return piece
+
+
+class ChoiceText:
+    """One chat choice: text stream + GLM-5 parser. `push` returns parser events."""
+
+    def __init__(self, tokenizer, tools, thinking: bool, stop, hidden_ids, forced: str = "") -> None:
+        self.stream = TextStream(tokenizer, stop, hidden_ids)
+        self.parser = StreamingParser(tools, thinking=thinking)
+        self.forced = forced
+
+    def push(self, ids: list[int], finished: bool) -> list:
+        piece = self.stream.push(ids, finished)
+        if self.forced:
+            piece, self.forced = self.forced + piece, ""
+        events = self.parser.feed(piece) if piece else []
+        if finished or self.stream.stopped:
+            events += self.parser.close()
+        return events
+
+    def finish(self):
+        return self.parser.finish()
