@@ -18,6 +18,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "glm5.params",
     "glm5.demo",
+    "glm5.train.cli",
     "glm5.tokenizer",
     "glm5.quant.cli",
     "glm5.quant.plan",

@@ -1,0 +1,136 @@
+"""Training-step benchmark: glm5's step against transformers' GlmMoeDsaForCausalLM, same config and batch.
+
+    .venv/bin/python bench/train.py                       # tiny-bench config, batch 8 x 512, fp32 + bf16
+    .venv/bin/python bench/train.py --repeats 7 --threads 2
+
+One step = forward + backward + AdamW update on the next-token loss (no MTP: transformers has none), same
+random weights in both (ours copied into transformers), the `tiny-bench` preset (the tiny config of
+../shared/reference/machine.md; DSA top-64, so at 512 tokens each query attends to 64 keys). The two sides
+alternate step by step so machine load hits both alike; medians of --repeats timed steps after a warm-up.
+MFU is against the matmul peak measured in this same run (2048^3 torch.matmul, median), per dtype:
+    model FLOPs per token = 6 * active non-embedding params + 12 * layers * heads * head_dim * seq
+(head_dim = mean of the q/k and v widths; nanochat's estimate, counting the full causal attention).
+Writes bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def matmul_peak(dtype, repeats: int = 5, n: int = 2048) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    from glm5.params import count_parameters
+
+    active = count_parameters(cfg)["active_params_excluding_embeddings"]
+    head_dim = (cfg.qk_head_dim + cfg.v_head_dim) / 2
+    return 6 * active + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8, help="rows per step (default 8)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--out", default="bench/results/train.json", help="where to write the JSON results")
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import GlmMoeDsaForCausalLM
+
+    from glm5.checkpoint import to_transformers_config
+    from glm5.config import GLM5Config
+    from glm5.model.transformer import GLM5ForCausalLM
+    from glm5.train.losses import lm_loss_sum
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = GLM5Config.from_preset("tiny-bench")
+    ours = GLM5ForCausalLM(cfg)
+    theirs = GlmMoeDsaForCausalLM(to_transformers_config(cfg, "sdpa"))
+    missing, unexpected = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mtp.")}, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    tokens = args.batch * args.seq
+
+    def our_step(model, opt, dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(ids).logits
+        total, n = lm_loss_sum(logits, ids)
+        (total / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def their_step(model, opt, dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    per_token = flops_per_token(cfg, args.seq)
+    results = {"config": "tiny-bench", "batch": args.batch, "seq": args.seq, "threads": args.threads,
+               "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+               "model_flops_per_token": per_token, "runs": {}}
+    for dtype in ("float32", "bfloat16"):
+        sides = {"glm5": (ours, our_step), "transformers": (theirs, their_step)}
+        opts = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False) for name, (model, _) in sides.items()}
+        for name, (model, step) in sides.items():  # warm-up
+            model.train()
+            step(model, opts[name], dtype)
+        times = {name: [] for name in sides}
+        for _ in range(args.repeats):
+            for name, (model, step) in sides.items():
+                t0 = time.perf_counter()
+                step(model, opts[name], dtype)
+                times[name].append(time.perf_counter() - t0)
+        for name in sides:
+            median = statistics.median(times[name])
+            run = {"median_s": median, "tokens_per_s": tokens / median,
+                   "gflops": per_token * tokens / median / 1e9,
+                   "mfu": per_token * tokens / median / peaks[dtype], "times_s": times[name]}
+            results["runs"][f"{name}/{dtype}"] = run
+            print(f"{name:>12} {dtype:>8}: {median * 1000:8.0f} ms/step  {run['tokens_per_s']:8.0f} tok/s  "
+                  f"{run['gflops']:6.1f} GFLOP/s  MFU {run['mfu'] * 100:5.1f}% (peak {peaks[dtype] / 1e9:.0f})", flush=True)
+        ratio = results["runs"][f"transformers/{dtype}"]["median_s"] / results["runs"][f"glm5/{dtype}"]["median_s"]
+        results[f"speedup_{dtype}"] = ratio
+        print(f"{'':>12} {dtype:>8}: glm5 is {ratio:.2f}x transformers' speed", flush=True)
+    best = results["runs"]["glm5/bfloat16"]["tokens_per_s"] / results["runs"]["transformers/float32"]["tokens_per_s"]
+    results["speedup_best_glm5_vs_transformers_fp32"] = best
+    print(f"glm5 best (bf16) vs transformers fp32 (the machine.md baseline): {best:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

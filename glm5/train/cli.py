@@ -1,0 +1,166 @@
+"""`glm5 train STAGE`: one training stage from local data, resumable, on one process or under torchrun.
+
+    glm5 train pretrain --data corpus.jsonl --preset nano --out runs/pt --steps 500
+    glm5 train dsa-warmup --init runs/pt/model --data corpus.jsonl --out runs/warm --steps 100
+    glm5 train dsa-sparse --init runs/warm/model --data corpus.jsonl --out runs/sparse --steps 200
+    glm5 train sft --init runs/sparse/model --data chats.jsonl --out runs/sft --steps 200
+    glm5 train pretrain ... --resume                      # continue exactly from the last checkpoint
+    torchrun --nproc_per_node 2 -m glm5.cli train pretrain --parallel ddp ...     # or --parallel fsdp
+
+Data: .txt, .jsonl ({"text": ...} for pretraining, {"messages": [...], "tools": [...]} for SFT), .parquet,
+or a `datasets.save_to_disk` folder; several paths may be given. The model comes from --init (a model
+directory, e.g. a previous stage's OUT/model), --config (a config.json) or --preset. The result is written
+to OUT/model (config.json + safetensors + tokenizer), which the next stage, the engine and the server load.
+Every input is checked before any work starts, and nothing in OUT is overwritten without --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _check_inputs(args) -> None:
+    """Clear errors for bad input, before anything is written."""
+    from glm5.train.checkpoints import latest_checkpoint, load_checkpoint
+
+    for path in args.data:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no such data file or folder: {path}")
+    ckpt_dir = Path(args.out) / "checkpoints" / args.stage
+    latest = latest_checkpoint(ckpt_dir)
+    if args.resume and latest is not None:
+        load_checkpoint(latest)  # a corrupt file fails here, with its name
+    if not args.resume and (latest is not None or (Path(args.out) / "model").exists()):
+        raise ValueError(f"{args.out} already holds a {args.stage} run; pass --resume to continue it "
+                         "or choose another --out (nothing was overwritten)")
+
+
+def _load_tokenizer(args):
+    from glm5.tokenizer import Tokenizer, default_tokenizer
+
+    if args.tokenizer:
+        return Tokenizer.from_file(args.tokenizer)
+    if args.init and (Path(args.init) / "tokenizer.json").is_file():
+        return Tokenizer.from_file(args.init)
+    return default_tokenizer()
+
+
+def _build_model(args, tokenizer):
+    from glm5.config import GLM5Config
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    if args.init:
+        return GLM5ForCausalLM.from_pretrained(args.init)
+    cfg = GLM5Config.from_pretrained(args.config) if args.config else GLM5Config.from_preset(args.preset)
+    if cfg.vocab_size < tokenizer.vocab_size:
+        cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+    return GLM5ForCausalLM(cfg)
+
+
+def _rows(args, tokenizer):
+    from glm5.chat import render_messages_with_mask
+    from glm5.train.data import load_conversations, load_documents, pack_conversations, pack_documents
+
+    if args.stage == "sft":
+        conversations = load_conversations(args.data)
+        samples = (render_messages_with_mask(c["messages"], tokenizer, c.get("tools")) for c in conversations)
+        return pack_conversations(samples, args.seq_len, tokenizer.pad_token_id or 0)
+    docs = load_documents(args.data)
+    eos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pack_documents(tokenizer.encode_batch(docs), args.seq_len, eos)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from glm5.common import print0
+    from glm5.train.parallel import init_distributed, is_distributed
+    from glm5.train.resources import check_fits_memory
+    from glm5.train.trainer import TrainConfig, Trainer, release_stage
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world_size = init_distributed()
+    _check_inputs(args)
+    tokenizer = _load_tokenizer(args)
+    torch.manual_seed(args.seed)
+    model = _build_model(args, tokenizer)
+    if args.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {model.config.max_position_embeddings} positions")
+    check_fits_memory(model.config, max(1, args.batch_size // world_size), args.seq_len)
+    rows = _rows(args, tokenizer)
+    config = TrainConfig(
+        stage=args.stage, steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        lr=args.lr, muon_lr=args.muon_lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        schedule=args.schedule, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip,
+        dtype=args.dtype, mtp_weight=args.mtp_weight, aux_loss_weight=args.aux_loss_weight,
+        bias_update_speed=args.bias_update_speed, save_every=args.save_every, keep_last=args.keep_last,
+        seed=args.seed, parallel=args.parallel, progress=not args.no_progress, max_minutes=args.max_minutes,
+    )
+    trainer = Trainer(model, rows, config, args.out, rank=rank, world_size=world_size)
+    print0(f"[train] {args.stage}: {len(rows)} rows x {rows.seq_len} tokens, {config.steps} steps x {config.batch_size} "
+           f"rows, {world_size} process(es), parallel={args.parallel}")
+    summary = trainer.run(resume=args.resume)
+    # the model directory: full weights gathered on every rank (a collective under FSDP), written by rank 0
+    state = trainer.state_dict()["model"] if args.parallel == "fsdp" and is_distributed() else None
+    if rank == 0:
+        if state is not None:  # FSDP2 sharded the model in place: write a plain copy with the gathered weights
+            from glm5.model.transformer import GLM5ForCausalLM
+
+            model = GLM5ForCausalLM(model.config)
+            model.load_state_dict(state)
+        release_stage(model)
+        out_model = Path(args.out) / "model"
+        model.save_pretrained(out_model)
+        tokenizer.save(out_model)
+        last = summary["last"] or {}
+        print0(f"[train] {args.stage}: {summary['steps']} steps, loss {last.get('loss', float('nan')):.4f}; "
+               f"model -> {out_model}")
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def register(subparsers) -> None:
+    from glm5.train.optim import OPTIMIZERS, SCHEDULES
+    from glm5.train.parallel import PARALLEL_MODES
+    from glm5.train.trainer import STAGES
+
+    p = subparsers.add_parser("train", help="run one training stage (pretrain, dsa-warmup, dsa-sparse, sft)")
+    p.add_argument("stage", choices=STAGES, help="which stage to run")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="training data: .txt/.jsonl/.parquet files or folders")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, model/")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--init", metavar="DIR", help="start from this model directory (e.g. the previous stage's OUT/model)")
+    source.add_argument("--config", metavar="JSON", help="start from random weights with this config.json")
+    source.add_argument("--preset", default="nano", help="start from random weights of this preset (default nano)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or its folder (default: --init's, else the built-in one)")
+    p.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint in OUT")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=8, help="global rows per step, all processes (default 8)")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward per process; smaller means gradient accumulation (default: no accumulation)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate (default 0.02)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw, or muon for hidden matrices + adamw (default adamw)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of matrices (default 0)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning-rate schedule after warm-up (default cosine)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (default 0.1)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; default 1)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="forward compute dtype (bf16 autocast; default float32)")
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss (default 0.3)")
+    p.add_argument("--aux-loss-weight", type=float, default=1e-4, help="weight of the sequence-wise MoE balance loss (default 1e-4)")
+    p.add_argument("--bias-update-speed", type=float, default=1e-3, help="router-bias step of aux-loss-free balancing (default 1e-3)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="none", help="under torchrun: ddp or fsdp (FSDP2); default none")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this many minutes (default: no limit)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

@@ -1,0 +1,271 @@
+"""Training library, piece by piece: schedules, Muon, SFT masking, packing and sharding, MoE balancing,
+the DSA stages' gradients, and the clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from glm5.model.transformer import GLM5ForCausalLM
+from glm5.train import losses
+from glm5.train.checkpoints import load_checkpoint, save_checkpoint
+from glm5.train.data import IGNORE_INDEX, Batches, PackedRows, load_documents, pack_conversations, pack_documents
+from glm5.train.moe_balance import imbalance, update_router_bias
+from glm5.train.optim import Muon, build_optimizer, lr_factor, newton_schulz
+from glm5.train.resources import check_fits_memory
+from glm5.train.trainer import TrainConfig, Trainer, configure_stage
+
+
+def rows_of(n=16, seq=32, vocab=256, seed=0):
+    ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+    return PackedRows(ids, ids.clone())
+
+
+# ---- schedules and optimizers ------------------------------------------------------------------------
+def test_cosine_schedule_warms_up_then_decays_to_min_ratio():
+    f = [lr_factor(s, 100, "cosine", warmup=10, min_ratio=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])), "cosine must not rise after warm-up"
+    assert f[-1] == pytest.approx(0.1)
+
+
+def test_wsd_schedule_is_flat_then_decays_linearly():
+    f = [lr_factor(s, 100, "wsd", warmup=10, min_ratio=0.0, decay_fraction=0.2) for s in range(100)]
+    assert all(x == 1.0 for x in f[10:80]), "stable phase must hold the peak"
+    assert f[-1] == pytest.approx(0.0) and f[90] < f[85] < 1.0
+
+
+def test_newton_schulz_orthogonalizes():
+    g = torch.randn(3, 32, 16, generator=torch.Generator().manual_seed(0))
+    x = newton_schulz(g, steps=10)
+    s = torch.linalg.svdvals(x)
+    # Muon's quintic iteration drives singular values into roughly [0.7, 1.2], not exactly 1
+    assert s.min() > 0.5 and s.max() < 1.3, f"singular values {s.min():.3f}..{s.max():.3f}"
+
+
+def test_muon_reduces_a_matrix_regression_loss():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(8, 16))
+    target = torch.randn(8, 16)
+    opt = Muon([w], lr=0.3)
+    first = None
+    for step in range(50):
+        opt.param_groups[0]["lr"] = 0.3 * (1 - step / 50)  # an orthogonal step has a fixed size: decay it
+        loss = ((w - target) ** 2).mean()
+        first = first or float(loss.detach())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(loss.detach()) < 0.1 * first, f"loss {first:.3f} -> {float(loss.detach()):.3f}"
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    model = GLM5ForCausalLM(tiny_config())
+    opt = build_optimizer(model, "muon")
+    muon, adamw = opt.optimizers
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for g in muon.param_groups for p in g["params"])
+    assert not any("embed_tokens" in names[i] or "lm_head" in names[i] or "gate.weight" in names[i] for i in muon_ids)
+    assert id(model.model.layers[0].self_attn.q_a_proj.weight) in muon_ids
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+def test_pack_documents_joins_with_eos_and_cuts_rows():
+    rows = pack_documents([[1, 2, 3], [4, 5]], seq_len=3, eos_id=0)
+    assert rows.ids.tolist() == [[1, 2, 3], [0, 4, 5]]
+    assert torch.equal(rows.ids, rows.labels)
+
+
+def test_sft_labels_only_on_assistant_tokens():
+    from glm5.chat import render_messages_with_mask
+    from glm5.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    conv = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello you"}]
+    ids, mask = render_messages_with_mask(conv, tok)
+    rows = pack_conversations([(ids, mask)], seq_len=64, pad_id=tok.pad_token_id)
+    labels = rows.labels[0, : len(ids)].tolist()
+    learned = tok.decode([i for i in labels if i != IGNORE_INDEX])
+    assert "hello you" in learned and "hi there" not in learned, learned
+    assert learned.endswith("<|endoftext|>")
+    assert (rows.labels[0, len(ids):] == IGNORE_INDEX).all(), "padding must not be a target"
+    # the model's loss then covers exactly the masked-in positions
+    assert sum(mask) == sum(1 for i in labels if i != IGNORE_INDEX)
+
+
+def test_batches_shard_deterministically_and_resume():
+    rows = rows_of(10)
+    single = Batches(rows, batch_size=4, seed=3)
+    ranks = [Batches(rows, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(6):  # crosses an epoch boundary
+        ids, _ = single.next()
+        assert torch.equal(ids, torch.cat([b.next()[0] for b in ranks]))
+    resumed = Batches(rows, batch_size=4, seed=3)
+    resumed.load_state_dict(single.state_dict())
+    assert torch.equal(resumed.next()[0], single.next()[0])
+
+
+def test_loaders_read_jsonl_and_text(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "b.txt").write_text("three")
+    assert load_documents(tmp_path) == ["one", "two", "three"]
+
+
+def test_parquet_loader(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha", "beta"]}), tmp_path / "d.parquet")
+    assert load_documents(tmp_path / "d.parquet") == ["alpha", "beta"]
+
+
+# ---- MoE balancing --------------------------------------------------------------------------------------
+def test_router_bias_moves_toward_underloaded_experts():
+    model = GLM5ForCausalLM(tiny_config())
+    moes = losses.moe_modules(model)
+    load = torch.tensor([10.0, 0.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0])  # mean 4
+    update_router_bias(moes[:1], [load], speed=0.01)
+    bias = moes[0].gate.e_score_correction_bias
+    assert bias[0] < 0 and bias[1] > 0 and bias[2] > 0 and bias[3] == 0, bias
+    assert imbalance(load) == pytest.approx(2.5)
+
+
+def test_sequence_balance_loss_is_lower_when_balanced():
+    model = GLM5ForCausalLM(tiny_config())
+    moe = losses.moe_modules(model)[0]
+    E = 8
+    balanced_scores = torch.full((16, E), 0.5)
+    balanced_idx = torch.arange(32).view(16, 2) % E
+    moe.last_routing = (balanced_scores, balanced_idx)
+    balanced = float(losses.sequence_balance_loss([moe], 2))
+    skewed_scores = torch.full((16, E), 0.01)
+    skewed_scores[:, :2] = 0.99
+    moe.last_routing = (skewed_scores, torch.tensor([[0, 1]] * 16))
+    skewed = float(losses.sequence_balance_loss([moe], 2))
+    assert balanced == pytest.approx(1.0, rel=1e-5) and skewed > 3 * balanced
+
+
+# ---- DSA stages ---------------------------------------------------------------------------------------
+def _grads_after(model, stage, seq=48):
+    configure_stage(model, stage)
+    ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(1))
+    out = model(ids, return_mtp=True)
+    lm, n = losses.lm_loss_sum(out.logits, ids)
+    kl = losses.indexer_kl(model)
+    return out, lm / n, kl
+
+
+def test_warmup_trains_only_the_indexer():
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, rows_of(8, 48), TrainConfig(stage="dsa-warmup", steps=3, batch_size=2, warmup=0,
+                                                         progress=False, lr=1e-2), out_dir="/tmp/unused-warmup")
+    trainer.train_step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".indexer." in n for n in changed), sorted(changed)[:5]
+    assert any("mtp.0.self_attn.indexer" in n for n in changed), "the MTP layer's indexer trains too"
+
+
+def test_warmup_kl_is_against_dense_attention_and_falls():
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8, initializer_range=0.2))
+    trainer = Trainer(model, rows_of(8, 48), TrainConfig(stage="dsa-warmup", steps=30, batch_size=4, warmup=0,
+                                                         progress=False, lr=1e-2), out_dir="/tmp/unused-warmup2")
+    kls = [trainer.train_step()["loss"] for _ in range(30)]
+    assert kls[-1] < 0.7 * kls[0], f"indexer KL {kls[0]:.4f} -> {kls[-1]:.4f}"
+    assert all(attn.dense_attention for attn in losses.attention_modules(model))
+
+
+def test_sparse_stage_detaches_the_indexer_input():
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8))
+    _, lm, kl = _grads_after(model, "dsa-sparse")
+    # the LM loss reaches no indexer weight (selection is not differentiable)
+    lm.backward(retain_graph=True)
+    for name, p in model.named_parameters():
+        if ".indexer." in name:
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+    model.zero_grad(set_to_none=True)
+    # the KL reaches only indexer weights: its input is detached from the model below it
+    kl.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and all(".indexer." in n for n in with_grad), sorted(with_grad)[:5]
+
+
+def test_sparse_stage_kl_is_over_the_selected_keys_only():
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8))
+    out, _, kl_sparse = _grads_after(model, "dsa-sparse")
+    assert out.topk_indices[0] is not None and out.topk_indices[0].shape[-1] == 8
+    _, _, kl_dense = _grads_after(model, "dsa-warmup")
+    assert math.isfinite(float(kl_sparse)) and float(kl_sparse) != pytest.approx(float(kl_dense))
+
+
+def test_normal_forward_unchanged_after_training_switches_are_released():
+    from glm5.train.trainer import release_stage
+
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8)).eval()
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        before = model(ids).logits
+        configure_stage(model, "dsa-sparse")
+        release_stage(model)
+        after = model(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_every_stage_reduces_its_loss_on_repeated_data():
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8))
+    rows = rows_of(4, 48)
+    for stage, lr in (("pretrain", 1e-2), ("dsa-sparse", 3e-3), ("sft", 3e-3)):
+        trainer = Trainer(model, rows, TrainConfig(stage=stage, steps=15, batch_size=4, warmup=0, progress=False, lr=lr),
+                          out_dir="/tmp/unused-stages")
+        losses_seen = [trainer.train_step()["loss"] for _ in range(15)]
+        assert losses_seen[-1] < losses_seen[0] - 0.3, f"{stage}: {losses_seen[0]:.3f} -> {losses_seen[-1]:.3f}"
+
+
+def test_mtp_loss_targets_token_t_plus_two():
+    labels = torch.tensor([[5, 6, 7, 8]])
+    logits = torch.full((1, 3, 10), -1e4)  # depth 1: positions 0..2 predict labels 2..4 (only 0, 1 usable)
+    logits[0, 0, 7] = logits[0, 1, 8] = 1e4
+    loss, acc = losses.mtp_loss([logits], labels)
+    assert float(loss) < 1e-3 and acc == 1.0
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"model": {}, "optimizer": {}, "step": 1, "stage": "pretrain", "data": {}, "rng": {}})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        load_checkpoint(path)
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="empty dataset"):
+        load_documents(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match="empty dataset"):
+        pack_documents([[1, 2]], seq_len=64, eos_id=0)
+
+
+def test_sequence_longer_than_positions_is_a_clear_error():
+    model = GLM5ForCausalLM(tiny_config(max_position_embeddings=32))
+    with pytest.raises(ValueError, match="longer than the model's 32 positions"):
+        Trainer(model, rows_of(4, 64), TrainConfig(steps=1, batch_size=2, progress=False), out_dir="/tmp/unused")
+
+
+def test_config_that_cannot_fit_is_a_clear_error():
+    from glm5.config import GLM5Config
+
+    with pytest.raises(ValueError, match="cannot fit in memory"):
+        check_fits_memory(GLM5Config.from_preset("glm5-744b"), 1, 1024, available=64 << 30)
+    check_fits_memory(GLM5Config.from_preset("nano"), 8, 256, available=8 << 30)
