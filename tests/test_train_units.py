@@ -269,3 +269,18 @@ def test_config_that_cannot_fit_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot fit in memory"):
         check_fits_memory(GLM5Config.from_preset("glm5-744b"), 1, 1024, available=64 << 30)
     check_fits_memory(GLM5Config.from_preset("nano"), 8, 256, available=8 << 30)
+
+
+def test_sparse_as_mask_matches_the_gathered_sparse_path():
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8)).eval()
+    ids = torch.randint(0, 256, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        gathered = model(ids, attention_mask=mask).logits
+        for attn in losses.attention_modules(model):
+            attn.sparse_as_mask = True
+        masked = model(ids, attention_mask=mask).logits
+    diff = (gathered - masked)[mask.bool()].abs().max().item()
+    assert diff < 1e-5, f"max |masked - gathered| = {diff:.2e}"

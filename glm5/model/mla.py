@@ -12,6 +12,9 @@ Both agree within 1e-5 in fp32 (tests/test_model_parity.py).
 
 Two switches for DSA training (glm5/train), off by default so the normal forward is unchanged:
   dense_attention     attend to every earlier token, no top-k (MLA pretraining before DSA, the dense warm-up)
+  sparse_as_mask      run the sparse path's top-k attention as dense latent attention under a selection mask:
+                      the same math, and on a CPU far faster at training lengths (one matmul per batch instead
+                      of many tiny gathered ones); O(T^2) memory, so for short sequences only
   indexer_loss_mode   "dense" | "sparse": the forward also stores `indexer_kl`, the KL from the main attention's
                       head-summed distribution to the indexer's softmax (over all earlier tokens, or only over
                       the selected ones); the indexer sees a detached input, so it learns only from this loss
@@ -56,6 +59,7 @@ class MLAttention(nn.Module):
         self.indexer = Indexer(cfg) if has_indexer else None
         # DSA training switches (see the module docstring); the trainer sets them per stage
         self.dense_attention = False
+        self.sparse_as_mask = False
         self.indexer_loss_mode: str | None = None
         self.indexer_kl: torch.Tensor | None = None  # scalar, set by forward when indexer_loss_mode is on
 
@@ -126,10 +130,7 @@ class MLAttention(nn.Module):
         B, T = kv.shape[:2]
         allowed = causal_key_mask(q_positions, T, key_mask).expand(B, -1, -1)  # [B, S, T]
         if topk is not None:
-            # a -1 slot (nothing to select) scatters into a spare column that is then dropped
-            slots = torch.where(topk >= 0, topk, torch.full_like(topk, T))
-            selected = torch.zeros(B, topk.shape[1], T + 1, dtype=torch.bool, device=kv.device)
-            allowed = allowed & selected.scatter_(-1, slots, True)[..., :T]
+            allowed = allowed & selection_mask(topk, T)
         with torch.no_grad():
             w_uk, _ = self.absorbed_weights()
             q = torch.cat([torch.einsum("bthn,hnl->bthl", q_nope, w_uk), q_rope], dim=-1).float()  # [B, S, H, L+R]
@@ -169,15 +170,21 @@ class MLAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if topk is None:  # every earlier token is selected: plain causal attention over the latent
             out = self._dense_latent(q, kv, q_positions, key_mask, dropout_p)
+        elif self.sparse_as_mask:
+            out = self._dense_latent(q, kv, q_positions, key_mask, dropout_p, selected=selection_mask(topk, kv.shape[1]))
         else:
             out = sparse_latent_attention(q, kv, topk, q_positions, self.scale, self.latent_dim, dropout_p=dropout_p)
         return torch.einsum("bthl,hvl->bthv", out, w_uv)
 
-    def _dense_latent(self, q, kv, q_positions, key_mask, dropout_p: float = 0.0) -> torch.Tensor:
+    def _dense_latent(self, q, kv, q_positions, key_mask, dropout_p: float = 0.0, selected=None) -> torch.Tensor:
         B, S, H, D = q.shape
         T = kv.shape[1]
         k = kv.unsqueeze(1).expand(B, H, T, D)
         v = kv[..., : self.latent_dim].unsqueeze(1).expand(B, H, T, self.latent_dim)
+        if selected is not None:  # [B, S, T]: the top-k as a mask (sparse_as_mask)
+            mask = (causal_key_mask(q_positions, T, key_mask) & selected).unsqueeze(1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale, dropout_p=dropout_p)
+            return torch.nan_to_num(out, nan=0.0).transpose(1, 2)
         if key_mask is None and S == T:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scale, dropout_p=dropout_p)
         else:
@@ -185,3 +192,11 @@ class MLAttention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale, dropout_p=dropout_p)
             out = torch.nan_to_num(out, nan=0.0)
         return out.transpose(1, 2)  # [B, S, H, L]
+
+
+def selection_mask(topk: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """topk [B, S, k] key positions (-1 = empty slot) -> boolean [B, S, num_keys], True where selected."""
+    # a -1 slot scatters into a spare column that is then dropped
+    slots = torch.where(topk >= 0, topk, torch.full_like(topk, num_keys))
+    selected = torch.zeros(*topk.shape[:2], num_keys + 1, dtype=torch.bool, device=topk.device)
+    return selected.scatter_(-1, slots, True)[..., :num_keys]

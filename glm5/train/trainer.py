@@ -76,7 +76,7 @@ class TrainConfig:
             raise ValueError(f"dtype={self.dtype!r}: must be float32 or bfloat16")
 
 
-def configure_stage(model: nn.Module, stage: str) -> None:
+def configure_stage(model: nn.Module, stage: str, sparse_as_mask: bool = True) -> None:
     """Set the model's DSA switches, which parameters train, and routing capture for `stage`."""
     model = unwrap(model)
     for name, p in model.named_parameters():
@@ -89,6 +89,8 @@ def configure_stage(model: nn.Module, stage: str) -> None:
             p.requires_grad_(True)
     for attn in losses.attention_modules(model):
         attn.dense_attention = stage in ("pretrain", "dsa-warmup")
+        # the top-k as a mask over dense latent attention: same math, much faster on a CPU at training lengths
+        attn.sparse_as_mask = sparse_as_mask
         attn.indexer_loss_mode = {"pretrain": None, "dsa-warmup": "dense"}.get(stage, "sparse")
     for moe in losses.moe_modules(model):
         moe.record_routing = True
@@ -99,6 +101,7 @@ def release_stage(model: nn.Module) -> None:
     model = unwrap(model)
     for attn in losses.attention_modules(model):
         attn.dense_attention, attn.indexer_loss_mode, attn.indexer_kl = False, None, None
+        attn.sparse_as_mask = False
     for moe in losses.moe_modules(model):
         moe.record_routing, moe.last_routing = False, None
     for p in model.parameters():
