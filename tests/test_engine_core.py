@@ -206,3 +206,13 @@ def test_mtp_drafts_get_accepted_when_the_mtp_layer_predicts_well():
     out = llm.generate([[1, 2, 3]], greedy(13))[0]
     assert out.token_ids == [42] * 13
     assert llm.stats.mean_accept_length > 2.5, llm.stats
+
+
+def test_logits_processors_constrain_the_choice(model):
+    def only_even(output_ids, logits):
+        masked = torch.full_like(logits, float("-inf"))
+        masked[0::2] = logits[0::2]
+        return masked
+
+    out = LLM(model).generate([_prompts((5,))[0]], greedy(8, logits_processors=[only_even]))[0]
+    assert all(t % 2 == 0 for t in out.token_ids), out.token_ids

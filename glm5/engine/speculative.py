@@ -23,7 +23,7 @@ def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[int, list[in
     """logits [1 + k, V] at [last token, drafts...] -> (drafts accepted, tokens to append).
 
     The tokens are the accepted drafts followed by the main model's own choice after them (the bonus token)."""
-    targets = logits.argmax(dim=-1).tolist()
+    targets = logits.max(dim=-1).indices.tolist()
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
         accepted += 1
@@ -46,6 +46,8 @@ class MTPDrafter:
         """Run the MTP layer over this step's computed positions; set `draft_token_ids` on the sequences."""
         seqs, starts, counts, tokens, rows = [], [], [], [], []
         for i, seq in enumerate(batch.seqs):
+            if seq.finish_reason is not None:
+                continue  # leaving: neither its MTP cache nor drafts are needed
             start, stop = computed_before[i], seq.num_computed_tokens  # positions [start, stop) now cached
             n = stop - start
             if n <= 0:
@@ -75,7 +77,7 @@ class MTPDrafter:
             self.block_manager.allocate(seq, len(seq.token_ids) + 2 * self.k)
             seq.draft_token_ids = []
         for depth in range(self.k):
-            drafts = self.runner.logits(h).argmax(dim=-1).tolist()
+            drafts = self.runner.logits(h).max(dim=-1).indices.tolist()
             for seq, d in zip(chain, drafts):
                 seq.draft_token_ids.append(d)
             if depth + 1 == self.k:

@@ -1,0 +1,125 @@
+"""Decode speed and time to first token: the glm5 engine against transformers' `generate`, same weights.
+
+    .venv/bin/python bench/generate.py                      # tiny-bench config, prompt 128 + 128 new, batch 1 and 8
+    .venv/bin/python bench/generate.py --batch 1 --new 64 --reps 5
+
+Both run greedy in fp32 on the same GlmMoeDsaForCausalLM / GLM5ForCausalLM weights (transformers with sdpa
+attention and its default DynamicCache). Runs alternate (transformers, glm5, transformers, ...) so a busy
+machine slows both alike; medians are reported. Metrics, per batch size:
+  ttft_s          time to the first new token (the prefill), median
+  decode_tok_s    new tokens after the first / time after the first
+  e2e_tok_s       all new tokens / total time (what ../shared/reference/machine.md calls new tokens/s)
+Writes bench/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+
+def run_transformers(twin, prompts: torch.Tensor, new: int) -> tuple[float, float]:
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    t = time.perf_counter()
+    twin.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    out = twin.generate(prompts, max_new_tokens=new, min_new_tokens=new, **kwargs)
+    total = time.perf_counter() - t
+    assert out.shape[1] == prompts.shape[1] + new
+    return ttft, total
+
+
+def run_glm5(engine_factory, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    from glm5.engine import SamplingParams
+
+    engine = engine_factory()
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    t = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, params)
+    first = None
+    produced = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            produced += len(out.new_token_ids)
+        if first is None and produced >= len(prompts):
+            first = time.perf_counter() - t
+    total = time.perf_counter() - t
+    assert produced == new * len(prompts)
+    return first, total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny-bench", help="model config preset (random weights)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=128, help="new tokens per sequence")
+    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "generate.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from conftest import transformers_twin
+
+    from glm5 import GLM5Config, GLM5ForCausalLM
+    from glm5.engine import LLMEngine
+
+    torch.manual_seed(0)
+    cfg = GLM5Config.from_preset(args.preset)
+    model = GLM5ForCausalLM(cfg).eval()
+    twin = transformers_twin(model, "sdpa")
+    results = {"config": args.preset, "prompt_tokens": args.prompt, "new_tokens": args.new, "threads": args.threads,
+               "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "runs": {}}
+    for batch in args.batch:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+        ids = prompts.tolist()
+
+        def factory(batch=batch):
+            return LLMEngine(model, max_num_seqs=max(8, batch), max_num_batched_tokens=max(512, batch * args.prompt),
+                             kv_cache_tokens=batch * (args.prompt + args.new) + 256)
+
+        run_transformers(twin, prompts[:, :8], 2)  # warm-up both
+        run_glm5(factory, [p[:8] for p in ids], 2)
+        hf, ours = [], []
+        for _ in range(args.reps):
+            hf.append(run_transformers(twin, prompts, args.new))
+            ours.append(run_glm5(factory, ids, args.new))
+
+        def summary(runs, batch=batch):
+            ttft = statistics.median(r[0] for r in runs)
+            total = statistics.median(r[1] for r in runs)
+            decode = statistics.median(batch * (args.new - 1) / max(r[1] - r[0], 1e-9) for r in runs)
+            return {"ttft_s": ttft, "decode_tok_s": decode, "e2e_tok_s": batch * args.new / total, "total_s": total}
+
+        print("  runs (ttft, total): transformers", [tuple(round(x, 3) for x in r) for r in hf], "glm5", [tuple(round(x, 3) for x in r) for r in ours])
+        row = {"transformers": summary(hf), "glm5": summary(ours)}
+        row["speedup_decode"] = row["glm5"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
+        row["speedup_e2e"] = row["glm5"]["e2e_tok_s"] / row["transformers"]["e2e_tok_s"]
+        row["ttft_ratio"] = row["transformers"]["ttft_s"] / row["glm5"]["ttft_s"]
+        results["runs"][f"batch{batch}"] = row
+        print(f"batch {batch}: decode tok/s  transformers {row['transformers']['decode_tok_s']:8.1f}  "
+              f"glm5 {row['glm5']['decode_tok_s']:8.1f}  ({row['speedup_decode']:.2f}x)   "
+              f"e2e {row['transformers']['e2e_tok_s']:.1f} vs {row['glm5']['e2e_tok_s']:.1f} ({row['speedup_e2e']:.2f}x)   "
+              f"TTFT {row['transformers']['ttft_s'] * 1e3:.1f} ms vs {row['glm5']['ttft_s'] * 1e3:.1f} ms "
+              f"({row['ttft_ratio']:.2f}x)", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
