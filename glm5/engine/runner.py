@@ -4,11 +4,12 @@ The tokens of all scheduled sequences are packed into one row [N] for everything
 (embedding, projections, MoE); attention alone works per sequence, on a padded [S, Q] view of the queries:
 
     write    the step's latents (and indexer keys) go to their cache slots first, for every layer
-    gather   each sequence's context [S, T, 576] is read from its blocks with one index tensor (ctx_slots)
+    gather   cache rows are read through one index tensor per step (ctx_slots [S, T]: block tables resolved)
     dense    while no context exceeds index_topk, absorbed MQA over all visible latents (every token would
              be selected, so the indexer is skipped exactly, as in the model)
-    sparse   otherwise the indexer scores the cached indexer keys, each query keeps its top-k, and absorbed MQA
-             runs over those k gathered latents only; IndexShare layers reuse the previous layer's top-k
+    sparse   otherwise the indexer scores the cached indexer keys [S, T, 128], each query keeps its top-k, and
+             absorbed MQA runs over those k latents only, read straight from the cache (never all T of them);
+             IndexShare layers reuse the previous layer's top-k
 
 W_UK is folded into the query and W_UV into the output projection, so no per-head K or V is ever built.
 Few ops per layer matter more than FLOPs at small batch on a CPU, so `FusedMLA` precomputes, once, from the
@@ -286,8 +287,7 @@ class FusedMLA:
         decode = inputs.pad_index.shape[1] == 1
         q = q.unsqueeze(1) if decode else q[inputs.pad_index]  # [S, Q, H, D]
         S, Q, _, D = q.shape
-        context = latent_cache.index_select(0, inputs.ctx_slots.view(-1)).view(*inputs.ctx_slots.shape, -1)  # [S, T, L + R]
-        T = context.shape[1]
+        T = inputs.ctx_slots.shape[1]
         topk = None
         if inputs.sparse:
             if has_indexer:
@@ -311,13 +311,15 @@ class FusedMLA:
                 if topk is None:
                     raise ValueError("an IndexShare layer needs the previous layer's top-k")
             K = topk.shape[-1]
-            offsets = (torch.arange(S, device=q.device) * T).view(S, 1, 1)
-            gathered = context.reshape(S * T, D)[(topk.clamp(min=0) + offsets).reshape(-1)].view(S, Q, K, D)
+            # only the selected rows are read from the cache: [S, Q, K] positions -> slots -> latents
+            slots = inputs.ctx_slots.gather(1, topk.clamp(min=0).view(S, Q * K))
+            gathered = latent_cache.index_select(0, slots.view(-1)).view(S, Q, K, D)
             scores = torch.matmul(q, gathered.transpose(-1, -2)).float()  # [S, Q, H, K]
             scores.masked_fill_((topk < 0).unsqueeze(2), float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
             out = torch.matmul(probs, gathered[..., :L])  # [S, Q, H, L]
         else:
+            context = latent_cache.index_select(0, inputs.ctx_slots.view(-1)).view(S, T, D)  # every visible row
             scores = torch.bmm(q.reshape(S, Q * H, D), context.transpose(1, 2)).float()
             scores = scores.view(S, Q, H, T).masked_fill_(~inputs.visible.unsqueeze(2), float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(q.dtype)
