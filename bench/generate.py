@@ -69,9 +69,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "generate.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    from conftest import transformers_twin  # (sets 2 threads on import: set ours after it)
 
-    from conftest import transformers_twin
+    torch.set_num_threads(args.threads)
 
     from glm5 import GLM5Config, GLM5ForCausalLM
     from glm5.engine import LLMEngine
