@@ -311,13 +311,24 @@ class FusedMLA:
                 if topk is None:
                     raise ValueError("an IndexShare layer needs the previous layer's top-k")
             K = topk.shape[-1]
-            # only the selected rows are read from the cache: [S, Q, K] positions -> slots -> latents
-            slots = inputs.ctx_slots.gather(1, topk.clamp(min=0).view(S, Q * K))
-            gathered = latent_cache.index_select(0, slots.view(-1)).view(S, Q, K, D)
-            scores = torch.matmul(q, gathered.transpose(-1, -2)).float()  # [S, Q, H, K]
-            scores.masked_fill_((topk < 0).unsqueeze(2), float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            out = torch.matmul(probs, gathered[..., :L])  # [S, Q, H, L]
+            if T * D + Q * H * T < Q * K * D:
+                # short contexts with many queries (prefill): the top-k as a mask over all T latents reads
+                # less than gathering k rows per query; same softmax over the same keys
+                context = latent_cache.index_select(0, inputs.ctx_slots.view(-1)).view(S, T, D)
+                selected = torch.zeros(S, Q, T + 1, dtype=torch.bool, device=q.device)
+                selected.scatter_(-1, topk.masked_fill(topk < 0, T), True)  # empty slots land in column T
+                scores = torch.bmm(q.reshape(S, Q * H, D), context.transpose(1, 2)).float().view(S, Q, H, T)
+                scores.masked_fill_(~selected[..., :T].unsqueeze(2), float("-inf"))
+                probs = torch.softmax(scores, dim=-1).to(q.dtype)
+                out = torch.bmm(probs.view(S, Q * H, T), context[..., :L])  # [S, Q * H, L]
+            else:
+                # only the selected rows are read from the cache: [S, Q, K] positions -> slots -> latents
+                slots = inputs.ctx_slots.gather(1, topk.clamp(min=0).view(S, Q * K))
+                gathered = latent_cache.index_select(0, slots.view(-1)).view(S, Q, K, D)
+                scores = torch.matmul(q, gathered.transpose(-1, -2)).float()  # [S, Q, H, K]
+                scores.masked_fill_((topk < 0).unsqueeze(2), float("-inf"))
+                probs = torch.softmax(scores, dim=-1).to(q.dtype)
+                out = torch.matmul(probs, gathered[..., :L])  # [S, Q, H, L]
         else:
             context = latent_cache.index_select(0, inputs.ctx_slots.view(-1)).view(S, T, D)  # every visible row
             scores = torch.bmm(q.reshape(S, Q * H, D), context.transpose(1, 2)).float()
