@@ -154,7 +154,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1).transpose(1, 2)
         allowed = causal_key_mask(q_positions, T, key_mask)  # [B, T, T]
         if topk is not None:
-            selected = torch.zeros(B, T, T, dtype=torch.bool, device=q.device).scatter(-1, topk, True)
+            selected = selection_mask(topk, T)
             allowed = allowed & selected
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
