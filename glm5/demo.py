@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 # Share of the time budget each part may use at most (the step counts are sized to finish well inside it)
-BUDGET = {"pretrain": 0.45, "dsa-warmup": 0.07, "dsa-sparse": 0.13, "sft": 0.22}
+BUDGET = {"pretrain": 0.40, "dsa-warmup": 0.06, "dsa-sparse": 0.12, "sft": 0.27}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,13 +54,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"[demo {time.perf_counter() - started:6.1f}s] {message}", flush=True)
 
     # 1-2: corpus and tokenizer
-    corpus = build_demo_corpus(stdlib_bytes=args.stdlib_bytes, conversations=args.conversations, seed=args.seed)
+    corpus = build_demo_corpus(stdlib_bytes=args.stdlib_bytes, conversations=args.conversations, tasks=args.tasks,
+                               seed=args.seed)
     say(f"corpus: {corpus.summary()}")
     tokenizer = train_tokenizer(iter(corpus.train_texts), args.vocab_size)
     say(f"tokenizer: {tokenizer.vocab_size} ids trained")
     eos = tokenizer.special_token_id("<|endoftext|>")
     pretrain_rows = pack_documents(tokenizer.encode_batch(corpus.train_texts), args.seq_len, eos)
     heldout_rows = pack_documents(tokenizer.encode_batch(corpus.heldout_texts), args.seq_len, eos)
+    heldout_chat_rows = pack_documents(tokenizer.encode_batch(corpus.heldout_chats), args.seq_len, eos)
 
     def sft_rows(conversations):
         samples = (render_messages_with_mask(c["messages"], tokenizer, c.get("tools")) for c in conversations)
@@ -80,15 +82,16 @@ def run(args: argparse.Namespace) -> int:
         f"DSA top-{cfg.index_topk}, {cfg.num_nextn_predict_layers} MTP layer")
 
     budget_minutes = args.minutes
-    common = dict(batch_size=args.batch_size, seed=args.seed, log_every=1, dtype=args.dtype, optimizer=args.optimizer)
+    common = dict(batch_size=args.batch_size, seed=args.seed, log_every=1, dtype=args.dtype, optimizer=args.optimizer,
+                  adaptive_threads=not args.threads)
     plan = [
         ("pretrain", pretrain_rows, dict(steps=args.pretrain_steps, lr=args.lr, warmup=20)),
-        ("dsa-warmup", pretrain_rows, dict(steps=args.warmup_steps, lr=1e-3, warmup=5, optimizer="adamw")),
+        ("dsa-warmup", pretrain_rows, dict(steps=args.warmup_steps, lr=5e-3, warmup=5, optimizer="adamw")),
         ("dsa-sparse", pretrain_rows, dict(steps=args.sparse_steps, lr=args.lr / 3, warmup=5)),
         ("sft", sft_train, dict(steps=args.sft_steps, lr=args.lr / 3, warmup=5, batch_size=args.sft_batch_size)),
     ]
     summaries = {}
-    heldout_before = heldout_loss(model, heldout_rows)
+    heldout_before = heldout_loss(model, heldout_rows, max_rows=args.heldout_rows)
     for stage, rows, overrides in plan:
         if overrides["steps"] <= 0:
             continue
@@ -102,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
     release_stage(model)
 
     # 6: evaluation
-    final = {"held-out loss, text (before training)": f"{heldout_before:.3f}",
-             "held-out loss, text": f"{heldout_loss(model, heldout_rows):.3f}",
-             "held-out loss, SFT assistant tokens": f"{heldout_loss(model, sft_heldout):.3f}"}
+    final = {"held-out loss, stdlib text (before training)": f"{heldout_before:.3f}",
+             "held-out loss, stdlib text": f"{heldout_loss(model, heldout_rows, max_rows=args.heldout_rows):.3f}",
+             "held-out loss, rendered chats": f"{heldout_loss(model, heldout_chat_rows, max_rows=args.heldout_rows):.3f}",
+             "held-out loss, SFT assistant tokens": f"{heldout_loss(model, sft_heldout, max_rows=args.heldout_rows):.3f}"}
     tasks = tool_call_eval(model, tokenizer, [dict(t) for t in corpus.tasks], max_new_tokens=args.max_new_tokens)
     final["tool-call validity"] = f"{tasks['validity']:.2f} ({len(corpus.tasks)} held-out requests)"
     final["task accuracy (exact tool + arguments)"] = f"{tasks['accuracy']:.2f}"
@@ -156,22 +160,24 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="nano", help="model preset (default nano)")
     p.add_argument("--minutes", type=float, default=11.0,
                    help="time budget; each stage stops early past its share of it (default 11)")
-    p.add_argument("--pretrain-steps", type=int, default=200, help="pretraining steps (default 200)")
-    p.add_argument("--warmup-steps", type=int, default=40, help="DSA dense warm-up steps (default 40)")
-    p.add_argument("--sparse-steps", type=int, default=40, help="DSA sparse-stage steps (default 40)")
-    p.add_argument("--sft-steps", type=int, default=80, help="SFT steps (default 80)")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps (default 300)")
+    p.add_argument("--warmup-steps", type=int, default=50, help="DSA dense warm-up steps (default 50)")
+    p.add_argument("--sparse-steps", type=int, default=60, help="DSA sparse-stage steps (default 60)")
+    p.add_argument("--sft-steps", type=int, default=120, help="SFT steps (default 120)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per pretraining / DSA step (default 8)")
-    p.add_argument("--sft-batch-size", type=int, default=4, help="rows per SFT step (default 4)")
+    p.add_argument("--sft-batch-size", type=int, default=8, help="rows per SFT step (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per pretraining row (default 256)")
-    p.add_argument("--sft-seq-len", type=int, default=512, help="tokens per SFT row (default 512)")
+    p.add_argument("--sft-seq-len", type=int, default=384, help="tokens per SFT row; one chat with its tools block is 280-380 (default 384)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate of pretraining (default 3e-3)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="optimizer (default adamw)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size (default 4096)")
-    p.add_argument("--stdlib-bytes", type=int, default=1_500_000, help="bytes of Python stdlib text (default 1.5M)")
-    p.add_argument("--conversations", type=int, default=3000, help="synthetic chats in the pretraining corpus (default 3000)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation length in the eval (default 48)")
+    p.add_argument("--stdlib-bytes", type=int, default=2_500_000, help="bytes of Python stdlib text (default 2.5M)")
+    p.add_argument("--conversations", type=int, default=1500, help="synthetic chats in the pretraining corpus (default 1500)")
+    p.add_argument("--heldout-rows", type=int, default=48, help="rows of each held-out set scored (default 48)")
+    p.add_argument("--tasks", type=int, default=30, help="held-out tool-call requests in the eval (default 30)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="generation length in the eval (default 40)")
     p.add_argument("--sample-request", default="What is the weather in Lisbon?", help="the user turn of the sample chat")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, fixed (default: torch's choice, dropping to 1 while other processes load the CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=run)

@@ -284,3 +284,22 @@ def test_sparse_as_mask_matches_the_gathered_sparse_path():
         masked = model(ids, attention_mask=mask).logits
     diff = (gathered - masked)[mask.bool()].abs().max().item()
     assert diff < 1e-5, f"max |masked - gathered| = {diff:.2e}"
+
+
+def test_eval_scores_tool_calls_and_heldout_loss():
+    from glm5.tokenizer import default_tokenizer
+    from glm5.train.conversations import make_task
+    from glm5.train.evaluate import heldout_loss, tool_call_eval
+
+    tok = default_tokenizer()
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(vocab_size=tok.vocab_size, index_topk=16))
+    import random
+
+    tasks = [make_task(random.Random(i)) for i in range(2)]
+    result = tool_call_eval(model, tok, tasks, max_new_tokens=3)
+    assert 0 <= result["validity"] <= 1 and 0 <= result["accuracy"] <= result["validity"]
+    assert len(result["samples"]) == 2
+    rows = rows_of(4, 40, vocab=tok.vocab_size)
+    loss = heldout_loss(model, rows)
+    assert abs(loss - math.log(tok.vocab_size)) < 0.5, f"an untrained model's loss {loss:.3f} should be near ln(V)"

@@ -2,7 +2,8 @@
 
     from glm5.train.corpus import build_demo_corpus
     corpus = build_demo_corpus(stdlib_bytes=1_500_000, conversations=3000, seed=0)
-    corpus.train_texts, corpus.heldout_texts          # pretraining documents (stdlib files, rendered chats)
+    corpus.train_texts                                # pretraining documents (stdlib files, rendered chats)
+    corpus.heldout_texts, corpus.heldout_chats        # held out: stdlib files, rendered chats
     corpus.sft_train, corpus.sft_heldout              # conversations ({"messages", "tools"}) for SFT
     corpus.tasks                                      # eval prompts with the one right tool call each
 
@@ -25,6 +26,7 @@ from glm5.train.conversations import make_conversation, make_task
 class DemoCorpus:
     train_texts: list[str]
     heldout_texts: list[str]
+    heldout_chats: list[str]
     sft_train: list[dict]
     sft_heldout: list[dict]
     tasks: list[dict]
@@ -39,10 +41,25 @@ def render_conversation(conversation: dict) -> str:
     return render_messages(conversation["messages"], conversation.get("tools"), add_generation_prompt=False)
 
 
+def split_text(text: str, size: int = 4000) -> list[str]:
+    """Pieces of about `size` characters, cut at blank lines where there are any."""
+    pieces, current = [], ""
+    for block in text.split("\n\n"):
+        if current and len(current) + len(block) > size:
+            pieces.append(current)
+            current = ""
+        current = current + "\n\n" + block if current else block
+    if current:
+        pieces.append(current)
+    return pieces
+
+
 def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, sft_conversations: int = 2000,
                       tasks: int = 40, heldout_fraction: float = 0.03, seed: int = 0) -> DemoCorpus:
     rng = random.Random(seed)
-    stdlib = [t for t in default_corpus(stdlib_bytes) if t.strip()]
+    # files differ wildly in size (pydoc's topics alone is ~0.7 MB): cut them into ~4 KB pieces at blank lines
+    # so the held-out share is a share of the text, not of the files
+    stdlib = [piece for text in default_corpus(stdlib_bytes) for piece in split_text(text) if piece.strip()]
     rng.shuffle(stdlib)
     n_heldout = max(1, int(len(stdlib) * heldout_fraction))
     chats = [render_conversation(make_conversation(rng, "train")) for _ in range(conversations)]
@@ -51,7 +68,8 @@ def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, 
     rng.shuffle(train_texts)
     return DemoCorpus(
         train_texts=train_texts,
-        heldout_texts=stdlib[:n_heldout] + heldout_chats,
+        heldout_texts=stdlib[:n_heldout],
+        heldout_chats=heldout_chats,
         sft_train=[make_conversation(rng, "train") for _ in range(sft_conversations)],
         sft_heldout=[make_conversation(rng, "eval") for _ in range(max(8, sft_conversations // 20))],
         tasks=[make_task(rng, "eval") for _ in range(tasks)],

@@ -121,7 +121,7 @@ def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
 def stage_table(records: list[dict]) -> list[dict]:
     rows = []
     for stage, recs in _by_stage(records).items():
-        k = max(1, min(5, len(recs) // 5))  # smooth the ends over a few steps: single steps are noisy
+        k = max(1, min(10, len(recs) // 4))  # smooth the ends over a few steps: single steps are noisy
         first = sum(r["loss"] for r in recs[:k]) / k
         last = sum(r["loss"] for r in recs[-k:]) / k
         speed = sorted(r.get("tokens_per_s", 0) for r in recs)

@@ -64,6 +64,7 @@ class TrainConfig:
     parallel: str = "none"
     max_minutes: float = 0.0  # stop early once the stage has run this long (0: no limit)
     progress: bool = True
+    adaptive_threads: bool = False  # ThreadGovernor: one thread while other processes load the CPU
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -106,6 +107,40 @@ def release_stage(model: nn.Module) -> None:
         moe.record_routing, moe.last_routing = False, None
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+class ThreadGovernor:
+    """Use one CPU thread instead of all while that is faster: when another busy process shares the cores.
+
+    torch's CPU threads meet at a barrier after every op; with a third busy process on two cores, one of ours
+    is often descheduled while the other spins waiting, and a step was measured 10-20x slower (dev/LOG.md).
+    One thread has no barrier. So every `probe_every` steps one step runs with the other thread count and
+    the faster one is kept. Changing the thread count can change float rounding, so this is off where a run
+    must be reproducible (the default) and on in `glm5 demo`."""
+
+    def __init__(self, probe_every: int = 15):
+        self.full = torch.get_num_threads()
+        self.choice = self.full
+        self.probe_every = probe_every
+        self.last: dict[int, float] = {}
+        self.steps = 0
+        self.probing = False
+
+    def after_step(self, seconds: float) -> None:
+        self.steps += 1
+        threads = torch.get_num_threads()
+        if self.steps > 1:  # the first step of a stage pays one-off costs
+            self.last[threads] = seconds
+        if self.probing:
+            self.probing = False
+            self.choice = min(self.last, key=self.last.get)
+            torch.set_num_threads(self.choice)
+        elif self.steps >= 2 and (self.steps - 2) % self.probe_every == 0:
+            torch.set_num_threads(1 if self.choice != 1 else self.full)
+            self.probing = True
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.full)
 
 
 class Trainer:
@@ -272,6 +307,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, unit="step", dynamic_ncols=True)
+        governor = ThreadGovernor() if cfg.adaptive_threads and torch.get_num_threads() > 1 else None
         started = time.perf_counter()
         first = last = None
         stopped_early = False
@@ -281,6 +317,9 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             record["tokens_per_s"] = tokens_per_step / elapsed
             record["step_time_s"] = elapsed
+            record["threads"] = torch.get_num_threads()
+            if governor is not None:
+                governor.after_step(elapsed)
             record["tokens"] = self.step * tokens_per_step
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"{cfg.stage} step {self.step}: loss is {record['loss']}")
@@ -302,6 +341,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if governor is not None:
+            governor.restore()
         self.save()
         return {"stage": cfg.stage, "steps": self.step, "first": first, "last": last, "stopped_early": stopped_early,
                 "seconds": time.perf_counter() - started}
