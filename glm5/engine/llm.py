@@ -28,7 +28,7 @@ from glm5.engine.runner import ModelRunner
 from glm5.engine.sampler import Sampler
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import SamplingParams, Sequence, SequenceStatus, TokenLogprob
-from glm5.engine.speculative import MTPDrafter, verify_greedy
+from glm5.engine.speculative import MTPDrafter, accept_drafts
 from glm5.model.transformer import GLM5ForCausalLM
 
 
@@ -215,10 +215,14 @@ class LLMEngine:
                     new_logprobs[id(seq)].append(logprob)
                 if not batch.is_prefill:
                     self.stats.decode_tokens += 1
+        if verify:  # one lm_head and one max over every verified row of the batch
+            flat_rows = [r for _, seq_rows in verify for r in seq_rows]
+            targets = self.runner.logits(hidden[torch.tensor(flat_rows, device=hidden.device)]).max(-1).indices.tolist()
+        offset = 0
         for seq, seq_rows in verify:
-            logits = self.runner.logits(hidden[torch.tensor(seq_rows, device=hidden.device)])
             drafts = seq.draft_token_ids
-            accepted, tokens = verify_greedy(logits, drafts)
+            accepted, tokens = accept_drafts(targets[offset : offset + len(seq_rows)], drafts)
+            offset += len(seq_rows)
             seq.draft_token_ids = []
             seq.num_drafted += len(drafts)
             seq.num_accepted += accepted

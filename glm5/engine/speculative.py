@@ -23,7 +23,11 @@ def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[int, list[in
     """logits [1 + k, V] at [last token, drafts...] -> (drafts accepted, tokens to append).
 
     The tokens are the accepted drafts followed by the main model's own choice after them (the bonus token)."""
-    targets = logits.max(dim=-1).indices.tolist()
+    return accept_drafts(logits.max(dim=-1).indices.tolist(), drafts)
+
+
+def accept_drafts(targets: list[int], drafts: list[int]) -> tuple[int, list[int]]:
+    """The same on the main model's greedy choices at [last token, drafts...] (1 + k of them)."""
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
         accepted += 1
