@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     summaries = {}
     heldout_before = heldout_loss(model, heldout_rows, max_rows=args.heldout_rows)
+    heldout_by_stage = {"start": {name: heldout_loss(model, held, max_rows=args.heldout_rows) for name, held in
+                                  (("stdlib", heldout_rows), ("chats", heldout_chat_rows), ("sft", sft_heldout))}}
     for stage, rows, overrides in plan:
         if overrides["steps"] <= 0:
             continue
@@ -100,8 +102,14 @@ def run(args: argparse.Namespace) -> int:
         summary = Trainer(model, rows, config, run_dir).run()
         summaries[stage] = summary
         note = " (stopped early: time budget)" if summary["stopped_early"] else ""
+        # batch losses are noisy (a batch of chats scores far lower than one of stdlib code): held-out sets
+        # scored after every stage show what each stage did
+        after = {name: heldout_loss(model, held, max_rows=args.heldout_rows) for name, held in
+                 (("stdlib", heldout_rows), ("chats", heldout_chat_rows), ("sft", sft_heldout))}
+        heldout_by_stage[stage] = after
         say(f"{stage}: loss {summary['first']['loss']:.3f} -> {summary['last']['loss']:.3f} in {summary['steps']} steps, "
-            f"{summary['seconds']:.0f}s{note}")
+            f"{summary['seconds']:.0f}s{note}; held-out loss after it: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in after.items()))
     release_stage(model)
 
     # 6: evaluation
@@ -139,11 +147,11 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     final["wall time"] = f"{wall / 60:.1f} min"
     report = write_report(run_dir, {
-        "name": name, "final": final, "sample_chat": sample_chat, "eval_samples": tasks["samples"],
+        "name": name, "final": final, "heldout_by_stage": heldout_by_stage, "sample_chat": sample_chat, "eval_samples": tasks["samples"],
         "description": f"`glm5 demo`: {args.preset} preset, {model.num_parameters() / 1e6:.2f}M parameters, "
                        f"tokenizer {tokenizer.vocab_size} ids; corpus: {corpus.summary()}.",
     })
-    (run_dir / "summary.json").write_text(json.dumps({"final": final, "stages": stage_table(
+    (run_dir / "summary.json").write_text(json.dumps({"final": final, "heldout_by_stage": heldout_by_stage, "stages": stage_table(
         [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])}, indent=2) + "\n")
     print("\n" + "=" * 72 + "\nSample chat (greedy, the trained model):\n" + sample_chat + "\n" + "=" * 72)
     print(f"model:   {model_dir}  (GLM5ForCausalLM.from_pretrained / Tokenizer.from_file)")

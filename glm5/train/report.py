@@ -150,6 +150,14 @@ def write_report(run_dir: str | Path, summary: dict) -> Path:
                      f"{row['imbalance_end']:.2f} | {row['tokens_per_s_median']:.0f} |")
     lines += ["", "The dsa-warmup loss is the indexer KL (summed over layers); the others are the LM loss "
               "(SFT: on assistant tokens only).", ""]
+    if summary.get("heldout_by_stage"):
+        names = list(next(iter(summary["heldout_by_stage"].values())))
+        lines += ["## Held-out loss after each stage", "", "| after | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for stage, values in summary["heldout_by_stage"].items():
+            lines.append(f"| {stage} | " + " | ".join(f"{values[n]:.3f}" for n in names) + " |")
+        lines += ["", "stdlib: held-out Python text; chats: held-out rendered conversations (all tokens); "
+                  "sft: held-out conversations, assistant tokens only.", ""]
     if summary.get("final"):
         lines += ["## Final", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in summary["final"].items()]
