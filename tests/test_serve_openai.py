@@ -102,6 +102,10 @@ def test_streamed_tool_call_and_required_choice(client):
     required = client.chat.completions.create(model=MODEL, messages=user(), tools=TOOLS[:1], tool_choice="required",
                                               max_tokens=6)
     assert required.choices[0].message.tool_calls[0].function.name == "get_weather"
+    for seed in range(3):  # several tools: the model picks one, held to the tool names
+        picked = client.chat.completions.create(model=MODEL, messages=user(), tools=TOOLS, tool_choice="required",
+                                                max_tokens=8, seed=seed, temperature=1.0)
+        assert picked.choices[0].message.tool_calls[0].function.name in ("get_weather", "get_time")
 
 
 def test_sampling_parameters_seed_n_stop_logprobs_and_json(client):

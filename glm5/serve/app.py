@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart, render_messages
 from glm5.engine.sequence import SamplingParams
 from glm5.serve.async_engine import AsyncEngine, EngineError
-from glm5.serve.json_mode import JSONPrefixProcessor
+from glm5.serve.json_mode import JSONPrefixProcessor, ToolNameProcessor
 from glm5.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -261,7 +261,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             raise APIError(422, f"messages cannot be rendered: {err}", param="messages", code="invalid_messages") from None
         # tool_choice required / named: the assistant turn is made to open with a tool call
         forced = ""
-        forced_name = None
+        forced_name, name_choices = None, None
         if isinstance(choice_mode, NamedToolChoice):
             forced_name = choice_mode.function.name
         elif choice_mode == "required" and len(tools) == 1:
@@ -271,7 +271,10 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             schema = next(t["function"].get("parameters") or {} for t in tools if t["function"]["name"] == forced_name)
             forced = f"<tool_call>{forced_name}" + ("<arg_key>" if schema.get("properties") else "</tool_call>")
         elif choice_mode == "required":
-            forced = "<tool_call>"  # several tools: the model writes the name
+            forced = "<tool_call>"  # several tools: the model picks the name, held to one of them
+            name_choices = {t["function"]["name"]: tokenizer.special_token_id(
+                "<arg_key>" if (t["function"].get("parameters") or {}).get("properties") else "</tool_call>")
+                for t in tools}
         if forced and thinking:
             forced = "</think>" + forced
         prompt_ids = encode_prompt(prompt + forced)
@@ -281,7 +284,9 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         created, completion_id = now(), new_id("chatcmpl")
         choices = []
         for i in range(req.n):
-            processors = [JSONPrefixProcessor(tokenizer, hidden_ids)] if json_mode else None
+            processors = [JSONPrefixProcessor(tokenizer, hidden_ids)] if json_mode else []
+            if name_choices:
+                processors.append(ToolNameProcessor(tokenizer, name_choices))
             params = sampling_params(req, len(prompt_ids), i, logprobs, processors)
             text = ChoiceText(tokenizer, parse_tools, thinking and not forced and not json_mode, req.stop, hidden_ids,
                               forced=forced.removeprefix("</think>") if forced else "")

@@ -4,6 +4,8 @@ A logits processor (the engine calls it with the ids generated so far and the ne
 candidates from the most likely down and keeps those whose text leaves the output a valid prefix of compact
 JSON (no whitespace outside strings, so a model cannot pad forever); once the object is complete only the
 end-of-text token remains. The check is a small character-level JSON state machine, advanced incrementally.
+`json_schema` is served the same way: the output is a JSON object, the schema itself is not enforced.
+`ToolNameProcessor` does the same for tool_choice "required" with several tools: the name must be one of them.
 """
 
 from __future__ import annotations
@@ -129,6 +131,39 @@ class JSONPrefixProcessor:
                     break
         if not allowed:
             return logits  # nothing fits (should not happen with a byte-level vocabulary): leave it be
+        index = torch.tensor(allowed, device=logits.device)
+        masked[index] = logits[index]
+        return masked
+
+
+class ToolNameProcessor:
+    """Holds the output to one of the tool names, then that tool's closing tag (a special token), then steps aside.
+
+    Used for tool_choice "required" with several tools: after the forced `<tool_call>`, the model picks the
+    tool. `names` maps each name to the id of the tag that must follow it (`<arg_key>`, or `</tool_call>`
+    for a tool without parameters)."""
+
+    def __init__(self, tokenizer, names: dict[str, int]) -> None:
+        self.tokenizer = tokenizer
+        self.names = names
+        self.tags = set(names.values())
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if any(t in self.tags for t in output_ids):
+            return logits  # the name is complete
+        text = self.tokenizer.decode(output_ids)
+        allowed = [tag for name, tag in self.names.items() if name == text]
+        for token_id in torch.argsort(logits, descending=True).tolist():
+            piece = self._texts.get(token_id)
+            if piece is None:
+                piece = self._texts[token_id] = self.tokenizer.decode([token_id])
+            if piece and token_id not in self.tags and any(
+                    n.startswith(text + piece) for n in self.names):
+                allowed.append(token_id)
+        if not allowed:
+            return logits
+        masked = torch.full_like(logits, float("-inf"))
         index = torch.tensor(allowed, device=logits.device)
         masked[index] = logits[index]
         return masked
