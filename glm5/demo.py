@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from glm5.train.trainer import TrainConfig, Trainer, release_stage
 
     started = time.perf_counter()
+    threads = torch.get_num_threads()
+    # Evaluation runs on one thread: it is short, and one thread cannot be stalled at a barrier by another
+    # busy process the way several are (see ThreadGovernor in glm5/train/trainer.py)
+    eval_threads = args.threads or 1
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir = Path(args.out) / name
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -91,9 +95,16 @@ def run(args: argparse.Namespace) -> int:
         ("sft", sft_train, dict(steps=args.sft_steps, lr=args.lr / 3, warmup=5, batch_size=args.sft_batch_size)),
     ]
     summaries = {}
-    heldout_before = heldout_loss(model, heldout_rows, max_rows=args.heldout_rows)
-    heldout_by_stage = {"start": {name: heldout_loss(model, held, max_rows=args.heldout_rows) for name, held in
+    def scored(fn, *fn_args, **fn_kwargs):
+        torch.set_num_threads(eval_threads)
+        try:
+            return fn(*fn_args, **fn_kwargs)
+        finally:
+            torch.set_num_threads(args.threads or threads)
+
+    heldout_by_stage = {"start": {name: scored(heldout_loss, model, held, max_rows=args.heldout_rows) for name, held in
                                   (("stdlib", heldout_rows), ("chats", heldout_chat_rows), ("sft", sft_heldout))}}
+    heldout_before = heldout_by_stage["start"]["stdlib"]
     for stage, rows, overrides in plan:
         if overrides["steps"] <= 0:
             continue
@@ -104,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         note = " (stopped early: time budget)" if summary["stopped_early"] else ""
         # batch losses are noisy (a batch of chats scores far lower than one of stdlib code): held-out sets
         # scored after every stage show what each stage did
-        after = {name: heldout_loss(model, held, max_rows=args.heldout_rows) for name, held in
+        after = {name: scored(heldout_loss, model, held, max_rows=args.heldout_rows) for name, held in
                  (("stdlib", heldout_rows), ("chats", heldout_chat_rows), ("sft", sft_heldout))}
         heldout_by_stage[stage] = after
         say(f"{stage}: loss {summary['first']['loss']:.3f} -> {summary['last']['loss']:.3f} in {summary['steps']} steps, "
@@ -114,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
 
     # 6: evaluation
     final = {"held-out loss, stdlib text (before training)": f"{heldout_before:.3f}",
-             "held-out loss, stdlib text": f"{heldout_loss(model, heldout_rows, max_rows=args.heldout_rows):.3f}",
-             "held-out loss, rendered chats": f"{heldout_loss(model, heldout_chat_rows, max_rows=args.heldout_rows):.3f}",
-             "held-out loss, SFT assistant tokens": f"{heldout_loss(model, sft_heldout, max_rows=args.heldout_rows):.3f}"}
-    tasks = tool_call_eval(model, tokenizer, [dict(t) for t in corpus.tasks], max_new_tokens=args.max_new_tokens)
+             "held-out loss, stdlib text": f"{scored(heldout_loss, model, heldout_rows, max_rows=args.heldout_rows):.3f}",
+             "held-out loss, rendered chats": f"{scored(heldout_loss, model, heldout_chat_rows, max_rows=args.heldout_rows):.3f}",
+             "held-out loss, SFT assistant tokens": f"{scored(heldout_loss, model, sft_heldout, max_rows=args.heldout_rows):.3f}"}
+    tasks = scored(tool_call_eval, model, tokenizer, [dict(t) for t in corpus.tasks], max_new_tokens=args.max_new_tokens)
     final["tool-call validity"] = f"{tasks['validity']:.2f} ({len(corpus.tasks)} held-out requests)"
     final["task accuracy (exact tool + arguments)"] = f"{tasks['accuracy']:.2f}"
     say("eval: " + ", ".join(f"{k} {v}" for k, v in final.items()))
@@ -128,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer.save(model_dir)
     messages = [{"role": "user", "content": args.sample_request}]
     sample_lines = [f"user: {args.sample_request}"]
+    torch.set_num_threads(eval_threads)
     reply = generate(model, tokenizer, [render_messages(messages, TOOLS)], max_new_tokens=args.max_new_tokens)[0]
     parsed = parse_output(reply, TOOLS)
     sample_lines.append(f"assistant (raw): {reply}")
