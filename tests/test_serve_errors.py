@@ -178,3 +178,14 @@ def test_glm5_serve_preset_nano_from_the_command_line():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_speculating_server_reports_the_accept_length():
+    with running_server(["--preset", "nano", "--speculative-tokens", "2"]) as (base, _):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=12, temperature=0)
+        assert reply.usage.completion_tokens == 12
+        metrics = httpx.get(base + "/metrics").text
+        line = next(x for x in metrics.splitlines() if x.startswith("glm5_spec_decode_mean_accept_length"))
+        assert float(line.split()[-1]) >= 1.0

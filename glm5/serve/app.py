@@ -69,6 +69,8 @@ class Metrics:
         self.running = Gauge("glm5_num_requests_running", "sequences in the running batch", registry=r)
         self.waiting = Gauge("glm5_num_requests_waiting", "sequences waiting", registry=r)
         self.cache_usage = Gauge("glm5_kv_cache_usage", "fraction of KV cache blocks in use", registry=r)
+        self.accept_length = Gauge("glm5_spec_decode_mean_accept_length",
+                                   "MTP speculation: tokens per verifying step (1 + accepted drafts)", registry=r)
         self.step_seconds = Histogram("glm5_engine_step_seconds", "engine step time", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 
@@ -105,6 +107,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         bm = llm.block_manager
         metrics.cache_usage.set(1 - bm.num_free_blocks / bm.num_blocks)
         metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in outputs))
+        if llm.drafter is not None:
+            metrics.accept_length.set(llm.stats.mean_accept_length)
 
     engine.on_step = on_step
 
