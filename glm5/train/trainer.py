@@ -115,7 +115,7 @@ class ThreadGovernor:
     torch's CPU threads meet at a barrier after every op; with a third busy process on two cores, one of ours
     is often descheduled while the other spins waiting, and a step was measured 10-20x slower (dev/LOG.md).
     One thread has no barrier. So every `probe_every` steps one step runs with the other thread count and
-    the faster one is kept. Changing the thread count can change float rounding, so this is off where a run
+    the faster one is kept; a step 2.5x slower than the other count's last one switches at once. Changing the thread count can change float rounding, so this is off where a run
     must be reproducible (the default) and on in `glm5 demo`."""
 
     def __init__(self, probe_every: int = 15):
@@ -131,10 +131,14 @@ class ThreadGovernor:
         threads = torch.get_num_threads()
         if self.steps > 1:  # the first step of a stage pays one-off costs
             self.last[threads] = seconds
+        other = 1 if threads != 1 else self.full
         if self.probing:
             self.probing = False
             self.choice = min(self.last, key=self.last.get)
             torch.set_num_threads(self.choice)
+        elif self.steps > 1 and other in self.last and seconds > 2.5 * self.last[other]:
+            self.choice = other  # the load changed since the last probe: switch now, not at the next probe
+            torch.set_num_threads(other)
         elif self.steps >= 2 and (self.steps - 2) % self.probe_every == 0:
             torch.set_num_threads(1 if self.choice != 1 else self.full)
             self.probing = True
