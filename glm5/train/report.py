@@ -48,9 +48,12 @@ def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(8, 4))
     offset = 0
     for stage, recs in stages.items():
-        key = "loss"
-        ax.plot([offset + r["step"] for r in recs], [r[key] for r in recs],
-                label=f"{stage} ({'indexer KL' if stage == 'dsa-warmup' else 'LM loss'})")
+        steps, values = [offset + r["step"] for r in recs], [r["loss"] for r in recs]
+        line, = ax.plot(steps, values, alpha=0.3)
+        # batches mix easy chats and hard code, so single steps are noisy: a 10-step mean on top
+        smooth = [sum(values[max(0, i - 9) : i + 1]) / len(values[max(0, i - 9) : i + 1]) for i in range(len(values))]
+        ax.plot(steps, smooth, color=line.get_color(),
+                label=f"{stage} ({'indexer KL' if stage == 'dsa-warmup' else 'LM loss'}; 10-step mean)")
         offset += recs[-1]["step"]
     ax.set_xlabel("step (stages in sequence)")
     ax.set_ylabel("loss")
