@@ -64,9 +64,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = train_tokenizer(iter(corpus.train_texts), args.vocab_size)
     say(f"tokenizer: {tokenizer.vocab_size} ids trained")
     eos = tokenizer.special_token_id("<|endoftext|>")
-    pretrain_rows = pack_documents(tokenizer.encode_batch(corpus.train_texts), args.seq_len, eos)
+    # allow_special: the rendered chats must carry <|assistant|>, <tool_call>... as their special ids, exactly as
+    # SFT and generation see them (encoded as plain text, pretraining taught SFT nothing: its loss began at 7.5).
+    # The stdlib text holds none of those strings.
+    pretrain_rows = pack_documents(tokenizer.encode_batch(corpus.train_texts, allow_special=True), args.seq_len, eos)
     heldout_rows = pack_documents(tokenizer.encode_batch(corpus.heldout_texts), args.seq_len, eos)
-    heldout_chat_rows = pack_documents(tokenizer.encode_batch(corpus.heldout_chats), args.seq_len, eos)
+    heldout_chat_rows = pack_documents(tokenizer.encode_batch(corpus.heldout_chats, allow_special=True), args.seq_len, eos)
 
     def sft_rows(conversations):
         samples = (render_messages_with_mask(c["messages"], tokenizer, c.get("tools")) for c in conversations)
@@ -184,9 +187,9 @@ def register(subparsers) -> None:
     p.add_argument("--warmup-steps", type=int, default=50, help="DSA dense warm-up steps (default 50)")
     p.add_argument("--sparse-steps", type=int, default=60, help="DSA sparse-stage steps (default 60)")
     p.add_argument("--sft-steps", type=int, default=120, help="SFT steps (default 120)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per pretraining / DSA step (default 8)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per pretraining / DSA step (default 4)")
     p.add_argument("--sft-batch-size", type=int, default=8, help="rows per SFT step (default 8)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per pretraining row (default 256)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per pretraining row; a whole chat (280-380) fits, so SFT meets no unseen positions (default 512)")
     p.add_argument("--sft-seq-len", type=int, default=384, help="tokens per SFT row; one chat with its tools block is 280-380 (default 384)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate of pretraining (default 3e-3)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="optimizer (default adamw)")
