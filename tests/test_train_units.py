@@ -125,6 +125,13 @@ def test_parquet_loader(tmp_path):
     assert load_documents(tmp_path / "d.parquet") == ["alpha", "beta"]
 
 
+def test_hugging_face_dataset_saved_to_disk_loads(tmp_path):
+    datasets = pytest.importorskip("datasets")
+
+    datasets.Dataset.from_dict({"text": ["gamma", "delta", "epsilon"]}).save_to_disk(str(tmp_path / "hf"))
+    assert load_documents(tmp_path / "hf") == ["gamma", "delta", "epsilon"]
+
+
 # ---- MoE balancing --------------------------------------------------------------------------------------
 def test_router_bias_moves_toward_underloaded_experts():
     model = GLM5ForCausalLM(tiny_config())
