@@ -22,7 +22,7 @@ import time
 import torch
 
 
-def byte_corpus(n_bytes: int) -> torch.Tensor:
+def stdlib_bytes(n_bytes: int) -> bytes:
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     data = bytearray()
     for path in files:
@@ -30,7 +30,11 @@ def byte_corpus(n_bytes: int) -> torch.Tensor:
             data += fh.read()
         if len(data) >= n_bytes:
             break
-    return torch.tensor(list(data[:n_bytes]), dtype=torch.long)
+    return bytes(data[:n_bytes])
+
+
+def byte_corpus(n_bytes: int) -> torch.Tensor:
+    return torch.tensor(list(stdlib_bytes(n_bytes)), dtype=torch.long)
 
 
 @torch.no_grad()
@@ -56,7 +60,13 @@ def main() -> None:
     tokens = byte_corpus(600_000)
     train, held_out = tokens[:-65_536], tokens[-65_536:]
     if args.checkpoint:
+        # a trained checkpoint (e.g. runs/<name>/model from `make demo`): score text with its own tokenizer
+        from glm5.tokenizer import Tokenizer
+
         model = GLM5ForCausalLM.from_pretrained(args.checkpoint)
+        tokenizer = Tokenizer.from_pretrained(args.checkpoint)
+        held_out = torch.tensor(tokenizer.encode(stdlib_bytes(600_000)[-200_000:].decode("utf-8", "replace")))
+        print(f"checkpoint {args.checkpoint}: {len(held_out):,} held-out tokens of stdlib text")
     else:
         model = GLM5ForCausalLM(GLM5Config.from_preset("nano"))
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -76,7 +86,7 @@ def main() -> None:
     dequant = perplexity(fp8, held_out, args.seq)
     set_fp8_compute(fp8, "fp8")
     real = perplexity(fp8, held_out, args.seq)
-    print(f"held-out perplexity ({len(held_out):,} bytes): fp32 {base:.4f} | FP8 weights {dequant:.4f} "
+    print(f"held-out perplexity ({len(held_out):,} tokens): fp32 {base:.4f} | FP8 weights {dequant:.4f} "
           f"({dequant / base - 1:+.3%}) | FP8 weights + FP8 matmuls {real:.4f} ({real / base - 1:+.3%})")
 
 
