@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from results_io import write_results  # bench/ is on sys.path when a bench runs
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -153,10 +155,7 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "rows": rows, "summary": summary, "growth": growth,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"[bench] wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

@@ -15,7 +15,6 @@ Writes bench/results/generate.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import sys
 import time
 
 import torch
+from results_io import write_results  # bench/ is on sys.path when a bench runs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -114,10 +114,7 @@ def main() -> int:
               f"e2e {row['transformers']['e2e_tok_s']:.1f} vs {row['glm5']['e2e_tok_s']:.1f} ({row['speedup_e2e']:.2f}x)   "
               f"TTFT {row['transformers']['ttft_s'] * 1e3:.1f} ms vs {row['glm5']['ttft_s'] * 1e3:.1f} ms "
               f"({row['ttft_ratio']:.2f}x)", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
 import time
+
+from results_io import write_results  # bench/ is on sys.path when a bench runs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -97,10 +98,7 @@ def main() -> int:
         argv = ["--preset", args.model, "--threads", str(args.threads), "--max-num-seqs", str(max(args.clients))]
         with running_server(argv) as (base, _):
             rows = asyncio.run(run_all(base + "/v1"))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"model": args.model, "url": args.url or "in-process", "rows": rows}, fh, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, {"model": args.model, "url": args.url or "in-process", "rows": rows})
     return 0
 
 

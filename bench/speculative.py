@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import statistics
 import sys
 import time
 
 import torch
+from results_io import write_results  # bench/ is on sys.path when a bench runs
 
 MESSAGES = [
     [{"role": "user", "content": "What is the weather in Paris?"}],
@@ -95,10 +95,7 @@ def main() -> int:
             print(f"  k={k}: {row['tok_s']:7.1f} tok/s  speed-up {row['speedup']:.2f}x  accept length "
                   f"{row['mean_accept_length']:.2f}  drafts accepted {row['draft_acceptance']:.0%}  "
                   f"identical {row['identical_to_greedy']}", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -16,7 +16,6 @@ It is a benchmark: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenizers  # noqa: E402
+from results_io import write_results  # bench/ is on sys.path when a bench runs
 
 from glm5.chat import StreamingParser, parse_output  # noqa: E402
 from glm5.tokenizer import _load_or_build_default, default_corpus, default_tokenizer  # noqa: E402
@@ -157,10 +157,7 @@ def main() -> int:
         "default_build_seconds": build_seconds, "default_cached_load_seconds": cached_seconds,
         "tokenizer": rows, "parser": parser_rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, result)
     return 0
 
 

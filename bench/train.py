@@ -16,13 +16,14 @@ Writes bench/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from results_io import write_results  # bench/ is on sys.path when a bench runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -125,10 +126,7 @@ def main() -> int:
     best = results["runs"]["glm5/bfloat16"]["tokens_per_s"] / results["runs"]["transformers/float32"]["tokens_per_s"]
     results["speedup_best_glm5_vs_transformers_fp32"] = best
     print(f"glm5 best (bf16) vs transformers fp32 (the machine.md baseline): {best:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -96,28 +96,22 @@ def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
         ax.legend()
         save(fig, "indexer_kl.png", "Indexer KL")
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    offset = 0
-    for stage, recs in stages.items():
-        if stage != "dsa-warmup":
-            ax.plot([offset + r["step"] for r in recs], [r.get("mtp_acc", 0) for r in recs], label=stage)
-        offset += recs[-1]["step"]
-    ax.set_xlabel("step (stages in sequence)")
-    ax.set_ylabel("top-1 accuracy of token t+2")
-    ax.set_title("MTP accuracy")
-    ax.legend()
-    save(fig, "mtp_accuracy.png", "MTP accuracy")
+    def plot_across_stages(key, ylabel, title, name, skip=()):
+        # one global step axis: the stages follow each other
+        fig, ax = plt.subplots(figsize=(8, 4))
+        offset = 0
+        for stage, recs in stages.items():
+            if stage not in skip:
+                ax.plot([offset + r["step"] for r in recs], [r.get(key, 0) for r in recs], label=stage)
+            offset += recs[-1]["step"]
+        ax.set_xlabel("step (stages in sequence)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        save(fig, name, title)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    offset = 0
-    for stage, recs in stages.items():
-        ax.plot([offset + r["step"] for r in recs], [r.get("tokens_per_s", 0) for r in recs], label=stage)
-        offset += recs[-1]["step"]
-    ax.set_xlabel("step (stages in sequence)")
-    ax.set_ylabel("tokens / s")
-    ax.set_title("Training throughput")
-    ax.legend()
-    save(fig, "throughput.png", "Throughput")
+    plot_across_stages("mtp_acc", "top-1 accuracy of token t+2", "MTP accuracy", "mtp_accuracy.png", skip=("dsa-warmup",))
+    plot_across_stages("tokens_per_s", "tokens / s", "Training throughput", "throughput.png")
     return written
 
 
