@@ -68,7 +68,11 @@ class Sampler:
                 continue
             probs = processed_probs(logits[i], seq)
             # exponential race: argmax(p / E), E ~ Exp(1), is a draw from p; drawn from the sequence's generator
-            noise = torch.empty_like(probs).exponential_(generator=seq.generator)
+            if seq.generator is not None:
+                # a seeded request draws on the CPU: the same seed gives the same text on any device
+                noise = torch.empty(probs.shape).exponential_(generator=seq.generator).to(probs.device)
+            else:
+                noise = torch.empty_like(probs).exponential_()
             tokens[i] = int((probs / noise).argmax())
         return tokens, self.logprobs(raw, seqs, tokens)
 
