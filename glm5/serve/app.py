@@ -90,6 +90,36 @@ class Choice:
     task: asyncio.Task | None = None
 
 
+async def drain(updates: asyncio.Queue, runners: int = 1):
+    """The engine's updates applied to their choices until all `runners` (see run_choices) are done.
+
+    Yields (choice, out, pushed, first, done): `pushed` is what the choice's text returned for the new tokens
+    (a str, or parser events for chat), `first` marks the choice's first tokens, `done` its last update (the
+    engine finished, or a stop string ended it: then its request is aborted). An engine failure comes through
+    as (choice, exception, None, False, False). A choice whose finish_reason is set is skipped: the consumer
+    sets it when `done`.
+    """
+    while runners:
+        item = await updates.get()
+        if item is None:
+            runners -= 1
+            continue
+        choice, out = item
+        if isinstance(out, Exception):
+            yield choice, out, None, False, False
+            continue
+        if choice.finish_reason is not None:
+            continue  # ended early by a stop string
+        pushed = choice.text.push(out.new_token_ids, out.finished)
+        done = out.finished or choice.text.stopped
+        if done and not out.finished:
+            choice.task.cancel()
+        first = not choice.tokens
+        choice.tokens.extend(out.new_token_ids)
+        choice.logprobs.extend(out.new_logprobs)
+        yield choice, out, pushed, first, done
+
+
 def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (started by the caller) with `tokenizer` for the text side."""
     cfg = config or ServerConfig()
@@ -346,25 +376,15 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
                     for c in choices:
                         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])
-                    while True:
-                        item = await updates.get()
-                        if item is None:
-                            break
-                        choice, out = item
+                    async for choice, out, events, _, done in drain(updates):
                         if isinstance(out, Exception):
                             body = APIError(500 if isinstance(out, EngineError) else 400, str(out),
                                             "server_error" if isinstance(out, EngineError) else "invalid_request_error").body()
                             yield f"data: {json.dumps(body)}\n\n"
                             continue
-                        if choice.finish_reason is not None:
-                            continue  # ended early by a stop string
                         if first:
                             metrics.ttft.observe(time.perf_counter() - start)
                             first = False
-                        events = choice.text.push(out.new_token_ids, out.finished)
-                        done = out.finished or choice.text.stream.stopped
-                        if done and not out.finished:
-                            choice.task.cancel()
                         lp = {"content": chat_logprobs(choice, out.new_logprobs)} if logprobs is not None else None
                         pieces = deltas(choice, events)
                         for j, delta in enumerate(pieces):
@@ -372,7 +392,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
                                           "logprobs": lp if j == 0 else None, "finish_reason": None}])
                         if lp and not pieces:
                             yield chunk([{"index": choice.index, "delta": {}, "logprobs": lp, "finish_reason": None}])
-                        if done and choice.finish_reason is None:
+                        if done:
                             choice.finish_reason = finish_reason(choice, out)
                             prompt_tokens, cached = out.num_prompt_tokens, out.num_cached_tokens
                             completion_tokens += out.num_output_tokens
@@ -392,24 +412,16 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         runner = asyncio.create_task(run_choices(choices, prompt_ids, updates))
         completion_tokens, cached, first = 0, 0, True
         try:
-            while (item := await updates.get()) is not None:
-                choice, out = item
+            async for choice, out, _, _, done in drain(updates):
                 if isinstance(out, EngineError):
                     raise APIError(500, str(out), "server_error")
                 if isinstance(out, Exception):
                     raise APIError(400, str(out))
-                if choice.finish_reason is not None:
-                    continue
                 if first:
                     metrics.ttft.observe(time.perf_counter() - start)
                     first = False
-                choice.text.push(out.new_token_ids, out.finished)
-                done = out.finished or choice.text.stream.stopped
-                if done and not out.finished:
-                    choice.task.cancel()
-                choice.logprobs.extend(out.new_logprobs)
-                if done and choice.finish_reason is None:
-                    choice.finish_reason = "stop" if choice.text.stream.stopped else out.finish_reason
+                if done:
+                    choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
                     completion_tokens += out.num_output_tokens
                     cached = out.num_cached_tokens
         finally:
@@ -472,7 +484,6 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
 
         updates: asyncio.Queue = asyncio.Queue()
         runners = [asyncio.create_task(run_choices(group, ids, updates)) for ids, group in groups]
-        pending = len(runners)
 
         def echo_text(choice: Choice) -> str:
             for ids, group in groups:
@@ -484,30 +495,17 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             async def sse():
-                nonlocal pending
                 total_prompt = sum(len(ids) * req.n for ids, _ in groups)
                 completion_tokens = 0
                 try:
-                    while pending:
-                        item = await updates.get()
-                        if item is None:
-                            pending -= 1
-                            continue
-                        choice, out = item
+                    async for choice, out, piece, first_tokens, done in drain(updates, len(runners)):
                         if isinstance(out, Exception):
                             yield f"data: {json.dumps(APIError(500, str(out), 'server_error').body())}\n\n"
                             continue
-                        if choice.finish_reason is not None:
-                            continue
-                        piece = choice.text.push(out.new_token_ids, out.finished)
-                        done = out.finished or choice.text.stopped
-                        if done and not out.finished:
-                            choice.task.cancel()
-                        if req.echo and not choice.tokens:
+                        if req.echo and first_tokens:
                             piece = echo_text(choice) + piece
-                        choice.tokens.extend(out.new_token_ids)
                         reason = None
-                        if done and choice.finish_reason is None:
+                        if done:
                             reason = choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
                             completion_tokens += out.num_output_tokens
                         if piece or reason:
@@ -530,23 +528,10 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         try:
-            while pending:
-                item = await updates.get()
-                if item is None:
-                    pending -= 1
-                    continue
-                choice, out = item
+            async for choice, out, _, _, done in drain(updates, len(runners)):
                 if isinstance(out, Exception):
                     raise APIError(500 if isinstance(out, EngineError) else 400, str(out))
-                if choice.finish_reason is not None:
-                    continue
-                choice.text.push(out.new_token_ids, out.finished)
-                done = out.finished or choice.text.stopped
-                if done and not out.finished:
-                    choice.task.cancel()
-                choice.tokens.extend(out.new_token_ids)
-                choice.logprobs.extend(out.new_logprobs)
-                if done and choice.finish_reason is None:
+                if done:
                     choice.finish_reason = "stop" if choice.text.stopped else out.finish_reason
         finally:
             for r in runners:

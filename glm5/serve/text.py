@@ -75,6 +75,11 @@ class ChoiceText:
         self.parser = StreamingParser(tools, thinking=thinking)
         self.forced = forced
 
+    @property
+    def stopped(self) -> bool:
+        """A stop string ended the text (as TextStream.stopped)."""
+        return self.stream.stopped
+
     def push(self, ids: list[int], finished: bool) -> list:
         piece = self.stream.push(ids, finished)
         if self.forced:
