@@ -84,14 +84,16 @@ class Experts(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
         else:
+            # split / unbind rather than slicing and indexing: their backward is one cat / stack, where each
+            # slice's or index's backward would allocate and zero a full-size gradient (per expert)
             pieces = []
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n == 0:
+            counts_list = counts.tolist()
+            gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            for e, chunk in enumerate(xs.split(counts_list)):
+                if counts_list[e] == 0:
                     continue
-                gate, up = F.linear(xs[start : start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                pieces.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-                start += n
+                gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
+                pieces.append(F.linear(F.silu(gate) * up, down[e]))
             ys = torch.cat(pieces, dim=0)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # fp32 weights, as transformers multiplies
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
