@@ -4,7 +4,8 @@
     .venv/bin/python bench/train.py --repeats 7 --threads 2
 
 One step = forward + backward + AdamW update on the next-token loss (no MTP: transformers has none), same
-random weights in both (ours copied into transformers), the `tiny-bench` preset (the tiny config of
+random weights in both (ours copied into transformers; ours with DSA's top-k applied as a mask over the latent
+attention, as glm5.train trains it: `MLAttention.sparse_as_mask`), the `tiny-bench` preset (the tiny config of
 ../shared/reference/machine.md; DSA top-64, so at 512 tokens each query attends to 64 keys). The two sides
 alternate step by step so machine load hits both alike; medians of --repeats timed steps after a warm-up.
 MFU is against the matmul peak measured in this same run (2048^3 torch.matmul, median), per dtype:
@@ -71,6 +72,8 @@ def main() -> int:
     torch.manual_seed(0)
     cfg = GLM5Config.from_preset("tiny-bench")
     ours = GLM5ForCausalLM(cfg)
+    for layer in ours.model.layers:  # our training step as glm5.train runs it: DSA's top-k applied as a mask
+        layer.self_attn.sparse_as_mask = True
     theirs = GlmMoeDsaForCausalLM(to_transformers_config(cfg, "sdpa"))
     missing, unexpected = theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mtp.")}, strict=False)
     assert not missing and not unexpected, (missing, unexpected)

@@ -59,3 +59,20 @@ def test_bad_mask_is_a_clear_error():
     q, kv, allowed, L = make_case("causal")
     with pytest.raises(ValueError, match="bool"):
         masked_latent_attention(q, kv, allowed.float(), 0.3, L)
+
+
+def test_bf16_autocast_close_to_fp32():
+    q, kv, allowed, L = make_case("topk")
+    q, kv = q.float().requires_grad_(), kv.float().requires_grad_()
+    ref = masked_latent_attention(q, kv, allowed, 0.3, L)
+    ref.sum().backward()
+    ref_grads = q.grad.clone(), kv.grad.clone()
+    q.grad = kv.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = masked_latent_attention(q, kv, allowed, 0.3, L)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert (out.float() - ref).abs().max() < 0.05
+    for ours, theirs in zip((q.grad, kv.grad), ref_grads):
+        assert ours.dtype == torch.float32
+        assert (ours - theirs).abs().max() / theirs.abs().max() < 0.05

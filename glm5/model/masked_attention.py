@@ -38,6 +38,7 @@ class _MaskedLatentAttention(torch.autograd.Function):
     def forward(ctx, q, kv, allowed, scale: float, latent_dim: int, block: int):
         B, S, H, D = q.shape
         out = q.new_zeros(B, S, H, latent_dim)
+        acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax: fp32, or fp64 for fp64 inputs
         probs, spans = [], []
         for start, end, key_end in _blocks(allowed, block):
             spans.append((start, end, key_end))
@@ -46,7 +47,8 @@ class _MaskedLatentAttention(torch.autograd.Function):
                 continue
             n = end - start
             keys = kv[:, :key_end]
-            s = torch.bmm(q[:, start:end].reshape(B, n * H, D), keys.transpose(1, 2)).mul_(scale)
+            # scores and softmax in fp32 whatever the matmul dtype (a no-op in fp32)
+            s = torch.bmm(q[:, start:end].reshape(B, n * H, D), keys.transpose(1, 2)).to(acc).mul_(scale)
             s = s.view(B, n, H, key_end)
             block_mask = allowed[:, start:end, :key_end]
             s.masked_fill_(~block_mask.unsqueeze(2), float("-inf"))
@@ -54,7 +56,7 @@ class _MaskedLatentAttention(torch.autograd.Function):
             empty = ~block_mask.any(dim=-1)  # [B, n]
             if bool(empty.any()):
                 p.masked_fill_(empty[:, :, None, None], 0.0)
-            p = p.view(B, n * H, key_end)
+            p = p.view(B, n * H, key_end).to(q.dtype)
             out[:, start:end] = torch.bmm(p, keys[..., :latent_dim]).view(B, n, H, latent_dim)
             probs.append(p)
         ctx.save_for_backward(q, kv, out, *[p for p in probs if p is not None])
@@ -69,7 +71,9 @@ class _MaskedLatentAttention(torch.autograd.Function):
         L = ctx.latent_dim
         grad_out = grad_out.contiguous()
         grad_q, grad_kv = torch.zeros_like(q), torch.zeros_like(kv)
-        delta = (grad_out * out).sum(dim=-1)  # [B, S, H]: rowsum(dO * O) = rowsum(dP * P)
+        grad_out = grad_out.to(q.dtype)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        delta = (grad_out.to(acc) * out.to(acc)).sum(dim=-1)  # [B, S, H]: rowsum(dO * O) = rowsum(dP * P)
         saved_iter = iter(saved)
         for (start, end, key_end), has_p in zip(ctx.spans, ctx.has_probs):
             if not has_p:
@@ -79,8 +83,8 @@ class _MaskedLatentAttention(torch.autograd.Function):
             keys = kv[:, :key_end]
             d_o = grad_out[:, start:end].reshape(B, n * H, L)
             grad_kv[:, :key_end, :L] += torch.bmm(p.transpose(1, 2), d_o)
-            d_s = torch.bmm(d_o, keys[..., :L].transpose(1, 2))  # dP
-            d_s.sub_(delta[:, start:end].reshape(B, n * H, 1)).mul_(p).mul_(ctx.scale)
+            d_s = torch.bmm(d_o, keys[..., :L].transpose(1, 2)).to(acc)  # dP
+            d_s = d_s.sub_(delta[:, start:end].reshape(B, n * H, 1)).mul_(p).mul_(ctx.scale).to(q.dtype)
             grad_q[:, start:end] = torch.bmm(d_s, keys).view(B, n, H, D)
             grad_kv[:, :key_end] += torch.bmm(d_s.transpose(1, 2), q[:, start:end].reshape(B, n * H, D))
         return grad_q, grad_kv, None, None, None, None
@@ -93,4 +97,9 @@ def masked_latent_attention(
     if allowed.dtype != torch.bool or allowed.shape != (q.shape[0], q.shape[1], kv.shape[1]):
         raise ValueError(f"allowed must be a bool [B, S, T] = {(q.shape[0], q.shape[1], kv.shape[1])}, got "
                          f"{allowed.dtype} {tuple(allowed.shape)}")
-    return _MaskedLatentAttention.apply(q.contiguous(), kv.contiguous(), allowed, scale, latent_dim, block)
+    device = q.device.type
+    # under autocast run in its dtype, with autocast off inside (the backward must see the forward's dtypes)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(q.dtype, kv.dtype)
+    with torch.autocast(device, enabled=False):
+        return _MaskedLatentAttention.apply(q.to(dtype).contiguous(), kv.to(dtype).contiguous(), allowed, scale,
+                                            latent_dim, block)

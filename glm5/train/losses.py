@@ -21,8 +21,10 @@ IGNORE_INDEX = -100
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies (position t predicts labels[t + 1]) in fp32, and how many targets."""
-    targets = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+    # shift the labels, not the logits: slicing [B, T, V] logits would copy them, and the slice's backward
+    # would zero-fill a second full-size gradient
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
 
