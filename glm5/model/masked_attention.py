@@ -24,7 +24,7 @@ QUERY_BLOCK = 128
 
 def _blocks(allowed: torch.Tensor, block: int):
     """Yield (start, end, key_end) per query block: key_end = 1 + the last key column any row may see."""
-    S, T = allowed.shape[1], allowed.shape[2]
+    S = allowed.shape[1]
     seen = allowed.any(dim=0)  # [S, T]
     for start in range(0, S, block):
         end = min(start + block, S)
