@@ -64,11 +64,13 @@ def main() -> int:
     from transformers import GlmMoeDsaForCausalLM
 
     from glm5.checkpoint import to_transformers_config
+    from glm5.common import keep_freed_memory
     from glm5.config import GLM5Config
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.train.losses import lm_loss_sum
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the same allocator setting for both sides (see glm5.common)
     torch.manual_seed(0)
     cfg = GLM5Config.from_preset("tiny-bench")
     ours = GLM5ForCausalLM(cfg)

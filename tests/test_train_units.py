@@ -310,3 +310,12 @@ def test_eval_scores_tool_calls_and_heldout_loss():
     rows = rows_of(4, 40, vocab=tok.vocab_size)
     loss = heldout_loss(model, rows)
     assert abs(loss - math.log(tok.vocab_size)) < 0.5, f"an untrained model's loss {loss:.3f} should be near ln(V)"
+
+
+def test_keep_freed_memory_on_glibc():
+    import platform
+
+    from glm5.common import keep_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected

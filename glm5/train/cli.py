@@ -74,13 +74,14 @@ def _rows(args, tokenizer):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from glm5.common import print0
+    from glm5.common import keep_freed_memory, print0
     from glm5.train.parallel import init_distributed, is_distributed
     from glm5.train.resources import check_fits_memory
     from glm5.train.trainer import TrainConfig, Trainer, release_stage
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # big per-step tensors would otherwise page-fault every step
     rank, world_size = init_distributed()
     _check_inputs(args)
     tokenizer = _load_tokenizer(args)
