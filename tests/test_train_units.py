@@ -319,3 +319,47 @@ def test_keep_freed_memory_on_glibc():
 
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_indexer_kl_matches_a_per_query_reference(sparse):
+    """MLAttention._indexer_kl = mean over queries of KL(p || softmax(I)), p = per-head attention probabilities
+    summed and renormalized, computed here one query and one head at a time; its gradient reaches the indexer."""
+    torch.manual_seed(0)
+    cfg = tiny_config(index_topk=6)
+    attn = GLM5ForCausalLM(cfg).model.layers[0].self_attn
+    B, T, H = 2, 12, cfg.num_attention_heads
+    x = torch.randn(B, T, cfg.hidden_size)
+    cos, sin = GLM5ForCausalLM(cfg).model.rotary_emb(torch.arange(T).unsqueeze(0), x.dtype)
+    positions = torch.arange(T).unsqueeze(0)
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    key_mask[1, :3] = False  # left padding: row 1's first 3 queries see nothing
+    q_nope, q_rope, q_resid = attn.project_q(x, cos, sin)
+    kv = attn.project_latent(x, cos, sin)
+    q_idx, w_idx = attn.indexer.queries(x, q_resid, cos, sin)
+    k_idx = attn.indexer.keys(x, cos, sin)
+    topk = torch.stack([torch.stack([torch.randperm(T)[:6] for _ in range(T)]) for _ in range(B)]) if sparse else None
+    kl = attn._indexer_kl(q_idx, w_idx, k_idx, q_nope, q_rope, kv, topk, positions, key_mask)
+
+    w_uk, _ = attn.absorbed_weights()
+    index_scores = attn.indexer.scores(q_idx, w_idx, k_idx)
+    total, count = 0.0, 0
+    for b in range(B):
+        for s in range(T):
+            keys = [t for t in range(T) if t <= s and key_mask[b, t] and (topk is None or t in topk[b, s].tolist())]
+            if not keys:
+                continue
+            keys = torch.tensor(keys)
+            p = torch.zeros(len(keys))
+            for h in range(H):
+                qh = torch.cat([q_nope[b, s, h] @ w_uk[h], q_rope[b, s, h]])
+                p += torch.softmax((kv[b, keys] @ qh) * attn.scale, dim=0).detach()
+            p = p / p.sum()
+            log_q = torch.log_softmax(index_scores[b, s, keys], dim=0)
+            total = total + (p * (p.log() - log_q)).sum()
+            count += 1
+    reference = total / count
+    assert torch.allclose(kl, reference, atol=1e-5), (float(kl), float(reference))
+    (grad,) = torch.autograd.grad(kl, attn.indexer.wk.weight, retain_graph=True)
+    (ref_grad,) = torch.autograd.grad(reference, attn.indexer.wk.weight)
+    assert torch.allclose(grad, ref_grad, atol=1e-6) and grad.abs().sum() > 0

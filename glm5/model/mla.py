@@ -133,19 +133,24 @@ class MLAttention(nn.Module):
         L1-normalized (no gradient), I the indexer's scores (gradient to the indexer only). With `topk` both are
         restricted to each query's selected keys (the sparse stage). O(T^2): for training lengths only."""
         B, T = kv.shape[:2]
+        S, H = q_nope.shape[1], self.num_heads
         allowed = causal_key_mask(q_positions, T, key_mask).expand(B, -1, -1)  # [B, S, T]
         if topk is not None:
             allowed = allowed & selection_mask(topk, T)
         with torch.no_grad():
+            # the main attention in MQA form over the latent (every head reads the same kv): one matmul, no
+            # per-head copy; masked with a finite minimum so that a row with no allowed key gives no NaN (it
+            # is zeroed after the head sum, a 4x smaller tensor than the per-head probabilities)
             w_uk, _ = self.absorbed_weights()
             q = torch.cat([torch.einsum("bthn,hnl->bthl", q_nope, w_uk), q_rope], dim=-1).float()  # [B, S, H, L+R]
-            scores = torch.einsum("bshd,btd->bhst", q, kv.float()) * self.scale
-            scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-            target = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0).sum(dim=1)  # [B, S, T]
+            scores = torch.bmm(q.reshape(B, S * H, -1), kv.float().transpose(1, 2)).mul_(self.scale).view(B, S, H, T)
+            scores.masked_fill_(~allowed.unsqueeze(2), torch.finfo(scores.dtype).min)
+            target = torch.softmax(scores, dim=-1).sum(dim=2).masked_fill_(~allowed, 0.0)  # [B, S, T]
             target = target / target.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            entropy = torch.special.xlogy(target, target).sum(dim=-1)  # sum p log p, [B, S]
         index_scores = self.indexer.scores(q_idx, w_idx, k_idx).masked_fill(~allowed, float("-inf"))
         log_q = torch.log_softmax(index_scores, dim=-1).masked_fill(~allowed, 0.0)
-        kl = (target * (target.clamp_min(1e-12).log() - log_q)).sum(dim=-1)  # [B, S]
+        kl = entropy - (target * log_q).sum(dim=-1)  # [B, S]
         valid = allowed.any(dim=-1)
         return (kl * valid).sum() / valid.sum().clamp_min(1)
 
