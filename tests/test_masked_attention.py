@@ -33,12 +33,15 @@ def make_case(kind: str, seed: int = 0):
 
 @pytest.mark.parametrize("kind", ["causal", "topk", "padding", "chunk"])
 @pytest.mark.parametrize("block", [7, 128])
-def test_forward_and_gradients_match_sdpa(kind, block):
+@pytest.mark.parametrize("bounded", [False, True])
+def test_forward_and_gradients_match_sdpa(kind, block, bounded):
     q, kv, allowed, L = make_case(kind)
+    T, S = kv.shape[1], q.shape[1]
+    key_ends = torch.arange(T - S, T) + 1 if bounded else None  # each query's position + 1
     weights = torch.randn(q.shape[0], q.shape[1], q.shape[2], L, dtype=torch.float64)
     grads = []
     for fn in (lambda a, b: sdpa_reference(a, b, allowed, 0.3, L),
-               lambda a, b: masked_latent_attention(a, b, allowed, 0.3, L, block=block)):
+               lambda a, b: masked_latent_attention(a, b, allowed, 0.3, L, block=block, key_ends=key_ends)):
         a, b = q.clone().requires_grad_(), kv.clone().requires_grad_()
         out = fn(a, b)
         (out * weights).sum().backward()

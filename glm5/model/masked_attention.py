@@ -22,9 +22,16 @@ import torch
 QUERY_BLOCK = 128
 
 
-def _blocks(allowed: torch.Tensor, block: int):
-    """Yield (start, end, key_end) per query block: key_end = 1 + the last key column any row may see."""
-    S = allowed.shape[1]
+def _blocks(allowed: torch.Tensor, block: int, key_ends: torch.Tensor | None = None):
+    """Yield (start, end, key_end) per query block: key_end = 1 + the last key column any row may see (or, from
+    `key_ends` [S], an upper bound on it per query, e.g. its position + 1, which saves a pass over the mask)."""
+    S, T = allowed.shape[1], allowed.shape[2]
+    if key_ends is not None:
+        bounds = key_ends.clamp(0, T).tolist()
+        for start in range(0, S, block):
+            end = min(start + block, S)
+            yield start, end, max(bounds[start:end])
+        return
     seen = allowed.any(dim=0)  # [S, T]
     for start in range(0, S, block):
         end = min(start + block, S)
@@ -35,12 +42,12 @@ def _blocks(allowed: torch.Tensor, block: int):
 
 class _MaskedLatentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, allowed, scale: float, latent_dim: int, block: int):
+    def forward(ctx, q, kv, allowed, scale: float, latent_dim: int, block: int, key_ends):
         B, S, H, D = q.shape
         out = q.new_zeros(B, S, H, latent_dim)
         acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax: fp32, or fp64 for fp64 inputs
         probs, spans = [], []
-        for start, end, key_end in _blocks(allowed, block):
+        for start, end, key_end in _blocks(allowed, block, key_ends):
             spans.append((start, end, key_end))
             if key_end == 0:
                 probs.append(None)
@@ -87,13 +94,16 @@ class _MaskedLatentAttention(torch.autograd.Function):
             d_s = d_s.sub_(delta[:, start:end].reshape(B, n * H, 1)).mul_(p).mul_(ctx.scale).to(q.dtype)
             grad_q[:, start:end] = torch.bmm(d_s, keys).view(B, n, H, D)
             grad_kv[:, :key_end] += torch.bmm(d_s.transpose(1, 2), q[:, start:end].reshape(B, n * H, D))
-        return grad_q, grad_kv, None, None, None, None
+        return grad_q, grad_kv, None, None, None, None, None
 
 
 def masked_latent_attention(
-    q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, scale: float, latent_dim: int, block: int = QUERY_BLOCK
+    q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, scale: float, latent_dim: int, block: int = QUERY_BLOCK,
+    key_ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, S, H, D], kv [B, T, D] (values are kv[..., :latent_dim]), allowed [B, S, T] bool -> [B, S, H, latent_dim]."""
+    """q [B, S, H, D], kv [B, T, D] (values are kv[..., :latent_dim]), allowed [B, S, T] bool -> [B, S, H, latent_dim].
+
+    key_ends [S] (optional): per query, an upper bound on 1 + its last allowed key (its position + 1 when causal)."""
     if allowed.dtype != torch.bool or allowed.shape != (q.shape[0], q.shape[1], kv.shape[1]):
         raise ValueError(f"allowed must be a bool [B, S, T] = {(q.shape[0], q.shape[1], kv.shape[1])}, got "
                          f"{allowed.dtype} {tuple(allowed.shape)}")
@@ -102,4 +112,4 @@ def masked_latent_attention(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(q.dtype, kv.dtype)
     with torch.autocast(device, enabled=False):
         return _MaskedLatentAttention.apply(q.to(dtype).contiguous(), kv.to(dtype).contiguous(), allowed, scale,
-                                            latent_dim, block)
+                                            latent_dim, block, key_ends)

@@ -195,7 +195,8 @@ class MLAttention(nn.Module):
             allowed = causal_key_mask(q_positions, T, key_mask).expand(B, S, T)
             if selected is not None:
                 allowed = allowed & selected
-            return masked_latent_attention(q, kv, allowed, self.scale, self.latent_dim)
+            key_ends = q_positions.reshape(-1, S).amax(dim=0) + 1  # causal: no key beyond a query's position
+            return masked_latent_attention(q, kv, allowed, self.scale, self.latent_dim, key_ends=key_ends)
         k = kv.unsqueeze(1).expand(B, H, T, D)
         v = kv[..., : self.latent_dim].unsqueeze(1).expand(B, H, T, self.latent_dim)
         if selected is not None:  # [B, S, T]: the top-k as a mask (sparse_as_mask)
