@@ -137,8 +137,8 @@ def select_topk_blockwise(
         if key_mask is None:
             # keys before the block's first position are visible to all its queries: mask only the rest
             first = min(kv_end, int(pos.min().item()) + 1)
-            visible = causal_key_mask(pos, kv_end)[:, :, first:]
-            scores[:, :, first:].masked_fill_(~visible, float("-inf"))
+            later = torch.arange(first, kv_end, device=pos.device)  # only these keys can be in some query's future
+            scores[:, :, first:].masked_fill_(later.view(1, 1, -1) > pos.unsqueeze(-1), float("-inf"))
         else:
             scores = scores.masked_fill(~causal_key_mask(pos, kv_end, key_mask[:, :kv_end]), float("-inf"))
         n = min(topk, kv_end)
