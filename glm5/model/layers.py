@@ -98,7 +98,8 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    # unbind, not strided slices: its backward is one stack, a slice's would zero-fill a full-size gradient
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
