@@ -390,7 +390,7 @@ def test_training_chats_draw_wide_values_and_eval_requests_stay_held_out():
         args = t["expected"]["arguments"]
         assert args.get("city", "Oslo") in CITIES and args.get("country", "France") in CAPITALS
         assert all(v <= 99 for k, v in args.items() if k in ("a", "b"))
-    corpus = build_demo_corpus(stdlib_bytes=60_000, conversations=30, sft_conversations=20, tasks=5)
+    corpus = build_demo_corpus(stdlib_bytes=100_000, conversations=30, sft_conversations=20, tasks=5)
     assert sorted(corpus.train_texts) == sorted(corpus.train_code + corpus.train_chats)
     rendered_train = "".join(corpus.train_texts)
     assert not any(t["messages"][0]["content"] in rendered_train for t in corpus.tasks)
