@@ -1,4 +1,4 @@
-"""`make demo`: the CPU speedrun. From nothing to a tool-calling GLM-5 nano in about ten minutes on 2 cores.
+"""`make demo`: the CPU speedrun. From nothing to a tool-calling GLM-5 nano in about twelve minutes on 2 cores.
 
     glm5 demo                                    # everything below, no arguments, no network
     glm5 demo --name mine --minutes 6            # a shorter budget (steps shrink to fit)
@@ -6,9 +6,13 @@
 
 1. corpus: Python's own docs and sources + synthetic multi-turn tool-use chats in GLM-5's format
 2. tokenizer: byte-level BPE (4096 ids, GLM-5 specials) trained on that corpus
-3. pretrain the nano preset (MoE + MLA + MTP, dense attention) on packed 256-token rows
-4. DSA dense warm-up (only the indexers train, KL to the main attention), then sparse training (top-k)
+3. pretrain the nano preset (MoE + MLA + MTP, dense attention) on packed 512-token rows, every batch the
+   same mix of code rows and chat rows
+4. DSA dense warm-up (only the indexers train, KL to the main attention), then sparse training (top-k), which
+   continues pretraining's optimizer state and learning-rate schedule
 5. SFT on chats, loss on the assistant's tokens only
+   Each stage scores fixed held-out probe rows before its first and after its last step, under its own
+   attention: summary.json "stages" (probe_start / probe_end) and the report's stage table
 6. evaluate: held-out loss, tool-call format validity and task accuracy on held-out requests
 7. write runs/<name>/: model/ (safetensors + config.json + tokenizer, loadable by the engine and server),
    metrics.jsonl, report.md with plots; print a sample chat with a tool call
