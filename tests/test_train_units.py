@@ -271,11 +271,12 @@ def test_probe_rows_are_scored_at_the_stage_start_and_end_under_its_attention(tm
     model = GLM5ForCausalLM(tiny_config(index_topk=8))
     rows = rows_of(4, 48)
     probe = rows.take(slice(0, 2))
+    dense_end = None  # the probe's LM loss at the end of the last dense stage
     for stage in ("pretrain", "dsa-warmup", "dsa-sparse"):
         config = TrainConfig(stage=stage, steps=12, batch_size=4, warmup=0, progress=False, lr=1e-2 if stage != "dsa-warmup" else 5e-3)
         trainer = Trainer(model, rows, config, out_dir=tmp_path, probe=probe)
         if stage == "dsa-sparse":  # the start is scored under the stage's own (sparse) attention
-            assert trainer.score(probe)["lm_loss"] != pytest.approx(before_sparse, abs=1e-6)
+            assert trainer.score(probe)["lm_loss"] != pytest.approx(dense_end, abs=1e-6)
         summary = trainer.run()
         start, end = summary["probe_start"], summary["probe_end"]
         assert start["rows"] == end["rows"] == 2 and start["targets"] == end["targets"]
@@ -286,7 +287,7 @@ def test_probe_rows_are_scored_at_the_stage_start_and_end_under_its_attention(tm
             assert start["loss"] == start["lm_loss"]
         if stage == "pretrain":
             assert start["indexer_kl"] is None
-        before_sparse = end["lm_loss"]
+        dense_end = end["lm_loss"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     table = stage_table(records, {"dsa-sparse": {"start": start, "end": end}})
     assert table[-1]["probe_start"] == start["loss"] and table[-1]["probe_end"] == end["loss"]
