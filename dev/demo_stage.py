@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--sft-seq-len", type=int, default=384)
     p.add_argument("--no-stratify", action="store_true")
     p.add_argument("--carry", action="store_true", help="continue the pretraining optimizer's moments")
+    p.add_argument("--drill-rows", type=int, default=0,
+                   help="SFT: this many rows of each batch are echo drills (user lists names/numbers, assistant repeats them)")
     p.add_argument("--dense", action="store_true", help="train and evaluate with dense attention (diagnostic)")
     p.add_argument("--wide", action="store_true", help="training chats with made-up names / big numbers")
     p.add_argument("--tasks", type=int, default=30)
@@ -71,6 +73,31 @@ def main() -> None:
                                   args.sft_seq_len, tok.pad_token_id)
 
     sft_train, sft_held = sft_rows(corpus.sft_train), sft_rows(corpus.sft_heldout)
+    if args.drill_rows:
+        import random
+
+        from glm5.train.conversations import CAPITALS, CITIES, made_up_name
+
+        rng = random.Random(1)
+
+        def item():
+            kind = rng.random()
+            if kind < 0.35:
+                return made_up_name(rng)
+            if kind < 0.6:
+                return rng.choice(CITIES + sorted(CAPITALS))
+            return str(rng.randint(0, 999))
+
+        drills = []
+        for _ in range(6000):
+            seq = " ".join(item() for _ in range(rng.randint(1, 5)))
+            drills.append({"messages": [{"role": "user", "content": f"Repeat: {seq}"},
+                                        {"role": "assistant", "content": seq}]})
+        drill_rows = sft_rows(drills)
+        share = args.drill_rows / args.batch_size
+        n_drill = max(1, int(len(sft_train) * share / (1 - share)))
+        sft_train = PackedRows.concat([sft_train, drill_rows.take(slice(0, n_drill))])
+        print(f"drill rows {len(drill_rows)} (using {n_drill}), e.g. {drills[0]['messages']}", flush=True)
     probe = sft_held.take(slice(0, 24)) if args.stage == "sft" else PackedRows.concat([held.take(slice(0, 16)), held_chats.take(slice(0, 8))])
     print(f"data ready {time.perf_counter() - t0:.0f}s: code {len(code_rows)} chat {len(chat_rows)} rows; sft {len(sft_train)}", flush=True)
     cfg = GLM5Config.from_preset("nano", vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
