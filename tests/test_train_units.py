@@ -111,6 +111,30 @@ def test_batches_shard_deterministically_and_resume():
     assert torch.equal(resumed.next()[0], single.next()[0])
 
 
+def test_stratified_batches_keep_the_group_mix_shard_and_resume():
+    a, b = rows_of(30, seed=1), rows_of(10, seed=2)
+    rows = PackedRows.concat([a, b])
+    single = Batches(rows, batch_size=4, seed=5)
+    assert single.counts == [3, 1]
+    ranks = [Batches(rows, batch_size=4, seed=5, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for _ in range(25):  # crosses both groups' epoch boundaries
+        index = single.indices(single.position)
+        assert [int(rows.groups[i]) for i in index] == [0, 0, 0, 1], "every batch holds 3 rows of group 0, 1 of group 1"
+        seen += index
+        ids, _ = single.next()
+        assert torch.equal(ids, torch.cat([r.next()[0] for r in ranks]))
+    assert sorted(i for i in seen[:40] if i >= 30) == sorted(set(i for i in seen[:40] if i >= 30)), "group 1 epoch repeats no row"
+    assert set(seen) == set(range(40))
+    resumed = Batches(rows, batch_size=4, seed=5)
+    resumed.load_state_dict(single.state_dict())
+    assert torch.equal(resumed.next()[0], single.next()[0])
+    # rows without groups: the stream is the plain shuffled one
+    plain, grouped = Batches(a, batch_size=4, seed=5), Batches(PackedRows.concat([a]), batch_size=4, seed=5)
+    for _ in range(9):
+        assert torch.equal(plain.next()[0], grouped.next()[0])
+
+
 def test_loaders_read_jsonl_and_text(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     (tmp_path / "b.txt").write_text("three")
@@ -240,6 +264,36 @@ def test_every_stage_reduces_its_loss_on_repeated_data():
         assert losses_seen[-1] < losses_seen[0] - 0.3, f"{stage}: {losses_seen[0]:.3f} -> {losses_seen[-1]:.3f}"
 
 
+def test_probe_rows_are_scored_at_the_stage_start_and_end_under_its_attention(tmp_path):
+    from glm5.train.report import stage_table
+
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config(index_topk=8))
+    rows = rows_of(4, 48)
+    probe = rows.take(slice(0, 2))
+    dense_end = None  # the probe's LM loss at the end of the last dense stage
+    for stage in ("pretrain", "dsa-warmup", "dsa-sparse"):
+        config = TrainConfig(stage=stage, steps=12, batch_size=4, warmup=0, progress=False, lr=1e-2 if stage != "dsa-warmup" else 5e-3)
+        trainer = Trainer(model, rows, config, out_dir=tmp_path, probe=probe)
+        if stage == "dsa-sparse":  # the start is scored under the stage's own (sparse) attention
+            assert trainer.score(probe)["lm_loss"] != pytest.approx(dense_end, abs=1e-6)
+        summary = trainer.run()
+        start, end = summary["probe_start"], summary["probe_end"]
+        assert start["rows"] == end["rows"] == 2 and start["targets"] == end["targets"]
+        assert end["loss"] < start["loss"], f"{stage}: {start['loss']:.3f} -> {end['loss']:.3f}"
+        if stage == "dsa-warmup":
+            assert start["loss"] == start["indexer_kl"] and end["lm_loss"] == pytest.approx(start["lm_loss"], abs=1e-5)
+        else:
+            assert start["loss"] == start["lm_loss"]
+        if stage == "pretrain":
+            assert start["indexer_kl"] is None
+        dense_end = end["lm_loss"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    table = stage_table(records, {"dsa-sparse": {"start": start, "end": end}})
+    assert table[-1]["probe_start"] == start["loss"] and table[-1]["probe_end"] == end["loss"]
+    assert "probe_start" not in table[0]
+
+
 def test_mtp_loss_targets_token_t_plus_two():
     labels = torch.tensor([[5, 6, 7, 8]])
     logits = torch.full((1, 3, 10), -1e4)  # depth 1: positions 0..2 predict labels 2..4 (only 0, 1 usable)
@@ -308,6 +362,7 @@ def test_eval_scores_tool_calls_and_heldout_loss():
     assert 0 <= result["validity"] <= 1 and 0 <= result["accuracy"] <= result["validity"]
     assert len(result["samples"]) == 2
     rows = rows_of(4, 40, vocab=tok.vocab_size)
+    assert abs(heldout_loss(model, rows) - heldout_loss(model, rows.take([0, 1, 2, 3]))) < 1e-6
     loss = heldout_loss(model, rows)
     assert abs(loss - math.log(tok.vocab_size)) < 0.5, f"an untrained model's loss {loss:.3f} should be near ln(V)"
 
@@ -363,3 +418,32 @@ def test_indexer_kl_matches_a_per_query_reference(sparse):
     (grad,) = torch.autograd.grad(kl, attn.indexer.wk.weight, retain_graph=True)
     (ref_grad,) = torch.autograd.grad(reference, attn.indexer.wk.weight)
     assert torch.allclose(grad, ref_grad, atol=1e-6) and grad.abs().sum() > 0
+
+def test_training_chats_draw_wide_values_and_eval_requests_stay_held_out():
+    import random
+
+    from glm5.train.conversations import CAPITALS, CITIES, capital_of, make_conversation, make_task, split_of
+    from glm5.train.corpus import build_demo_corpus
+
+    rng = random.Random(0)
+    chats = [make_conversation(rng, "train", wide=True) for _ in range(300)]
+    calls = [m["tool_calls"][0]["function"] for c in chats for m in c["messages"] if m.get("tool_calls")]
+    cities = [f["arguments"]["city"] for f in calls if f["name"] == "get_weather"]
+    countries = [f["arguments"]["country"] for f in calls if f["name"] == "get_capital"]
+    numbers = [v for f in calls if f["name"] == "add" for v in f["arguments"].values()]
+    assert 0.3 < sum(c not in CITIES for c in cities) / len(cities) < 0.7, "about half the cities are made up"
+    assert len(set(cities)) > 60 and max(numbers) > 99 and any(c not in CAPITALS for c in countries)
+    made_up = next(c for c in countries if c not in CAPITALS)
+    assert capital_of(made_up) == capital_of(made_up) and capital_of("France") == "Paris"
+    requests = {m["content"] for c in chats for m in c["messages"] if m["role"] == "user"}
+    assert all(split_of(r) == "train" for r in requests)
+    tasks = [make_task(random.Random(i)) for i in range(40)]
+    for t in tasks:  # eval: real names, requests of the eval split only
+        assert split_of(t["messages"][0]["content"]) == "eval"
+        args = t["expected"]["arguments"]
+        assert args.get("city", "Oslo") in CITIES and args.get("country", "France") in CAPITALS
+        assert all(v <= 99 for k, v in args.items() if k in ("a", "b"))
+    corpus = build_demo_corpus(stdlib_bytes=100_000, conversations=30, sft_conversations=20, tasks=5)
+    assert sorted(corpus.train_texts) == sorted(corpus.train_code + corpus.train_chats)
+    rendered_train = "".join(corpus.train_texts)
+    assert not any(t["messages"][0]["content"] in rendered_train for t in corpus.tasks)

@@ -11,6 +11,10 @@ from the request, read the `<tool_response>`, answer. Some conversations have a 
 call) and some need no tool at all, so the model also learns when not to call one.
 The train and eval splits draw from disjoint user requests (see `split_of`): an eval request's exact wording
 and arguments never occur in training, so the task accuracy measures copying arguments out of the request.
+Training chats are drawn `wide=True`: half their cities and countries are made-up names (`made_up_name`) and
+half their numbers run to 999, so no memorized value fits a request and the model must copy it (with the
+narrow lists alone, a nano model learned to write one fixed city for every weather request: accuracy 0.00).
+The eval requests keep the narrow lists: real names the model has seen, in requests it has not.
 """
 
 from __future__ import annotations
@@ -49,22 +53,42 @@ CHITCHAT = [("Hi!", "Hello! How can I help you today?"), ("Thanks.", "You are we
             ("Good morning.", "Good morning! What can I do for you?")]
 
 
+SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "to", "su", "bel", "dor", "ni", "pa", "zi", "mar", "te", "qua", "len",
+             "go", "ash", "ri", "tan", "ol", "bu", "sen", "vi"]
+
+
+def made_up_name(rng: random.Random) -> str:
+    """A pronounceable name that is no real place: 2-3 syllables, capitalized ("Kalomi", "Venrita")."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def capital_of(country: str) -> str:
+    """The capital of a real country of CAPITALS, or a made-up one (fixed per name) for a made-up country."""
+    if country in CAPITALS:
+        return CAPITALS[country]
+    rng = random.Random(zlib.crc32(country.encode()))
+    return made_up_name(rng) + rng.choice(["", " City", "grad", "ville"])
+
+
 def split_of(request: str) -> str:
     """"eval" for one user request in ten (a stable hash of its text), "train" for the rest."""
     return "eval" if zlib.crc32(request.encode()) % 10 == 0 else "train"
 
 
-def _draw_call(rng: random.Random, split: str, name: str | None = None, template: dict | None = None
-               ) -> tuple[str, dict, str]:
-    """-> tool name, arguments, and the user's request for it, from the given split."""
+def _draw_call(rng: random.Random, split: str, name: str | None = None, template: dict | None = None,
+               wide: bool = False) -> tuple[str, dict, str]:
+    """-> tool name, arguments, and the user's request for it, from the given split; `wide`: half the names
+    made up, half the numbers up to 999 (see the module's docstring)."""
     while True:
         tool = name or rng.choice(["get_weather", "add", "get_capital"])
+        made_up = wide and rng.random() < 0.5
         if tool == "get_weather":
-            arguments = {"city": rng.choice(CITIES)}
+            arguments = {"city": made_up_name(rng) if made_up else rng.choice(CITIES)}
         elif tool == "add":
-            arguments = {"a": rng.randint(0, 99), "b": rng.randint(0, 99)}
+            top = 999 if made_up else 99
+            arguments = {"a": rng.randint(0, top), "b": rng.randint(0, top)}
         else:
-            arguments = {"country": rng.choice(sorted(CAPITALS))}
+            arguments = {"country": made_up_name(rng) if made_up else rng.choice(sorted(CAPITALS))}
         request = rng.choice((template or ASKS)[tool]).format(**arguments)
         if split_of(request) == split:
             return tool, arguments, request
@@ -78,7 +102,7 @@ def run_tool(rng: random.Random, name: str, arguments: dict) -> tuple[dict, str]
     if name == "add":
         total = arguments["a"] + arguments["b"]
         return {"result": total}, f"{arguments['a']} plus {arguments['b']} is {total}."
-    capital = CAPITALS[arguments["country"]]
+    capital = capital_of(arguments["country"])
     return {"capital": capital}, f"The capital of {arguments['country']} is {capital}."
 
 
@@ -97,20 +121,28 @@ def _tool_turns(rng: random.Random, name: str, arguments: dict, call_id: str) ->
     ]
 
 
-def make_conversation(rng: random.Random, split: str = "train") -> dict:
-    """One conversation: a tool call (maybe with a follow-up call), or small talk without tools."""
+def make_conversation(rng: random.Random, split: str = "train", wide: bool = False, more_calls: int = 0) -> dict:
+    """One conversation: a tool call (maybe with a follow-up call), or small talk without tools.
+
+    more_calls = 0: one follow-up ("And in Oslo?") three times in ten. more_calls = n > 0: 0..n further requests
+    after the first, each a follow-up or a new request for any tool: more calls (arguments to copy out of the
+    latest request, not an earlier one) per tools block."""
     if rng.random() < 0.15:
         user, reply = rng.choice(CHITCHAT)
         return {"messages": [{"role": "user", "content": user},
                              {"role": "assistant", "reasoning_content": "No tool is needed.", "content": reply}],
                 "tools": TOOLS}
-    name, arguments, request = _draw_call(rng, split)
+    name, arguments, request = _draw_call(rng, split, wide=wide)
     messages = [{"role": "user", "content": request}]
     messages += _tool_turns(rng, name, arguments, "call_0")
-    if rng.random() < 0.3:
-        _, more, follow_up = _draw_call(rng, split, name, FOLLOW_UP_ASKS)
+    extra = (1 if rng.random() < 0.3 else 0) if more_calls <= 0 else rng.randint(0, more_calls)
+    for turn in range(1, extra + 1):
+        if more_calls <= 0 or rng.random() < 0.3:
+            _, more, follow_up = _draw_call(rng, split, name, FOLLOW_UP_ASKS, wide=wide)
+        else:
+            name, more, follow_up = _draw_call(rng, split, wide=wide)
         messages.append({"role": "user", "content": follow_up})
-        messages += _tool_turns(rng, name, more, "call_1")
+        messages += _tool_turns(rng, name, more, f"call_{turn}")
     return {"messages": messages, "tools": TOOLS}
 
 

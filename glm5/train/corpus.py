@@ -3,6 +3,7 @@
     from glm5.train.corpus import build_demo_corpus
     corpus = build_demo_corpus(stdlib_bytes=1_500_000, conversations=3000, seed=0)
     corpus.train_texts                                # pretraining documents (stdlib files, rendered chats)
+    corpus.train_code, corpus.train_chats             # the same two kinds apart (stratified batches)
     corpus.heldout_texts, corpus.heldout_chats        # held out: stdlib files, rendered chats
     corpus.sft_train, corpus.sft_heldout              # conversations ({"messages", "tools"}) for SFT
     corpus.tasks                                      # eval prompts with the one right tool call each
@@ -15,7 +16,7 @@ GLM-5's chat format (glm5.chat.render_messages), so pretraining already sees `<t
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from glm5.chat import render_messages
 from glm5.tokenizer import default_corpus
@@ -30,6 +31,8 @@ class DemoCorpus:
     sft_train: list[dict]
     sft_heldout: list[dict]
     tasks: list[dict]
+    train_code: list[str] = field(default_factory=list)
+    train_chats: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         chars = sum(map(len, self.train_texts))
@@ -37,8 +40,10 @@ class DemoCorpus:
                 f"{len(self.sft_train)} SFT conversations, {len(self.sft_heldout)} held out; {len(self.tasks)} eval tasks")
 
 
-def render_conversation(conversation: dict) -> str:
-    return render_messages(conversation["messages"], conversation.get("tools"), add_generation_prompt=False)
+def render_conversation(conversation: dict, with_tools: bool = True) -> str:
+    """The chat as text; with_tools=False leaves out the system turn listing the tools (a bare transcript)."""
+    return render_messages(conversation["messages"], conversation.get("tools") if with_tools else None,
+                           add_generation_prompt=False)
 
 
 def split_text(text: str, size: int = 4000) -> list[str]:
@@ -55,14 +60,22 @@ def split_text(text: str, size: int = 4000) -> list[str]:
 
 
 def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, sft_conversations: int = 2000,
-                      tasks: int = 40, heldout_fraction: float = 0.03, seed: int = 0) -> DemoCorpus:
+                      tasks: int = 40, heldout_fraction: float = 0.03, seed: int = 0, wide: bool = True,
+                      more_calls: int = 2, bare_share: float = 0.5) -> DemoCorpus:
+    """wide / more_calls: how training chats are drawn (see make_conversation); bare_share: the share of the
+    pretraining chats rendered without their ~230-token tools block (a bare transcript of request, reasoning,
+    call, result, answer), so pretraining holds several times more requests and calls per token: what a nano
+    model needs to learn to copy an argument out of a request. SFT chats and all held-out chats keep the block."""
     rng = random.Random(seed)
     # files differ wildly in size (pydoc's topics alone is ~0.7 MB): cut them into ~4 KB pieces at blank lines
     # so the held-out share is a share of the text, not of the files
     stdlib = [piece for text in default_corpus(stdlib_bytes) for piece in split_text(text) if piece.strip()]
     rng.shuffle(stdlib)
     n_heldout = max(1, int(len(stdlib) * heldout_fraction))
-    chats = [render_conversation(make_conversation(rng, "train")) for _ in range(conversations)]
+    # training chats draw wide argument values (made-up names, bigger numbers) so copying is the only way to
+    # get an argument right; held-out chats and eval tasks keep the real names (see conversations.py)
+    chats = [render_conversation(make_conversation(rng, "train", wide=wide, more_calls=more_calls),
+                                 with_tools=rng.random() >= bare_share) for _ in range(conversations)]
     heldout_chats = [render_conversation(make_conversation(rng, "eval")) for _ in range(max(1, int(conversations * heldout_fraction)))]
     train_texts = stdlib[n_heldout:] + chats
     rng.shuffle(train_texts)
@@ -70,7 +83,9 @@ def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, 
         train_texts=train_texts,
         heldout_texts=stdlib[:n_heldout],
         heldout_chats=heldout_chats,
-        sft_train=[make_conversation(rng, "train") for _ in range(sft_conversations)],
+        sft_train=[make_conversation(rng, "train", wide=wide, more_calls=more_calls) for _ in range(sft_conversations)],
         sft_heldout=[make_conversation(rng, "eval") for _ in range(max(8, sft_conversations // 20))],
         tasks=[make_task(rng, "eval") for _ in range(tasks)],
+        train_code=stdlib[n_heldout:],
+        train_chats=chats,
     )

@@ -30,6 +30,9 @@ IGNORE_INDEX = -100
 class PackedRows:
     ids: torch.Tensor  # [N, T] int64
     labels: torch.Tensor  # [N, T] int64, IGNORE_INDEX where no loss is taken
+    # optional [N] int64 group of each row (e.g. 0 = code, 1 = chats): Batches then draws every batch with the
+    # same number of rows from each group (stratified), so a step's loss does not swing with the batch's mix
+    groups: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -40,13 +43,29 @@ class PackedRows:
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = f"{path}.tmp"
-        torch.save({"ids": self.ids, "labels": self.labels}, tmp)
+        data = {"ids": self.ids, "labels": self.labels}
+        if self.groups is not None:
+            data["groups"] = self.groups
+        torch.save(data, tmp)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PackedRows:
         data = torch.load(path, weights_only=True)
-        return cls(data["ids"], data["labels"])
+        return cls(data["ids"], data["labels"], data.get("groups"))
+
+    def take(self, index) -> PackedRows:
+        """The rows at `index` (a slice, list or tensor of row numbers), groups kept."""
+        groups = self.groups[index] if self.groups is not None else None
+        return PackedRows(self.ids[index], self.labels[index], groups)
+
+    @staticmethod
+    def concat(parts: Sequence[PackedRows]) -> PackedRows:
+        """The rows of `parts` in order, part i as group i (rows must have one length)."""
+        if len({p.seq_len for p in parts}) != 1:
+            raise ValueError(f"rows of different lengths cannot be joined: {[p.seq_len for p in parts]}")
+        groups = torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(parts)])
+        return PackedRows(torch.cat([p.ids for p in parts]), torch.cat([p.labels for p in parts]), groups)
 
 
 # ---- loading ----------------------------------------------------------------------------------------
@@ -168,11 +187,30 @@ def pack_conversations(samples: Iterable[tuple[list[int], list[bool]]], seq_len:
 
 
 # ---- batches ----------------------------------------------------------------------------------------
+def stratified_counts(sizes: Sequence[int], batch_size: int) -> list[int]:
+    """Rows per batch from each group, in proportion to the groups' sizes (largest remainder), at least one
+    from every non-empty group."""
+    total = sum(sizes)
+    if batch_size < sum(1 for n in sizes if n):
+        raise ValueError(f"batch size {batch_size} is smaller than the {len(sizes)} row groups it must mix")
+    exact = [batch_size * n / total for n in sizes]
+    counts = [max(1, int(x)) if n else 0 for x, n in zip(exact, sizes)]
+    while sum(counts) > batch_size:  # the minimum of one took rows from the others
+        i = max((j for j in range(len(counts)) if counts[j] > 1), key=lambda j: counts[j] - exact[j])
+        counts[i] -= 1
+    while sum(counts) < batch_size:
+        i = max(range(len(counts)), key=lambda j: (exact[j] - counts[j]) if sizes[j] else -1e9)
+        counts[i] += 1
+    return counts
+
+
 class Batches:
     """An endless, deterministic, resumable stream of global batches; each rank gets its slice.
 
     `batch_size` is the global number of rows per call of `next()`; it must divide by world_size.
     The permutation of epoch e comes from seed + e, so the stream depends only on (rows, seed).
+    Rows with `groups` are stratified: global batch k holds `counts[g]` rows of each group g (in proportion to
+    the group sizes, see stratified_counts), the next ones of that group's own seeded per-epoch permutation.
     """
 
     def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -183,20 +221,30 @@ class Batches:
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.position = 0  # global batches handed out so far
-        self._perm_epoch, self._perm = -1, None
+        self._perms: dict[int, tuple[int, torch.Tensor]] = {}  # group -> (epoch, permutation)
+        if rows.groups is None:
+            self.members = [torch.arange(len(rows))]
+        else:
+            self.members = [torch.nonzero(rows.groups == g).flatten() for g in range(int(rows.groups.max()) + 1)]
+        self.counts = stratified_counts([len(m) for m in self.members], batch_size)
 
-    def _row(self, stream_index: int) -> int:
-        epoch, offset = divmod(stream_index, len(self.rows))
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.rows), generator=gen), epoch
-        return int(self._perm[offset])
+    def _row(self, group: int, stream_index: int) -> int:
+        members = self.members[group]
+        epoch, offset = divmod(stream_index, len(members))
+        if self._perms.get(group, (None,))[0] != epoch:
+            # group 0's permutation is the unstratified one (seed + epoch), so rows without groups are unchanged
+            gen = torch.Generator().manual_seed(self.seed + epoch + 1_000_003 * group)
+            self._perms[group] = (epoch, torch.randperm(len(members), generator=gen))
+        return int(members[self._perms[group][1][offset]])
+
+    def global_indices(self, position: int) -> list[int]:
+        """Row indices of global batch `position` (all ranks)."""
+        return [self._row(g, position * count + i) for g, count in enumerate(self.counts) for i in range(count)]
 
     def indices(self, position: int) -> list[int]:
         """Row indices of this rank's slice of global batch `position`."""
         per_rank = self.batch_size // self.world_size
-        start = position * self.batch_size + self.rank * per_rank
-        return [self._row(i) for i in range(start, start + per_rank)]
+        return self.global_indices(position)[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.tensor(self.indices(self.position))
@@ -204,11 +252,12 @@ class Batches:
         return self.rows.ids[index], self.rows.labels[index]
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "rows": len(self.rows), "batch_size": self.batch_size}
+        return {"position": self.position, "seed": self.seed, "rows": len(self.rows), "batch_size": self.batch_size,
+                "counts": self.counts}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "rows", "batch_size"):
-            if state.get(key) != mine[key]:
+        for key in ("seed", "rows", "batch_size", "counts"):
+            if state.get(key, mine["counts"] if key == "counts" else None) != mine[key]:
                 raise ValueError(f"the checkpoint's data position is for {key}={state.get(key)}, this run has {mine[key]}")
         self.position = int(state["position"])

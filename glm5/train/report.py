@@ -115,7 +115,10 @@ def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
     return written
 
 
-def stage_table(records: list[dict]) -> list[dict]:
+def stage_table(records: list[dict], probes: dict | None = None) -> list[dict]:
+    """One row per stage: first / last step loss, k-step means at both ends, ...; with `probes`
+    ({stage: {"start": {...}, "end": {...}}} from Trainer summaries), the fixed probe rows' loss at the stage's
+    start and end (probe_start / probe_end, and the LM loss and indexer KL apart)."""
     rows = []
     for stage, recs in _by_stage(records).items():
         k = max(1, min(10, len(recs) // 4))  # smooth the ends over a few steps: single steps are noisy
@@ -127,6 +130,12 @@ def stage_table(records: list[dict]) -> list[dict]:
                      "mtp_acc_end": recs[-1].get("mtp_acc"), "indexer_kl_end": recs[-1].get("indexer_kl"),
                      "imbalance_end": max(recs[-1].get("expert_imbalance") or [0]),
                      "tokens_per_s_median": speed[len(speed) // 2]})
+        probe = (probes or {}).get(stage)
+        if probe and probe.get("start") and probe.get("end"):
+            rows[-1].update({"probe_start": probe["start"]["loss"], "probe_end": probe["end"]["loss"],
+                             "probe_lm_start": probe["start"]["lm_loss"], "probe_lm_end": probe["end"]["lm_loss"],
+                             "probe_kl_start": probe["start"]["indexer_kl"], "probe_kl_end": probe["end"]["indexer_kl"],
+                             "probe_rows": probe["start"]["rows"]})
     return rows
 
 
@@ -137,16 +146,21 @@ def write_report(run_dir: str | Path, summary: dict) -> Path:
     lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
     if summary.get("description"):
         lines += [summary["description"], ""]
-    lines += ["## Stages", "", "| stage | steps | loss at start | loss at end | mean of first / last steps | MTP acc (end) | "
-              "indexer KL (end) | worst expert imbalance (end) | tokens/s (median) |", "|---|---|---|---|---|---|---|---|---|"]
-    for row in stage_table(records):
+    lines += ["## Stages", "", "| stage | steps | fixed probe rows: start → end | loss at start | loss at end | "
+              "mean of first / last steps | MTP acc (end) | indexer KL (end) | worst expert imbalance (end) | "
+              "tokens/s (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in stage_table(records, summary.get("probes")):
         k = row["smoothing"]
         kl = f"{row['indexer_kl_end']:.4f}" if row["indexer_kl_end"] is not None else "–"
-        lines.append(f"| {row['stage']} | {row['steps']} | {row['loss_start']:.3f} | {row['loss_end']:.3f} | "
+        probe = f"{row['probe_start']:.3f} → {row['probe_end']:.3f}" if "probe_start" in row else "–"
+        lines.append(f"| {row['stage']} | {row['steps']} | {probe} | {row['loss_start']:.3f} | {row['loss_end']:.3f} | "
                      f"{row[f'loss_first{k}']:.3f} → {row[f'loss_last{k}']:.3f} ({k} steps) | {row['mtp_acc_end']:.3f} | {kl} | "
                      f"{row['imbalance_end']:.2f} | {row['tokens_per_s_median']:.0f} |")
     lines += ["", "The dsa-warmup loss is the indexer KL (summed over layers); the others are the LM loss "
-              "(SFT: on assistant tokens only).", ""]
+              "(SFT: on assistant tokens only). Fixed probe rows: the same held-out rows (stdlib text and chats; "
+              "for SFT held-out conversations) scored by the stage's own objective and attention (dense, or DSA's "
+              "top-k) before its first step and after its last: what the stage did, free of batch noise. Batches "
+              "mix code and chat rows in a fixed proportion.", ""]
     if summary.get("heldout_by_stage"):
         names = list(next(iter(summary["heldout_by_stage"].values())))
         lines += ["## Held-out loss after each stage", "", "| after | " + " | ".join(names) + " |",

@@ -13,6 +13,10 @@ Stages (DeepSeek-V3.2's DSA recipe, which GLM-5 follows, after MLA pretraining):
 Every step: loss normalized by the step's global target count (so gradient accumulation and N processes
 match one process), gradient clipping, the schedule, the router-bias update from the step's expert load.
 Metrics go to `out/metrics.jsonl` (one object per logged step), checkpoints to `out/checkpoints/<stage>/`.
+With `probe` rows (a fixed held-out set), the stage scores them before its first step and after its last, under
+the stage's own attention (dense, or the top-k), so "did this stage lower the loss" has an answer free of batch
+noise: summary["probe_start"] / ["probe_end"] = {"loss", "lm_loss", "indexer_kl"} (loss: the stage's own
+objective, the indexer KL in dsa-warmup, else the LM loss).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop early once the stage has run this long (0: no limit)
     progress: bool = True
     adaptive_threads: bool = False  # ThreadGovernor: one thread while other processes load the CPU
+    probe_threads: int = 0  # torch threads while scoring the probe rows (0: as training)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -149,7 +154,7 @@ class ThreadGovernor:
 
 class Trainer:
     def __init__(self, model: nn.Module, rows: PackedRows, config: TrainConfig, out_dir: str | os.PathLike,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, probe: PackedRows | None = None):
         config.validate()
         self.config, self.rank, self.world_size = config, rank, world_size
         self.out_dir = Path(out_dir)
@@ -172,6 +177,7 @@ class Trainer:
                                          weight_decay=config.weight_decay)
         self.moes = losses.moe_modules(self.inner)
         self.step = 0
+        self.probe, self.probe_start = probe, None
 
     # ------------------------------------------------------------------ checkpoints
     def _fsdp(self) -> bool:
@@ -192,7 +198,7 @@ class Trainer:
             model_state, optim_state = self.inner.state_dict(), self.optimizer.state_dict()
         return {"model": model_state, "optimizer": optim_state, "step": self.step, "stage": self.config.stage,
                 "scheduler": {"step": self.step}, "data": self.batches.state_dict(), "rng": rng_state(),
-                "config": asdict(self.config)}
+                "config": asdict(self.config), "probe_start": self.probe_start}
 
     def load_state_dict(self, state: dict) -> None:
         if state["stage"] != self.config.stage:
@@ -213,6 +219,26 @@ class Trainer:
         self.batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.probe_start = state.get("probe_start")
+
+    def adopt_optimizer_state(self, previous) -> int:
+        """Continue the optimizer moments of an earlier stage (a Trainer's or a CombinedOptimizer): every
+        parameter both train keeps its AdamW / Muon state (moments and step count), the others start fresh.
+        A fresh AdamW moves every parameter by ~lr in its first steps whatever its gradient's usual scale; after
+        pretraining that shock alone raised the held-out loss (dev/LOG.md). Single process or DDP (the
+        parameters must be the same tensors). Returns how many parameters took a state."""
+        previous = getattr(previous, "optimizer", previous)
+        if self._fsdp():
+            raise ValueError("adopt_optimizer_state needs the same parameter tensors; not under FSDP")
+        old = {p: (type(opt), state) for opt in previous.optimizers for p, state in opt.state.items()}
+        taken = 0
+        for opt in self.optimizer.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p in old and old[p][0] is type(opt):
+                        opt.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in old[p][1].items()}
+                        taken += 1
+        return taken
 
     def save(self) -> None:
         state = self.state_dict()  # collective under FSDP: every rank takes part
@@ -233,6 +259,33 @@ class Trainer:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.metrics_path)
         return True
+
+    # ------------------------------------------------------------------ the fixed probe rows
+    @torch.no_grad()
+    def score(self, rows: PackedRows, batch_size: int = 8) -> dict:
+        """LM loss (mean over labelled tokens) and indexer KL (mean over batches, summed over layers) of `rows`
+        under the stage's attention, in eval mode; nothing trains, the router bias does not move."""
+        self.model.eval()
+        lm_sum, count, kls = 0.0, 0, []
+        threads = torch.get_num_threads()
+        if self.config.probe_threads:
+            torch.set_num_threads(self.config.probe_threads)
+        for start in range(0, len(rows), batch_size):
+            ids, labels = rows.ids[start : start + batch_size], rows.labels[start : start + batch_size]
+            with self._autocast():
+                out = self.model(ids)
+            total, n = losses.lm_loss_sum(out.logits, labels)
+            lm_sum, count = lm_sum + float(total), count + n
+            kl = losses.indexer_kl(self.inner)
+            if kl is not None:
+                kls.append(float(kl))
+        for moe in self.moes:
+            moe.last_routing = None
+        torch.set_num_threads(threads)
+        lm = lm_sum / max(count, 1)
+        kl = sum(kls) / len(kls) if kls else None
+        return {"loss": kl if self.config.stage == "dsa-warmup" else lm, "lm_loss": lm, "indexer_kl": kl,
+                "rows": len(rows), "targets": count}
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -311,6 +364,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, unit="step", dynamic_ncols=True)
+        if self.probe is not None and self.step == 0:
+            self.probe_start = self.score(self.probe)
         governor = ThreadGovernor() if cfg.adaptive_threads and torch.get_num_threads() > 1 else None
         started = time.perf_counter()
         first = last = None
@@ -347,6 +402,8 @@ class Trainer:
             bar.close()
         if governor is not None:
             governor.restore()
+        seconds = time.perf_counter() - started
+        probe_end = self.score(self.probe) if self.probe is not None else None
         self.save()
         return {"stage": cfg.stage, "steps": self.step, "first": first, "last": last, "stopped_early": stopped_early,
-                "seconds": time.perf_counter() - started}
+                "seconds": seconds, "probe_start": self.probe_start, "probe_end": probe_end}
