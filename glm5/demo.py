@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from glm5.chat import parse_output, render_messages, render_messages_with_mask
+    from glm5.common import keep_freed_memory
     from glm5.config import GLM5Config
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import train_tokenizer
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ValueError(f"{run_dir} already exists and is not empty; pick another --name (nothing was overwritten)")
     torch.manual_seed(args.seed)
+    keep_freed_memory()  # big per-step tensors would otherwise page-fault every step (glm5.common)
     if args.threads:
         torch.set_num_threads(args.threads)
 
