@@ -77,7 +77,7 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token_of = order // k
         counts = torch.bincount(flat, minlength=self.num_experts)
-        xs = x[token_of]  # [N*k, H] grouped by expert
+        xs = x.index_select(0, token_of)  # [N*k, H] grouped by expert (backward: index_add, not an index_put)
         if USE_GROUPED_MM and _grouped_mm_ok(xs):
             offsets = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)
