@@ -29,6 +29,7 @@ from glm5.model.layers import apply_rope_interleaved
 # launches and a sync, so blocks are larger.
 INDEXER_BLOCK_ELEMENTS = 1 << 21
 GATHER_BLOCK_ELEMENTS = 1 << 22
+MIN_INDEXER_BLOCK = 64
 CUDA_BLOCK_ELEMENTS = 1 << 27
 
 
@@ -127,7 +128,9 @@ def select_topk_blockwise(
     T = k.shape[1]
     topk = indexer.index_topk
     if block is None:
-        block = max(1, min(S, _block_budget(INDEXER_BLOCK_ELEMENTS, q.device) // max(1, B * H * T)))
+        # at least MIN_INDEXER_BLOCK queries: at 32K tokens, 16-query blocks cost 13.4 s vs 11.9 s (per-block overhead)
+        block = max(MIN_INDEXER_BLOCK, _block_budget(INDEXER_BLOCK_ELEMENTS, q.device) // max(1, B * H * T))
+        block = min(S, block)
     out = torch.full((B, S, topk), -1, dtype=torch.long, device=q.device)
     for start in range(0, S, block):
         end = min(S, start + block)
