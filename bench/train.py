@@ -56,6 +56,9 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=512, help="tokens per row (default 512)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
+                        help="keep: glm5.common.keep_freed_memory() for the whole process, both sides (default); "
+                             "default: glibc as is (big tensors page-fault every step)")
     parser.add_argument("--out", default="bench/results/train.json", help="where to write the JSON results")
     args = parser.parse_args()
 
@@ -70,7 +73,8 @@ def main() -> int:
     from glm5.train.losses import lm_loss_sum
 
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # the same allocator setting for both sides (see glm5.common)
+    if args.allocator == "keep":
+        keep_freed_memory()  # the same allocator setting for both sides (see glm5.common)
     torch.manual_seed(0)
     cfg = GLM5Config.from_preset("tiny-bench")
     ours = GLM5ForCausalLM(cfg)
@@ -101,6 +105,7 @@ def main() -> int:
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     per_token = flops_per_token(cfg, args.seq)
     results = {"config": "tiny-bench", "batch": args.batch, "seq": args.seq, "threads": args.threads,
+               "allocator": args.allocator,
                "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
