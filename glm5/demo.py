@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 1-2: corpus and tokenizer
     corpus = build_demo_corpus(stdlib_bytes=args.stdlib_bytes, conversations=args.conversations, tasks=args.tasks,
-                               seed=args.seed)
+                               seed=args.seed, copy_drills=args.copy_drills)
     say(f"corpus: {corpus.summary()}")
     tokenizer = train_tokenizer(iter(corpus.train_texts), args.vocab_size)
     say(f"tokenizer: {tokenizer.vocab_size} ids trained")
@@ -231,6 +231,7 @@ def register(subparsers) -> None:
     p.add_argument("--probe-rows", type=int, default=24, help="fixed held-out rows each stage scores at its start and end "
                    "(2/3 stdlib, 1/3 chats; SFT: held-out conversations) (default 24)")
     p.add_argument("--heldout-rows", type=int, default=48, help="rows of each held-out set scored (default 48)")
+    p.add_argument("--copy-drills", type=int, default=0, help="short list-then-repeat documents in pretraining, an induction curriculum (default 0)")
     p.add_argument("--tasks", type=int, default=30, help="held-out tool-call requests in the eval (default 30)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="generation length in the eval (default 40)")
     p.add_argument("--sample-request", default="What is the weather in Lisbon?", help="the user turn of the sample chat")

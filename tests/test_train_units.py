@@ -447,3 +447,16 @@ def test_training_chats_draw_wide_values_and_eval_requests_stay_held_out():
     assert sorted(corpus.train_texts) == sorted(corpus.train_code + corpus.train_chats)
     rendered_train = "".join(corpus.train_texts)
     assert not any(t["messages"][0]["content"] in rendered_train for t in corpus.tasks)
+
+
+def test_copy_drills_repeat_their_list():
+    import random
+
+    from glm5.train.corpus import build_demo_corpus, copy_drill
+
+    listed, again = copy_drill(random.Random(3)).splitlines()
+    assert listed.startswith("list: ") and again == "again: " + listed[len("list: "):]
+    base = build_demo_corpus(stdlib_bytes=100_000, conversations=10, sft_conversations=8, tasks=3)
+    drilled = build_demo_corpus(stdlib_bytes=100_000, conversations=10, sft_conversations=8, tasks=3, copy_drills=7)
+    assert len(drilled.train_chats) == len(base.train_chats) + 7
+    assert sum(t.startswith("list: ") for t in drilled.train_texts) == 7

@@ -61,7 +61,7 @@ def split_text(text: str, size: int = 4000) -> list[str]:
 
 def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, sft_conversations: int = 2000,
                       tasks: int = 40, heldout_fraction: float = 0.03, seed: int = 0, wide: bool = True,
-                      more_calls: int = 2, bare_share: float = 0.5) -> DemoCorpus:
+                      more_calls: int = 2, bare_share: float = 0.5, copy_drills: int = 0) -> DemoCorpus:
     """wide / more_calls: how training chats are drawn (see make_conversation); bare_share: the share of the
     pretraining chats rendered without their ~230-token tools block (a bare transcript of request, reasoning,
     call, result, answer), so pretraining holds several times more requests and calls per token: what a nano
@@ -76,6 +76,7 @@ def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, 
     # get an argument right; held-out chats and eval tasks keep the real names (see conversations.py)
     chats = [render_conversation(make_conversation(rng, "train", wide=wide, more_calls=more_calls),
                                  with_tools=rng.random() >= bare_share) for _ in range(conversations)]
+    chats += [copy_drill(rng) for _ in range(copy_drills)]
     heldout_chats = [render_conversation(make_conversation(rng, "eval")) for _ in range(max(1, int(conversations * heldout_fraction)))]
     train_texts = stdlib[n_heldout:] + chats
     rng.shuffle(train_texts)
@@ -89,3 +90,13 @@ def build_demo_corpus(stdlib_bytes: int = 1_500_000, conversations: int = 3000, 
         train_code=stdlib[n_heldout:],
         train_chats=chats,
     )
+
+
+def copy_drill(rng: random.Random) -> str:
+    """'list: Kalomi 412 Venrita Oslo ... / again: Kalomi 412 Venrita Oslo ...': a sequence the model can only
+    continue by copying what it saw earlier in the document."""
+    from glm5.train.conversations import CITIES, made_up_name
+
+    items = [made_up_name(rng) if rng.random() < 0.6 else (str(rng.randint(0, 999)) if rng.random() < 0.5 else rng.choice(CITIES))
+             for _ in range(rng.randint(4, 12))]
+    return f"list: {' '.join(items)}\nagain: {' '.join(items)}\n"
