@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from glm5.chat import parse_output, render_messages
-from glm5.train.data import IGNORE_INDEX, PackedRows
+from glm5.train.data import PackedRows
+from glm5.train.losses import lm_loss_sum
 
 
 @contextlib.contextmanager
@@ -48,10 +48,8 @@ def heldout_loss(model, rows: PackedRows, batch_size: int = 8, max_rows: int | N
         ids, labels = rows.ids[start : start + batch_size], rows.labels[start : start + batch_size]
         with masked_sparse_attention(model):
             logits = model(ids).logits
-        targets = labels[:, 1:].reshape(-1)
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((targets != IGNORE_INDEX).sum())
+        loss_sum, n = lm_loss_sum(logits, labels)
+        total, count = total + float(loss_sum), count + n
     return total / max(count, 1)
 
 
