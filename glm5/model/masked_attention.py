@@ -76,9 +76,8 @@ class _MaskedLatentAttention(torch.autograd.Function):
         q, kv, out, *saved = ctx.saved_tensors
         B, S, H, D = q.shape
         L = ctx.latent_dim
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(q.dtype).contiguous()
         grad_q, grad_kv = torch.zeros_like(q), torch.zeros_like(kv)
-        grad_out = grad_out.to(q.dtype)
         acc = torch.promote_types(q.dtype, torch.float32)
         delta = (grad_out.to(acc) * out.to(acc)).sum(dim=-1)  # [B, S, H]: rowsum(dO * O) = rowsum(dP * P)
         saved_iter = iter(saved)
