@@ -51,6 +51,64 @@ def test_grouped_moe_equals_the_per_expert_loop():
     assert (grouped - loop).abs().max() < 1e-6
 
 
+def test_padded_expert_groups_give_the_same_output_and_gradients(monkeypatch):
+    """CPU bf16 pads each expert's rows to PAD_ROWS (oneDNN JIT per shape); forced on in fp64 it must change
+    nothing: pad rows read token 0 with weight 0, so outputs and every gradient stay the loop's."""
+    import glm5.model.moe as moe_mod
+
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(n_routed_experts=16, num_experts_per_tok=4))).double()
+    moe = model.model.layers[1].mlp
+    x = torch.randn(50, 64, dtype=torch.float64)
+    _, weights, indices = moe.gate(x)
+    weights = weights.double().detach()
+    results = {}
+    for pad in (False, True):
+        monkeypatch.setattr(moe_mod, "_pad_expert_rows", lambda t, pad=pad: pad)
+        monkeypatch.setattr(moe_mod, "PAD_ROWS", 8)
+        xi = x.clone().requires_grad_()
+        wi = weights.clone().requires_grad_()
+        moe.experts.zero_grad()
+        out = moe.experts(xi, indices, wi)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        results[pad] = (out.detach(), xi.grad, wi.grad, moe.experts.gate_up_proj.grad.clone(),
+                        moe.experts.down_proj.grad.clone())
+    for a, b in zip(results[False], results[True]):
+        assert (a - b).abs().max() < 1e-12
+    loop = moe_forward_loop(moe.experts, x, indices, weights)
+    assert (results[True][0] - loop).abs().max() < 1e-12
+
+
+def test_padded_counts_are_powers_of_two_then_multiples():
+    from glm5.model.moe import PAD_ROWS, _padded_counts
+
+    counts = torch.tensor([0, 1, 2, 3, 5, 64, 65, PAD_ROWS, PAD_ROWS + 1, 3 * PAD_ROWS - 7])
+    assert _padded_counts(counts).tolist() == [0, 1, 2, 4, 8, 64, 128, PAD_ROWS, 2 * PAD_ROWS, 3 * PAD_ROWS]
+
+
+def test_expert_padding_is_on_only_for_low_precision_cpu_matmuls():
+    from glm5.model.moe import _pad_expert_rows
+
+    x = torch.zeros(4, 8)
+    assert not _pad_expert_rows(x)
+    assert _pad_expert_rows(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _pad_expert_rows(x)
+
+
+def test_bf16_autocast_experts_match_fp32_loosely():
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(n_routed_experts=16, num_experts_per_tok=4)))
+    moe = model.model.layers[1].mlp
+    x = torch.randn(300, 64)
+    with torch.no_grad():
+        _, weights, indices = moe.gate(x)  # the same routing for both (bf16 scores may flip near-ties)
+        ref = moe.experts(x, indices, weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = moe.experts(x, indices, weights)
+    assert low.dtype == torch.float32 and ((low - ref).norm() / ref.norm()) < 2e-2
+
+
 def test_router_bias_changes_selection_but_not_weights():
     torch.manual_seed(0)
     moe = randomize_(GLM5ForCausalLM(tiny_config())).model.layers[1].mlp

@@ -22,6 +22,9 @@ from glm5.model.layers import MLP
 
 # Use torch._grouped_mm when available on this device/dtype (switch for benchmarks and debugging).
 USE_GROUPED_MM = True
+# CPU bf16/fp16 only: round each expert's row count up (see _padded_counts and Experts.forward).
+PAD_EXPERT_ROWS = True
+PAD_ROWS = 128
 
 
 class Router(nn.Module):
@@ -77,6 +80,19 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token_of = order // k
         counts = torch.bincount(flat, minlength=self.num_experts)
+        row_weights = weights.reshape(-1)[order]
+        if _pad_expert_rows(x):
+            # oneDNN JIT-compiles a bf16 kernel per new matmul shape (~3 ms each, measured), and per-expert
+            # row counts change every step; rounding each group up to PAD_ROWS keeps the shapes few and
+            # cached. Padding rows read token 0 and carry weight 0, so they add exact zeros everywhere.
+            counts_padded = _padded_counts(counts)
+            starts = counts.cumsum(0) - counts
+            dest = (counts_padded.cumsum(0) - counts_padded - starts).repeat_interleave(counts) + torch.arange(
+                N * k, device=x.device)
+            total = int(counts_padded.sum())
+            token_of = token_of.new_zeros(total).index_copy_(0, dest, token_of)
+            row_weights = row_weights.new_zeros(total).index_copy_(0, dest, row_weights)
+            counts = counts_padded
         xs = x.index_select(0, token_of)  # [N*k, H] grouped by expert (backward: index_add, not an index_put)
         if USE_GROUPED_MM and _grouped_mm_ok(xs):
             offsets = counts.cumsum(0).to(torch.int32)
@@ -95,8 +111,24 @@ class Experts(nn.Module):
                 gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
                 pieces.append(F.linear(F.silu(gate) * up, down[e]))
             ys = torch.cat(pieces, dim=0)
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # fp32 weights, as transformers multiplies
+        ys = ys * row_weights.unsqueeze(-1)  # fp32 weights, as transformers multiplies
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+
+def _padded_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Row counts rounded up to a power of two below PAD_ROWS, to a multiple of PAD_ROWS above (0 stays 0):
+    few distinct shapes, and small decode batches are not blown up to PAD_ROWS rows per expert."""
+    pow2 = torch.exp2(torch.ceil(torch.log2(counts.clamp(min=1).double()))).long()
+    rounded = (counts + PAD_ROWS - 1) // PAD_ROWS * PAD_ROWS
+    return torch.where(counts == 0, 0, torch.where(counts <= PAD_ROWS, pow2, rounded))
+
+
+def _pad_expert_rows(x: torch.Tensor) -> bool:
+    """Pad expert groups when their matmuls run in bf16/fp16 on a CPU (see PAD_ROWS)."""
+    if not PAD_EXPERT_ROWS or x.device.type != "cpu":
+        return False
+    low = (torch.bfloat16, torch.float16)
+    return x.dtype in low or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low)
 
 
 def _grouped_mm_ok(xs: torch.Tensor) -> bool:
