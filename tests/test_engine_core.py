@@ -216,3 +216,27 @@ def test_logits_processors_constrain_the_choice(model):
 
     out = LLM(model).generate([_prompts((5,))[0]], greedy(8, logits_processors=[only_even]))[0]
     assert all(t % 2 == 0 for t in out.token_ids), out.token_ids
+
+
+def test_engine_mtp_layer_matches_the_models_mtp_logits(model, monkeypatch):
+    """The drafter runs the MTP layer on the engine's fast paths (fused attention, norms, short MoE path);
+    over a prompt its logits must be the model's own MTP logits."""
+    from glm5.engine.runner import ModelRunner
+
+    prompt = _prompts((40,))[0]
+    seen = []
+    original = ModelRunner.forward_mtp
+
+    def record(self, inputs, hidden, depth=0):
+        out = original(self, inputs, hidden, depth)
+        seen.append((inputs.input_ids.clone(), self.logits(out)))
+        return out
+
+    monkeypatch.setattr(ModelRunner, "forward_mtp", record)
+    llm = LLM(model, num_speculative_tokens=1)
+    first = llm.generate([prompt], greedy(3))[0].token_ids[:1]
+    ids, engine_logits = seen[0]  # the prefill's pass: the token after each prompt position
+    assert ids.tolist() == prompt[1:] + first
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + first]), return_mtp=True).mtp_logits[0][0]  # [T - 1, V]
+    assert (engine_logits[: len(prompt)] - ref[: len(prompt)]).abs().max() < 1e-4

@@ -161,12 +161,14 @@ class ModelRunner:
         model = self.model.model
         next_embeds = model.embed_tokens(inputs.input_ids).unsqueeze(0)
         cos, sin = model.rotary_emb(inputs.positions.unsqueeze(0), next_embeds.dtype)
-        x = layer.eh_proj(torch.cat([layer.enorm(next_embeds), layer.hnorm(hidden.unsqueeze(0))], dim=-1))
+        # the main stack's fast paths (fused norms, the short MoE path): drafting runs every step, so its
+        # cost decides whether speculation pays on a CPU
+        x = layer.eh_proj(torch.cat([_norm(layer.enorm, next_embeds), _norm(layer.hnorm, hidden.unsqueeze(0))], dim=-1))
         cache_layer = self.cfg.num_hidden_layers + depth
-        attn_out, _ = self.attention(layer.self_attn, cache_layer, layer.input_layernorm(x), cos, sin, inputs, None)
+        attn_out, _ = self.attention(layer.self_attn, cache_layer, _norm(layer.input_layernorm, x), cos, sin, inputs, None)
         x = x + attn_out
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return layer.shared_head.norm(x)[0]
+        x = x + self.mlp(layer.mlp, _norm(layer.post_attention_layernorm, x))
+        return _norm(layer.shared_head.norm, x)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
