@@ -8,7 +8,8 @@ experts, normalized to sum 1 (norm_topk_prob) and times routed_scaling_factor.
 Routed experts are fused 3-D parameters, gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
 The forward groups tokens by expert (one sort) and runs one matmul per expert that has tokens, or a single
 grouped matmul where torch has one (`torch._grouped_mm`, CUDA); `moe_forward_loop` is the plain per-expert
-loop kept as the test reference.
+loop kept as the test reference. On a CPU in bf16/fp16 each expert's rows are padded (weight-0 rows) to a
+few recurring sizes: oneDNN compiles a kernel per matmul shape, and unpadded counts are new every step.
 """
 
 from __future__ import annotations
