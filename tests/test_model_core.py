@@ -39,13 +39,20 @@ def test_gradients_of_both_paths_agree(impl):
         assert err < 1e-5, f"{name}: gradient differs by {err:.2e}"
 
 
-def test_grouped_moe_equals_the_per_expert_loop():
+def _routed_moe(rows: int, dtype: torch.dtype = torch.float32):
+    """A 16-expert top-4 MoE layer with random weights, `rows` random tokens and their routing (no grad)."""
     torch.manual_seed(0)
-    model = randomize_(GLM5ForCausalLM(tiny_config(n_routed_experts=16, num_experts_per_tok=4)))
+    model = randomize_(GLM5ForCausalLM(tiny_config(n_routed_experts=16, num_experts_per_tok=4))).to(dtype)
     moe = model.model.layers[1].mlp
-    x = torch.randn(50, 64)
+    x = torch.randn(rows, 64, dtype=dtype)
     with torch.no_grad():
         _, weights, indices = moe.gate(x)
+    return moe, x, weights.to(dtype), indices
+
+
+def test_grouped_moe_equals_the_per_expert_loop():
+    moe, x, weights, indices = _routed_moe(50)
+    with torch.no_grad():
         grouped = moe.experts(x, indices, weights)
         loop = moe_forward_loop(moe.experts, x, indices, weights)
     assert (grouped - loop).abs().max() < 1e-6
@@ -56,12 +63,7 @@ def test_padded_expert_groups_give_the_same_output_and_gradients(monkeypatch):
     nothing: pad rows read token 0 with weight 0, so outputs and every gradient stay the loop's."""
     import glm5.model.moe as moe_mod
 
-    torch.manual_seed(0)
-    model = randomize_(GLM5ForCausalLM(tiny_config(n_routed_experts=16, num_experts_per_tok=4))).double()
-    moe = model.model.layers[1].mlp
-    x = torch.randn(50, 64, dtype=torch.float64)
-    _, weights, indices = moe.gate(x)
-    weights = weights.double().detach()
+    moe, x, weights, indices = _routed_moe(50, torch.float64)
     results = {}
     for pad in (False, True):
         monkeypatch.setattr(moe_mod, "_pad_expert_rows", lambda t, pad=pad: pad)
@@ -97,12 +99,8 @@ def test_expert_padding_is_on_only_for_low_precision_cpu_matmuls():
 
 
 def test_bf16_autocast_experts_match_fp32_loosely():
-    torch.manual_seed(0)
-    model = randomize_(GLM5ForCausalLM(tiny_config(n_routed_experts=16, num_experts_per_tok=4)))
-    moe = model.model.layers[1].mlp
-    x = torch.randn(300, 64)
+    moe, x, weights, indices = _routed_moe(300)  # the same routing for both (bf16 scores may flip near-ties)
     with torch.no_grad():
-        _, weights, indices = moe.gate(x)  # the same routing for both (bf16 scores may flip near-ties)
         ref = moe.experts(x, indices, weights)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = moe.experts(x, indices, weights)
