@@ -3,7 +3,8 @@
     .venv/bin/python bench/train.py                       # tiny-bench config, batch 8 x 512, fp32 + bf16
     .venv/bin/python bench/train.py --repeats 7 --threads 2
 
-One step = forward + backward + AdamW update on the next-token loss (no MTP: transformers has none), same
+One step = forward + backward + AdamW update on the next-token loss (no MTP: transformers has none; both
+sides use the AdamW kernel glm5.train picks, `adamw_kernel`: fused on cpu / cuda), same
 random weights in both (ours copied into transformers; ours with DSA's top-k applied as a mask over the latent
 attention, as glm5.train trains it: `MLAttention.sparse_as_mask`), the `tiny-bench` preset (the tiny config of
 ../shared/reference/machine.md; DSA top-64, so at 512 tokens each query attends to 64 keys). The two sides
@@ -71,6 +72,7 @@ def main() -> int:
     from glm5.config import GLM5Config
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.train.losses import lm_loss_sum
+    from glm5.train.optim import adamw_kernel
 
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
@@ -112,7 +114,8 @@ def main() -> int:
                "model_flops_per_token": per_token, "runs": {}}
     for dtype in ("float32", "bfloat16"):
         sides = {"glm5": (ours, our_step), "transformers": (theirs, their_step)}
-        opts = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False) for name, (model, _) in sides.items()}
+        opts = {name: torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_kernel(list(model.named_parameters())))
+                for name, (model, _) in sides.items()}
         for name, (model, step) in sides.items():  # warm-up
             model.train()
             step(model, opts[name], dtype)

@@ -75,6 +75,32 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_adamw_is_fused_on_cpu_and_matches_the_per_parameter_loop():
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(tiny_config())
+    twin = GLM5ForCausalLM(tiny_config())
+    twin.load_state_dict(model.state_dict())
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    (adamw,) = opt.optimizers
+    assert all(g["fused"] for g in adamw.param_groups)
+    # the reference: torch's per-parameter loop, same groups and hyper-parameters
+    named = [(n, p) for n, p in twin.named_parameters()]
+    ref = torch.optim.AdamW([{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for m, o in ((model, opt), (twin, ref)):
+        for _ in range(3):
+            m(ids).logits.float().logsumexp(-1).mean().backward()
+            o.step()
+            o.zero_grad()
+    moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), twin.parameters()))
+    assert moved < 1e-5, moved
+    w = "model.layers.0.self_attn.q_a_proj.weight"
+    assert (dict(model.named_parameters())[w] - start[w]).abs().max() > 1e-3  # and the update was not a no-op
+
+
 # ---- data ---------------------------------------------------------------------------------------------
 def test_pack_documents_joins_with_eos_and_cuts_rows():
     rows = pack_documents([[1, 2, 3], [4, 5]], seq_len=3, eos_id=0)
