@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
              "held-out loss, SFT assistant tokens": f"{scored(heldout_loss, model, sft_heldout, max_rows=args.heldout_rows):.3f}"}
     tasks = scored(tool_call_eval, model, tokenizer, [dict(t) for t in corpus.tasks], max_new_tokens=args.max_new_tokens)
     final["tool-call validity"] = f"{tasks['validity']:.2f} ({len(corpus.tasks)} held-out requests)"
+    final["task accuracy (right tool)"] = f"{tasks['tool_accuracy']:.2f}"
     final["task accuracy (exact tool + arguments)"] = f"{tasks['accuracy']:.2f}"
     say("eval: " + ", ".join(f"{k} {v}" for k, v in final.items()))
 

@@ -385,12 +385,40 @@ def test_eval_scores_tool_calls_and_heldout_loss():
 
     tasks = [make_task(random.Random(i)) for i in range(2)]
     result = tool_call_eval(model, tok, tasks, max_new_tokens=3)
-    assert 0 <= result["validity"] <= 1 and 0 <= result["accuracy"] <= result["validity"]
+    assert 0 <= result["accuracy"] <= result["tool_accuracy"] <= result["validity"] <= 1
     assert len(result["samples"]) == 2
     rows = rows_of(4, 40, vocab=tok.vocab_size)
     assert abs(heldout_loss(model, rows) - heldout_loss(model, rows.take([0, 1, 2, 3]))) < 1e-6
     loss = heldout_loss(model, rows)
     assert abs(loss - math.log(tok.vocab_size)) < 0.5, f"an untrained model's loss {loss:.3f} should be near ln(V)"
+
+
+def test_tool_call_eval_scores_each_kind_of_answer(monkeypatch):
+    """The scoring itself, on fixed answers: exact, right tool with a wrong argument, malformed, wrong tool."""
+    import random
+
+    from glm5.tokenizer import default_tokenizer
+    from glm5.train import evaluate
+    from glm5.train.conversations import make_task
+
+    rng = random.Random(0)
+    tasks = []
+    while len(tasks) < 4:  # four weather requests (one tool, one string argument)
+        task = make_task(rng)
+        if task["expected"]["name"] == "get_weather":
+            tasks.append(task)
+    city = [t["expected"]["arguments"]["city"] for t in tasks]
+    answers = [
+        f"<tool_call>get_weather<arg_key>city</arg_key><arg_value>{city[0]}</arg_value></tool_call>",
+        f"<tool_call>get_weather<arg_key>city</arg_key><arg_value>{city[1]}x</arg_value></tool_call>",
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>",
+        "<tool_call>add<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>b</arg_key><arg_value>2</arg_value></tool_call>",
+    ]
+    monkeypatch.setattr(evaluate, "generate", lambda model, tok, prompts, max_new_tokens: answers[: len(prompts)])
+    result = evaluate.tool_call_eval(None, default_tokenizer(), tasks)
+    assert [(s["valid"], s["right_tool"], s["correct"]) for s in result["samples"]] == [
+        (True, True, True), (True, True, False), (False, False, False), (True, False, False)]
+    assert (result["validity"], result["tool_accuracy"], result["accuracy"]) == (0.75, 0.5, 0.25)
 
 
 def test_keep_freed_memory_on_glibc():

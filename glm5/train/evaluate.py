@@ -3,7 +3,7 @@
     from glm5.train.evaluate import heldout_loss, generate, tool_call_eval
     loss = heldout_loss(model, rows)                         # mean next-token loss over labelled tokens
     texts = generate(model, tokenizer, prompts, max_new_tokens=40)
-    result = tool_call_eval(model, tokenizer, tasks)         # {"validity", "accuracy", "samples": [...]}
+    result = tool_call_eval(model, tokenizer, tasks)         # {"validity", "tool_accuracy", "accuracy", "samples"}
 
 Generation here is the plain loop (the whole sequence re-run per new token, prompts left-padded into one
 batch): enough for a few dozen short answers; the engine (glm5/engine) is the fast path.
@@ -94,18 +94,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48,
 
 def tool_call_eval(model, tokenizer, tasks: list[dict], max_new_tokens: int = 48) -> dict:
     """validity: share of answers whose tool calls all parse and fit the schema (and that make one);
-    accuracy: share whose first call has exactly the expected name and arguments."""
+    tool_accuracy: share whose first valid call names the expected tool (choosing the tool from the request);
+    accuracy: share whose first call has exactly the expected name and arguments (also copying them)."""
     prompts = [render_messages(t["messages"], t["tools"]) for t in tasks]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    valid = correct = 0
+    valid = right_tool = correct = 0
     samples = []
     for task, text in zip(tasks, outputs):
         parsed = parse_output(text, task["tools"])
         ok = bool(parsed.tool_calls) and all(call.valid for call in parsed.tool_calls)
-        right = ok and parsed.tool_calls[0].name == task["expected"]["name"] and \
-            parsed.tool_calls[0].arguments == task["expected"]["arguments"]
+        tool = ok and parsed.tool_calls[0].name == task["expected"]["name"]
+        right = tool and parsed.tool_calls[0].arguments == task["expected"]["arguments"]
         valid += ok
+        right_tool += tool
         correct += right
-        samples.append({"request": task["messages"][-1]["content"], "output": text, "valid": ok, "correct": right})
+        samples.append({"request": task["messages"][-1]["content"], "output": text, "valid": ok,
+                        "right_tool": tool, "correct": right})
     n = max(len(tasks), 1)
-    return {"validity": valid / n, "accuracy": correct / n, "samples": samples}
+    return {"validity": valid / n, "tool_accuracy": right_tool / n, "accuracy": correct / n, "samples": samples}
