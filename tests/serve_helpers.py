@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -14,9 +15,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def script_engine(engine, tokenizer, script: list[str], prompts: list[list[int]]) -> None:
+    """Make the async engine 'generate' the texts of `script` (first in, first out; one token per step) instead
+    of running the model, so a test knows the output; every prompt's ids are appended to `prompts`. The server
+    around it (parsing, streaming, logprobs, usage) is the real one. An empty script falls back to the model."""
+    from glm5.engine.llm import StepOutput
+    from glm5.engine.sequence import TokenLogprob
+
+    model_generate = engine.generate
+
+    async def generate(prompt_ids, params, request_id):
+        prompts.append(list(prompt_ids))
+        if not script:
+            async for out in model_generate(prompt_ids, params, request_id):
+                yield out
+            return
+        ids = tokenizer.encode(script.pop(0), allow_special=True)
+        for k, token in enumerate(ids):
+            await asyncio.sleep(0)
+            last = k == len(ids) - 1
+            logprobs = [] if params.logprobs is None else [TokenLogprob(token, -0.5, [(token, -0.5)] * params.logprobs)]
+            yield StepOutput(request_id, [token], logprobs, last, "stop" if last else None, len(prompt_ids), k + 1)
+
+    engine.generate = generate
+
+
 @contextlib.contextmanager
-def running_server(argv: list[str]):
-    """Start `glm5 serve <argv>` in-process (uvicorn in a thread); yield (base_url, app); shut down after."""
+def running_server(argv: list[str], script: list[str] | None = None, prompts: list[list[int]] | None = None):
+    """Start `glm5 serve <argv>` in-process (uvicorn in a thread); yield (base_url, app); shut down after.
+    With `script`, the engine answers with those texts (see `script_engine`)."""
     import uvicorn
 
     from glm5.cli import build_parser
@@ -25,6 +52,8 @@ def running_server(argv: list[str]):
 
     args = build_parser().parse_args(["serve", *argv])
     engine, tokenizer, config = build_server(args)
+    if script is not None:
+        script_engine(engine, tokenizer, script, prompts if prompts is not None else [])
     app = create_app(engine, tokenizer, config)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))

@@ -27,7 +27,7 @@ BAD_CHAT_FIELDS = {
                  [{"role": "user", "content": "word " * 3000}]],
     "max_tokens": [0, -1, "ten", 1.5, 10**9],
     "max_completion_tokens": [0, -5, "x"],
-    "temperature": [-1, 3, "hot", None],
+    "temperature": [-1, 3, "hot"],
     "top_p": [0, 1.5, -0.1, "x"],
     "top_k": [-2, "a"],
     "min_p": [2, -1],

@@ -219,9 +219,13 @@ class _OpenCall:
 class StreamingParser:
     """Incremental parser of GLM-5 output: `feed` text pieces, then `close` and `finish`."""
 
-    def __init__(self, tools: Sequence[Mapping] | None = None, *, thinking: bool = True):
+    def __init__(self, tools: Sequence[Mapping] | None = None, *, thinking: bool = True, tool_calls: bool = True):
         self.schemas = tool_schemas(tools)
         self.thinking = thinking
+        # tool_calls=False (the request has tools off): `<tool_call>` is ordinary text, kept in the output
+        self.tags = _TAGS if tool_calls else {**_TAGS, REASONING: (THINK_CLOSE,), CONTENT: ()}
+        self.patterns = {state: re.compile("|".join(map(re.escape, tags))) if tags else None
+                         for state, tags in self.tags.items()}
         self.state = START
         self.buffer = ""
         self.position = 0  # buffer[:position] is consumed
@@ -270,13 +274,14 @@ class StreamingParser:
                 if not self._start(final):
                     return
                 continue
-            match = _PATTERNS[self.state].search(buffer, self.position)
+            pattern = self.patterns[self.state]
+            match = pattern.search(buffer, self.position) if pattern else None
             if match:
                 self._text(buffer[self.position:match.start()])
                 self.position = match.end()
                 self._tag(match.group())
                 continue
-            stop = len(buffer) if final else _partial_tag_start(buffer, self.position, _TAGS[self.state])
+            stop = len(buffer) if final else _partial_tag_start(buffer, self.position, self.tags[self.state])
             self._text(buffer[self.position:stop])
             self.position = stop
             return

@@ -49,7 +49,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < 1e-5  # as vLLM: a smaller temperature overflows logits / T into NaN
 
     @property
     def has_penalties(self) -> bool:

@@ -14,6 +14,7 @@ route, 422 messages that are well-formed but cannot be rendered, 500 engine fail
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart, render_messages
 from glm5.engine.sequence import SamplingParams
 from glm5.serve.async_engine import AsyncEngine, EngineError
-from glm5.serve.json_mode import JSONPrefixProcessor, ToolNameProcessor
+from glm5.serve.json_mode import JSONPrefixProcessor, LogitBias, ToolNameProcessor
 from glm5.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -120,6 +121,32 @@ async def drain(updates: asyncio.Queue, runners: int = 1):
         yield choice, out, pushed, first, done
 
 
+async def unless_disconnected(request: Request, items):
+    """Yield from the async iterator `items` until the client disconnects; then raise, so the caller's `finally`
+    aborts its engine requests instead of generating for nobody (vLLM's listen_for_disconnect does the same)."""
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    items = aiter(items)
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(items))
+            await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                raise APIError(499, "the client closed the connection", code="client_closed")
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        watcher.cancel()
+
+
 def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (started by the caller) with `tokenizer` for the text side."""
     cfg = config or ServerConfig()
@@ -183,7 +210,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             raise APIError(413, f"request body over {cfg.max_body_bytes} bytes", code="too_large")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
@@ -224,6 +251,10 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
                                 f"{prompt_len} and {max_tokens} more were requested", param="max_tokens",
                            code="context_length_exceeded")
         seed = None if req.seed is None else (req.seed + index) % (2**63)
+        if req.logit_bias:
+            if any(not 0 <= t < llm.config.vocab_size for t in req.logit_bias):
+                raise APIError(400, f"logit_bias token ids must be in [0, {llm.config.vocab_size})", param="logit_bias")
+            processors = [*(processors or []), LogitBias(req.logit_bias)]
         try:
             return SamplingParams(
                 max_tokens=max_tokens or max(1, min(cfg.default_max_tokens, room)), temperature=req.temperature,
@@ -245,6 +276,21 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         except ValueError as err:
             code = "context_length_exceeded" if "context" in str(err) else "invalid_prompt"
             raise APIError(400, str(err), param="messages" if code else "prompt", code=code) from None
+
+    byte_level = type(getattr(tokenizer, "backend", None) and tokenizer.backend.decoder).__name__ == "ByteLevel"
+    token_bytes_cache: dict[int, list[int]] = {}
+
+    def token_bytes(token_id: int) -> list[int]:
+        """The token's own UTF-8 bytes (OpenAI's `bytes`): also for a token holding part of a character."""
+        raw = token_bytes_cache.get(token_id)
+        if raw is None:
+            piece = tokenizer.id_to_token(token_id) if byte_level else None
+            if piece is not None and all(ch in BYTE_DECODER for ch in piece):
+                raw = [BYTE_DECODER[ch] for ch in piece]
+            else:
+                raw = list(token_text(token_id).encode())
+            token_bytes_cache[token_id] = raw
+        return raw
 
     def token_text(token_id: int) -> str:
         text = token_text_cache.get(token_id)
@@ -276,8 +322,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         out = []
         for lp in entries:
             text = token_text(lp.token_id)
-            out.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode())}
+            out.append({"token": text, "logprob": lp.logprob, "bytes": token_bytes(lp.token_id),
+                        "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": token_bytes(t)}
                                          for t, v in lp.top]})
         return out
 
@@ -287,7 +333,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await read_json(request))
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice_mode = req.tool_choice or ("auto" if tools else "none")
-        thinking = req.enable_thinking
+        json_mode = req.response_format is not None and req.response_format.type != "text"
+        thinking = req.enable_thinking and not json_mode  # the JSON is the answer: close the think block first
         try:
             prompt = render_messages(req.messages, tools if choice_mode != "none" else None,
                                      enable_thinking=thinking, clear_thinking=req.clear_thinking)
@@ -314,7 +361,6 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         prompt_ids = encode_prompt(prompt + forced)
         parse_tools = tools if choice_mode != "none" else None
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        json_mode = req.response_format is not None and req.response_format.type != "text"
         created, completion_id = now(), new_id("chatcmpl")
         choices = []
         for i in range(req.n):
@@ -322,7 +368,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             if name_choices:
                 processors.append(ToolNameProcessor(tokenizer, name_choices))
             params = sampling_params(req, len(prompt_ids), i, logprobs, processors)
-            text = ChoiceText(tokenizer, parse_tools, thinking and not forced and not json_mode, req.stop, hidden_ids,
+            text = ChoiceText(tokenizer, parse_tools, thinking and not forced, req.stop, hidden_ids,
                               forced=forced.removeprefix("</think>") if forced else "")
             choices.append(Choice(i, f"{completion_id}-{i}-{uuid.uuid4().hex[:8]}", params, text))
         metrics.prompt_tokens.inc(len(prompt_ids) * req.n)
@@ -412,7 +458,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         runner = asyncio.create_task(run_choices(choices, prompt_ids, updates))
         completion_tokens, cached, first = 0, 0, True
         try:
-            async for choice, out, _, _, done in drain(updates):
+            async for choice, out, _, _, done in unless_disconnected(request, drain(updates)):
                 if isinstance(out, EngineError):
                     raise APIError(500, str(out), "server_error")
                 if isinstance(out, Exception):
@@ -476,11 +522,12 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             metrics.prompt_tokens.inc(len(ids) * req.n)
         start = time.perf_counter()
 
-        def text_logprobs(entries) -> dict:
+        def text_logprobs(entries, start: int = 0) -> dict:
             tokens = [token_text(lp.token_id) for lp in entries]
             return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in entries],
                     "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in entries],
-                    "text_offset": []}
+                    "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=start))
+                    if tokens else []}
 
         updates: asyncio.Queue = asyncio.Queue()
         runners = [asyncio.create_task(run_choices(group, ids, updates)) for ids, group in groups]
@@ -495,7 +542,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             async def sse():
-                total_prompt = sum(len(ids) * req.n for ids, _ in groups)
+                total_prompt = sum(len(ids) for ids, _ in groups)  # once per prompt, as OpenAI and vLLM
                 completion_tokens = 0
                 try:
                     async for choice, out, piece, first_tokens, done in drain(updates, len(runners)):
@@ -512,7 +559,8 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
                             body = {"id": completion_id, "object": "text_completion", "created": created,
                                     "model": cfg.model_name, "choices": [{
                                         "index": choice.index, "text": piece, "finish_reason": reason,
-                                        "logprobs": text_logprobs(out.new_logprobs) if req.logprobs is not None else None}]}
+                                        "logprobs": text_logprobs(out.new_logprobs, choice.text.sent - len(piece))
+                                        if req.logprobs is not None else None}]}
                             if include_usage:
                                 body["usage"] = None
                             yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -528,7 +576,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         try:
-            async for choice, out, _, _, done in drain(updates, len(runners)):
+            async for choice, out, _, _, done in unless_disconnected(request, drain(updates, len(runners))):
                 if isinstance(out, Exception):
                     raise APIError(500 if isinstance(out, EngineError) else 400, str(out))
                 if done:
@@ -546,12 +594,26 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
                 result.append({"index": c.index, "text": text, "finish_reason": c.finish_reason,
                                "logprobs": text_logprobs(c.logprobs) if req.logprobs is not None else None})
         metrics.latency.observe(time.perf_counter() - start)
-        total_prompt = sum(len(ids) * req.n for ids, _ in groups)
+        total_prompt = sum(len(ids) for ids, _ in groups)  # once per prompt, as OpenAI and vLLM
         return {"id": completion_id, "object": "text_completion", "created": created, "model": cfg.model_name,
                 "choices": sorted(result, key=lambda c: c["index"]), "usage": usage(total_prompt, completion_tokens)}
 
     return app
 
 
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's bytes_to_unicode) back to the bytes it stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+BYTE_DECODER = _byte_decoder()
 START_TIME = now()
 KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}

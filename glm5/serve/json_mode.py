@@ -14,7 +14,8 @@ import re
 
 import torch
 
-_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)?(\.[0-9]*)?([eE][+-]?[0-9]*)?")
+# a prefix of a JSON number: digits before '.', a digit after it before any exponent, digits after 'e'
+_NUMBER = re.compile(r"-?((0|[1-9][0-9]*)(\.[0-9]*)?((?<=[0-9])[eE][+-]?[0-9]*)?)?")
 _LITERALS = ("true", "false", "null")
 
 
@@ -27,8 +28,14 @@ def advance(state, ch: str):
     """state = (stack, mode, buf); returns the next state or None when `ch` breaks the JSON prefix."""
     stack, mode, buf = state
     if mode == "string" or mode == "key":
+        if buf.startswith("\\u"):  # \uXXXX: exactly four hex digits
+            if ch not in "0123456789abcdefABCDEF":
+                return None
+            return (stack, mode, "" if len(buf) == 5 else buf + ch)
         if buf == "\\":
-            return (stack, mode, "") if ch in '"\\/bfnrtu' else None
+            if ch == "u":
+                return (stack, mode, "\\u")
+            return (stack, mode, "") if ch in '"\\/bfnrt' else None
         if ch == "\\":
             return (stack, mode, "\\")
         if ch == '"':
@@ -167,3 +174,16 @@ class ToolNameProcessor:
         index = torch.tensor(allowed, device=logits.device)
         masked[index] = logits[index]
         return masked
+
+
+class LogitBias:
+    """OpenAI's logit_bias: add a fixed bias to the logits of some token ids."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[self.ids.to(logits.device)] += self.values.to(logits.device, logits.dtype)
+        return logits

@@ -121,6 +121,22 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     user: str | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI: token id (a JSON string key) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value):
+        if value and any(not -100 <= v <= 100 for v in value.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # OpenAI accepts null for every optional field (temperature, n, logprobs, stream, ...): the default
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if v is not None}
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -194,6 +210,14 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (the prompt tokens have no logprobs)")
+        return self
 
     @field_validator("prompt")
     @classmethod

@@ -72,7 +72,7 @@ class ChoiceText:
 
     def __init__(self, tokenizer, tools, thinking: bool, stop, hidden_ids, forced: str = "") -> None:
         self.stream = TextStream(tokenizer, stop, hidden_ids)
-        self.parser = StreamingParser(tools, thinking=thinking)
+        self.parser = StreamingParser(tools, thinking=thinking, tool_calls=tools is not None)
         self.forced = forced
 
     @property
