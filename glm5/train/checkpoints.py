@@ -40,8 +40,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, keep_l
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:06d}.pt"
     tmp = directory / f".{path.name}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if keep_last > 0:
         for old in checkpoint_files(directory)[:-keep_last]:
             old.unlink(missing_ok=True)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     model = _build_model(args, tokenizer)
     if args.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {model.config.max_position_embeddings} positions")
-    check_fits_memory(model.config, max(1, args.batch_size // world_size), args.seq_len)
+    check_fits_memory(model.config, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len)
     rows = _rows(args, tokenizer)
     config = TrainConfig(
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,

@@ -77,15 +77,20 @@ def load_records(path: str | os.PathLike) -> list:
     if not path.exists():
         raise FileNotFoundError(f"no such data file or folder: {path}")
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        if any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
             try:
                 import datasets
             except ImportError as err:
                 raise ValueError(f"{path} is a Hugging Face dataset folder; reading it needs `pip install datasets`") from err
-            return list(datasets.load_from_disk(str(path)))
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):  # what `load_dataset(...).save_to_disk` writes
+                if "train" not in data:
+                    raise ValueError(f"{path} holds the splits {list(data)}; pass one split's folder")
+                data = data["train"]
+            return list(data)
         records = []
         for child in sorted(path.iterdir()):
-            if child.suffix in (".txt", ".jsonl", ".parquet"):
+            if child.suffix in (".txt", ".json", ".jsonl", ".parquet"):
                 records.extend(load_records(child))
         return records
     if path.suffix == ".jsonl":
@@ -98,6 +103,12 @@ def load_records(path: str | os.PathLike) -> list:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
         return records
+    if path.suffix == ".json":  # one JSON value: a list of records, or one record
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg}); JSON Lines files must be named .jsonl") from err
+        return data if isinstance(data, list) else [data]
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

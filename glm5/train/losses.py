@@ -53,6 +53,24 @@ def mtp_loss(mtp_logits: list[torch.Tensor] | None, labels: torch.Tensor) -> tup
     return torch.stack(losses).mean(), accuracy
 
 
+def mtp_loss_sums(mtp_logits: list[torch.Tensor] | None, labels: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
+    """Per MTP depth d, the summed cross-entropy of predicting token t + 1 + d at position t (the trainer divides
+    each by the step's global target count of that depth, as for the LM loss, so micro-batches and processes of
+    unequal target counts add up to one batch's mean), and the depth-1 head's (correct, counted) predictions."""
+    sums, correct, counted = [], 0, 0
+    for depth, logits in enumerate(mtp_logits or [], start=1):
+        usable = labels.shape[1] - 1 - depth
+        if usable < 1:
+            break
+        pred = logits[:, :usable].reshape(-1, logits.shape[-1]).float()
+        target = labels[:, 1 + depth :].reshape(-1)
+        sums.append(F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum"))
+        if depth == 1:
+            valid = target != IGNORE_INDEX
+            correct, counted = int((pred.argmax(-1)[valid] == target[valid]).sum()), int(valid.sum())
+    return sums, correct, counted
+
+
 def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 

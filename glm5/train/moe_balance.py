@@ -22,6 +22,9 @@ def expert_loads(moes: list[MoE]) -> list[torch.Tensor]:
     """Tokens per expert [E] (float) of each layer's last forward (needs `record_routing`)."""
     loads = []
     for moe in moes:
+        if moe.last_routing is None:  # a layer this forward did not run (the MTP layer with --mtp-weight 0)
+            loads.append(torch.zeros(moe.gate.num_experts, device=moe.gate.e_score_correction_bias.device))
+            continue
         _, chosen = moe.last_routing
         loads.append(torch.bincount(chosen.reshape(-1), minlength=moe.gate.num_experts).float())
     return loads

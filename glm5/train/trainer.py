@@ -75,9 +75,12 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r}: must be one of {STAGES}")
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("micro_batch_size", "save_every", "warmup", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: must be float32 or bfloat16")
 
@@ -160,6 +163,10 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints" / config.stage
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        if config.batch_size < world_size:
+            raise ValueError(f"batch size {config.batch_size} is smaller than the {world_size} processes: each needs a row")
+        if rows.seq_len < 2:
+            raise ValueError(f"sequence length {rows.seq_len}: rows need at least 2 tokens (an input and its next token)")
         micro = config.micro_batch_size or config.batch_size // world_size
         if config.batch_size % (micro * world_size):
             raise ValueError(f"batch size {config.batch_size} must be a multiple of micro batch {micro} x {world_size} processes")
@@ -169,7 +176,7 @@ class Trainer:
             raise ValueError(f"sequence length {rows.seq_len} is longer than the model's {max_pos} positions")
         if config.parallel == "fsdp" and config.optimizer == "muon":
             raise ValueError("Muon needs whole matrices; with --parallel fsdp use --optimizer adamw")
-        self.batches = Batches(rows, micro * world_size, seed=config.seed, rank=rank, world_size=world_size)
+        self.batches = Batches(rows, config.batch_size, seed=config.seed, rank=rank, world_size=world_size)
         self.inner = unwrap(model)
         configure_stage(self.inner, config.stage)
         self.model = parallelize(self.inner, config.parallel)
@@ -252,13 +259,24 @@ class Trainer:
         if path is None:
             return False
         self.load_state_dict(load_checkpoint(path))
-        if self.rank == 0 and self.metrics_path.is_file():
-            kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip()
-                    and not (json.loads(line)["stage"] == self.config.stage and json.loads(line)["step"] > self.step)]
-            tmp = self.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.metrics_path)
         return True
+
+    def _drop_metrics_after_step(self) -> None:
+        """Drop this stage's metrics lines past self.step (the run logs those steps again), and a last line cut
+        short by a kill mid-write."""
+        if self.rank != 0 or not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not (record["stage"] == self.config.stage and record["step"] > self.step):
+                kept.append(line)
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
 
     # ------------------------------------------------------------------ the fixed probe rows
     @torch.no_grad()
@@ -297,33 +315,43 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.config
         self.model.train()
-        micro_batches = [self.batches.next() for _ in range(self.accum)]
+        ids, labels = self.batches.next()  # this rank's batch_size / world_size rows of the global batch
+        micro_batches = list(zip(ids.split(self.micro), labels.split(self.micro)))
         local_targets = sum(int((labels[:, 1:] != losses.IGNORE_INDEX).sum()) for _, labels in micro_batches)
         (global_targets,) = all_reduce_sum([local_targets])
         global_targets = max(global_targets, 1.0)
+        depths = len(self.inner.mtp)
+        mtp_targets = all_reduce_sum([sum(int((labels[:, 1 + d :] != losses.IGNORE_INDEX).sum()) for _, labels in micro_batches)
+                                      for d in range(1, depths + 1)])
+        mtp_depths = max(1, sum(1 for n in mtp_targets if n > 0))
         warmup_stage = cfg.stage == "dsa-warmup"
-        sums = {"lm": 0.0, "mtp": 0.0, "mtp_acc": 0.0, "aux": 0.0, "kl": 0.0}
+        sums = {"lm": 0.0, "mtp": 0.0, "mtp_correct": 0.0, "mtp_counted": 0.0, "aux": 0.0, "kl": 0.0}
         step_loads = None
         for ids, labels in micro_batches:
+            for moe in self.moes:  # only this forward's routing: a layer it skips must not show an old one
+                moe.last_routing = None
             with self._autocast():
                 out = self.model(ids, return_mtp=cfg.mtp_weight > 0 or warmup_stage)
             lm_sum, _ = losses.lm_loss_sum(out.logits, labels)
-            mtp, mtp_acc = losses.mtp_loss(out.mtp_logits, labels)
+            mtp_sums, mtp_correct, mtp_counted = losses.mtp_loss_sums(out.mtp_logits, labels)
+            # each depth's sum over this step's global target count of that depth: this rank's share of the mean
+            mtp = sum(s * (self.world_size / n) for s, n in zip(mtp_sums, mtp_targets) if n > 0) / mtp_depths
             aux = losses.sequence_balance_loss(self.moes, ids.shape[0])
             kl = losses.indexer_kl(self.inner)
             if warmup_stage:
                 total = kl / self.accum
             else:
                 # DDP / FSDP average gradients over processes: scale by world size so the sum is the global mean
-                total = lm_sum * (self.world_size / global_targets) + (cfg.mtp_weight * mtp + cfg.aux_loss_weight * aux) / self.accum
+                total = lm_sum * (self.world_size / global_targets) + cfg.mtp_weight * mtp + cfg.aux_loss_weight * aux / self.accum
                 if kl is not None:
                     total = total + cfg.indexer_kl_weight * kl / self.accum
             total.backward()
             loads = expert_loads(self.moes)
             step_loads = loads if step_loads is None else [a + b for a, b in zip(step_loads, loads)]
             sums["lm"] += float(lm_sum.detach())
-            sums["mtp"] += float(mtp.detach()) / self.accum
-            sums["mtp_acc"] += mtp_acc / self.accum
+            sums["mtp"] += float(mtp.detach() if torch.is_tensor(mtp) else mtp) / self.world_size  # all-reduced below
+            sums["mtp_correct"] += mtp_correct
+            sums["mtp_counted"] += mtp_counted
             sums["aux"] += float(aux.detach()) / self.accum
             sums["kl"] += float(kl.detach()) / self.accum if kl is not None else 0.0
         params = [p for p in self.inner.parameters() if p.requires_grad]
@@ -339,11 +367,12 @@ class Trainer:
         if not warmup_stage:
             update_router_bias(self.moes, step_loads, cfg.bias_update_speed)
         self.step += 1
-        lm, mtp, mtp_acc, aux, kl = all_reduce_sum([sums["lm"], sums["mtp"], sums["mtp_acc"], sums["aux"], sums["kl"]])
+        lm, mtp, mtp_correct, mtp_counted, aux, kl = all_reduce_sum(
+            [sums["lm"], sums["mtp"], sums["mtp_correct"], sums["mtp_counted"], sums["aux"], sums["kl"]])
         n = self.world_size
         lm_loss = lm / global_targets
         record = {"stage": cfg.stage, "step": self.step, "loss": kl / n if warmup_stage else lm_loss,
-                  "lm_loss": lm_loss, "mtp_loss": mtp / n, "mtp_acc": mtp_acc / n, "aux_loss": aux / n,
+                  "lm_loss": lm_loss, "mtp_loss": mtp, "mtp_acc": mtp_correct / max(mtp_counted, 1.0), "aux_loss": aux / n,
                   "indexer_kl": kl / n if kl else None, "lr": self.optimizer.param_groups[0]["lr"],
                   "grad_norm": float(grad_norm), "targets": int(global_targets),
                   "expert_load": [load.tolist() for load in step_loads],
@@ -356,6 +385,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if resume and not self.resume() and self.rank == 0:
             print(f"[train] --resume: no checkpoint in {self.ckpt_dir}; starting {cfg.stage} from step 0", flush=True)
+        self._drop_metrics_after_step()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         tokens_per_step = cfg.batch_size * self.batches.rows.seq_len

@@ -1,0 +1,160 @@
+"""Training-library behaviours a review found wrong (each test failed before its fix): MTP off, MTP loss under
+accumulation on masked rows, stratified batches under accumulation, metrics after a restart, loaders, temp
+checkpoint files, the memory check with micro-batches, and clear errors for bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from glm5.model.transformer import GLM5ForCausalLM
+from glm5.train.data import IGNORE_INDEX, PackedRows, load_documents
+from glm5.train.trainer import TrainConfig, Trainer
+
+
+def rows_of(n=8, seq=16, vocab=256, seed=0):
+    ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+    return PackedRows(ids, ids.clone())
+
+
+def model_of(seed=0):
+    torch.manual_seed(seed)
+    return GLM5ForCausalLM(tiny_config(index_topk=8, num_hidden_layers=2))
+
+
+def quick(**kw):
+    return TrainConfig(**{"steps": 2, "batch_size": 2, "warmup": 0, "progress": False, **kw})
+
+
+def test_mtp_weight_zero_trains_and_a_later_stage_ignores_old_routing(tmp_path):
+    model = model_of()
+    # the MTP layer is an MoE: with mtp_weight 0 it does not run, and its load is zero, not a crash
+    record = Trainer(model, rows_of(), quick(mtp_weight=0.0), out_dir=tmp_path / "a").train_step()
+    assert torch.isfinite(torch.tensor(record["loss"])) and sum(record["expert_load"][-1]) == 0
+    # pretraining with MTP leaves routing in the MTP layer's MoE; SFT without MTP must not read it
+    Trainer(model, rows_of(seed=1), quick(), out_dir=tmp_path / "b").train_step()
+    sft = Trainer(model, rows_of(seed=2), quick(stage="sft", mtp_weight=0.0), out_dir=tmp_path / "b")
+    for _ in range(2):
+        assert sum(sft.train_step()["expert_load"][-1]) == 0
+
+
+def _masked_rows(n=8, seq=16):
+    ids = torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i in range(n):  # assistant spans of very different lengths: micro-batches with unequal target counts
+        start = 2 if i % 2 else seq - 5
+        labels[i, start:] = ids[i, start:]
+    return PackedRows(ids, labels)
+
+
+def _step_grads(rows, micro, tmp_path):
+    trainer = Trainer(model_of(), rows, quick(steps=1, batch_size=8, micro_batch_size=micro, grad_clip=0),
+                      out_dir=tmp_path / f"m{micro}")
+    grads = {}
+    trainer.optimizer.step = lambda: grads.update(
+        {n: p.grad.clone() for n, p in trainer.inner.named_parameters() if p.grad is not None})
+    return grads, trainer.train_step()
+
+
+def test_accumulation_matches_one_batch_on_masked_rows_mtp_included(tmp_path):
+    rows = _masked_rows()
+    ref, ref_record = _step_grads(rows, 8, tmp_path)
+    assert any(n.startswith("mtp.") for n in ref)
+    for micro in (4, 2):
+        grads, record = _step_grads(rows, micro, tmp_path)
+        worst = max(((grads[n] - ref[n]).norm() / (ref[n].norm() + 1e-30)).item() for n in ref)
+        assert worst < 1e-5, (micro, worst)
+        assert abs(record["mtp_loss"] - ref_record["mtp_loss"]) < 1e-5
+        assert record["mtp_acc"] == pytest.approx(ref_record["mtp_acc"])
+
+
+def test_stratified_batches_do_not_depend_on_the_micro_batch(tmp_path):
+    rows = PackedRows.concat([rows_of(90, 16, seed=1), rows_of(10, 16, seed=2)])
+    shares = []
+    for micro in (8, 4, 2):
+        trainer = Trainer(model_of(), rows, quick(steps=4, batch_size=8, micro_batch_size=micro), out_dir=tmp_path)
+        seen, real_next = [], trainer.batches.next
+
+        def recording_next(trainer=trainer, seen=seen, real_next=real_next):
+            seen.extend(trainer.batches.indices(trainer.batches.position))
+            return real_next()
+
+        trainer.batches.next = recording_next
+        for _ in range(3):
+            trainer.train_step()
+        assert len(seen) == 24
+        shares.append(sum(int(rows.groups[i]) for i in seen))
+    assert shares[0] == shares[1] == shares[2] == 3, shares  # one small-group row per step of 8, whatever the micro
+
+
+def test_a_restart_does_not_log_steps_twice_and_survives_a_cut_line(tmp_path):
+    cfg = dict(steps=4, batch_size=2, warmup=0, progress=False)
+    trainer = Trainer(model_of(), rows_of(), TrainConfig(**cfg), out_dir=tmp_path)
+    real_step, done = trainer.train_step, [0]
+
+    def killed_after_three():
+        if done[0] == 3:
+            raise KeyboardInterrupt
+        done[0] += 1
+        return real_step()
+
+    trainer.train_step = killed_after_three
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()  # no checkpoint yet (save_every 0), three metrics lines
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"stage": "pretrain", "step": 4, "lo')  # killed mid-write
+    Trainer(model_of(), rows_of(), TrainConfig(**cfg), out_dir=tmp_path).run(resume=True)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_json_files_and_dataset_dict_folders_load(tmp_path):
+    (tmp_path / "data.json").write_text(json.dumps([{"text": "alpha"}, {"text": "beta"}]))
+    assert load_documents(tmp_path / "data.json") == ["alpha", "beta"]
+    (tmp_path / "bad.json").write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match="jsonl"):
+        load_documents(tmp_path / "bad.json")
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["gamma", "delta"]})}).save_to_disk(
+        str(tmp_path / "dd"))
+    assert load_documents(tmp_path / "dd") == ["gamma", "delta"]
+
+
+def test_a_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    from glm5.train import checkpoints
+
+    def disk_full(obj, f):
+        open(f, "wb").write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        checkpoints.save_checkpoint(tmp_path, 1, {"step": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_memory_check_sizes_a_micro_batch(tmp_path, monkeypatch, capsys):
+    from glm5.cli import main
+    from glm5.train import resources
+
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: 2**30)  # 1 GiB
+    (tmp_path / "d.txt").write_text("some words to train on. " * 200)
+    argv = ["train", "pretrain", "--data", str(tmp_path / "d.txt"), "--preset", "nano", "--steps", "1",
+            "--seq-len", "64", "--no-progress", "--batch-size", "256"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) != 0  # 256 rows of activations at once: not in 1 GiB
+    assert "cannot fit in memory" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--micro-batch-size", "2"]) == 0  # 2 rows at a time do
+
+
+@pytest.mark.parametrize("change, rows, world, match", [
+    (dict(log_every=0), rows_of(), 1, "log_every"),
+    (dict(micro_batch_size=-2), rows_of(), 1, "micro_batch_size"),
+    (dict(batch_size=1), rows_of(), 2, "processes"),
+    ({}, rows_of(seq=1), 1, "at least 2 tokens"),
+])
+def test_bad_settings_are_clear_errors(tmp_path, change, rows, world, match):
+    with pytest.raises(ValueError, match=match):
+        Trainer(model_of(), rows, quick(**change), out_dir=tmp_path, world_size=world)
