@@ -31,8 +31,9 @@ class BlockManager:
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
-        self.prefix_hits = 0  # tokens served from the prefix cache, over the manager's life
-        self.prefix_queries = 0  # prompt tokens looked up
+        # over the manager's life, counted when a waiting sequence is admitted (the scheduler), not per lookup:
+        self.prefix_hits = 0  # tokens served from the prefix cache
+        self.prefix_queries = 0  # tokens of the admitted sequences
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -80,7 +81,6 @@ class BlockManager:
         prev = None
         reused = 0
         full = (len(seq.token_ids) - 1) // bs
-        self.prefix_queries += len(seq.token_ids)
         for i in range(full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = self._hash(prev, tokens)
@@ -95,8 +95,8 @@ class BlockManager:
             reused += bs
         seq.num_hashed_blocks = len(seq.block_table)
         seq.num_computed_tokens = reused
-        seq.num_cached_prefix_tokens = reused
-        self.prefix_hits += reused
+        if not seq.num_preemptions:  # a resumed request keeps what its first admission reused (its prompt's)
+            seq.num_cached_prefix_tokens = reused
         return reused
 
     def commit(self, seq: Sequence) -> None:

@@ -262,6 +262,8 @@ class LLMEngine:
             prompts = [prompts]  # type: ignore[list-item]
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prompts)
+        for p in prompts:  # all or none: a bad prompt must not leave the ones before it queued
+            self.validate_prompt(list(p))
         seqs = [self.add_request(list(p), sp) for p, sp in zip(prompts, params)]
         while any(s.finish_reason is None for s in seqs):
             self.step()

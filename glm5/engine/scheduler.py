@@ -95,6 +95,8 @@ class Scheduler:
                     bm.free(seq)
                     break
             bm.allocate(seq, seq.num_computed_tokens + n)
+            bm.prefix_queries += len(seq.token_ids)
+            bm.prefix_hits += seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -77,7 +77,7 @@ class Sequence:
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.seq_id = next(_ids)
-        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.request_id = request_id if request_id is not None else f"seq-{self.seq_id}"
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.params = params

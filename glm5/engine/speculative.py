@@ -67,18 +67,18 @@ class MTPDrafter:
         mtp_inputs = self.runner.prepare(seqs, starts, counts, tokens)
         out = self.runner.forward_mtp(mtp_inputs, hidden[torch.tensor(rows, device=hidden.device)])
         # draft only for live greedy sequences whose last fed token is their newest (prompt complete)
-        drafting = [
-            (j, seq) for j, seq in enumerate(seqs)
-            if seq.finish_reason is None and can_speculate(seq) and seq.num_pending_tokens == 1
-            and self.block_manager.can_allocate(seq, len(seq.token_ids) + 2 * self.k)
-        ]
+        drafting = []
+        for j, seq in enumerate(seqs):  # check and take the blocks together: earlier drafters use up free ones
+            if (seq.finish_reason is None and can_speculate(seq) and seq.num_pending_tokens == 1
+                    and self.block_manager.can_allocate(seq, len(seq.token_ids) + 2 * self.k)):
+                self.block_manager.allocate(seq, len(seq.token_ids) + 2 * self.k)
+                drafting.append((j, seq))
         if not drafting:
             return
         last_rows = [mtp_inputs.query_starts[j] + counts[j] - 1 for j, _ in drafting]
         h = out[torch.tensor(last_rows, device=out.device)]
         chain = [seq for _, seq in drafting]
         for seq in chain:
-            self.block_manager.allocate(seq, len(seq.token_ids) + 2 * self.k)
             seq.draft_token_ids = []
         for depth in range(self.k):
             drafts = self.runner.logits(h).max(dim=-1).indices.tolist()
