@@ -140,7 +140,7 @@ def test_the_memory_check_sizes_a_micro_batch(tmp_path, monkeypatch, capsys):
     from glm5.cli import main
     from glm5.train import resources
 
-    monkeypatch.setattr(resources, "available_memory_bytes", lambda: 2**30)  # 1 GiB
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda device=None: 2**30)  # 1 GiB
     (tmp_path / "d.txt").write_text("some words to train on. " * 200)
     argv = ["train", "pretrain", "--data", str(tmp_path / "d.txt"), "--preset", "nano", "--steps", "1",
             "--seq-len", "64", "--no-progress", "--batch-size", "256"]
@@ -158,3 +158,17 @@ def test_the_memory_check_sizes_a_micro_batch(tmp_path, monkeypatch, capsys):
 def test_bad_settings_are_clear_errors(tmp_path, change, rows, world, match):
     with pytest.raises(ValueError, match=match):
         Trainer(model_of(), rows, quick(**change), out_dir=tmp_path, world_size=world)
+
+
+def test_train_cli_device_choice(tmp_path, capsys):
+    from glm5.cli import main
+    from glm5.train.parallel import training_device
+
+    assert training_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert training_device("auto") == torch.device("cpu")
+    (tmp_path / "d.txt").write_text("some words to train on. " * 100)
+    assert main(["train", "pretrain", "--data", str(tmp_path / "d.txt"), "--preset", "nano", "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "32", "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert "process(es) on cpu" in capsys.readouterr().out

@@ -75,21 +75,23 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from glm5.common import keep_freed_memory, print0
-    from glm5.train.parallel import init_distributed, is_distributed
+    from glm5.train.parallel import init_distributed, is_distributed, training_device
     from glm5.train.resources import check_fits_memory
     from glm5.train.trainer import TrainConfig, Trainer, release_stage
 
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # big per-step tensors would otherwise page-fault every step
-    rank, world_size = init_distributed()
+    device = training_device(args.device)
+    rank, world_size = init_distributed(device)
     _check_inputs(args)
     tokenizer = _load_tokenizer(args)
     torch.manual_seed(args.seed)
-    model = _build_model(args, tokenizer)
+    model = _build_model(args, tokenizer).to(device)
     if args.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {model.config.max_position_embeddings} positions")
-    check_fits_memory(model.config, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len)
+    check_fits_memory(model.config, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len,
+                      device=device)
     rows = _rows(args, tokenizer)
     config = TrainConfig(
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     )
     trainer = Trainer(model, rows, config, args.out, rank=rank, world_size=world_size)
     print0(f"[train] {args.stage}: {len(rows)} rows x {rows.seq_len} tokens, {config.steps} steps x {config.batch_size} "
-           f"rows, {world_size} process(es), parallel={args.parallel}")
+           f"rows, {world_size} process(es) on {device.type}, parallel={args.parallel}")
     summary = trainer.run(resume=args.resume)
     # the model directory: full weights gathered on every rank (a collective under FSDP), written by rank 0
     state = trainer.state_dict()["model"] if args.parallel == "fsdp" and is_distributed() else None
@@ -161,6 +163,9 @@ def register(subparsers) -> None:
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (default 2)")
     p.add_argument("--parallel", choices=PARALLEL_MODES, default="none", help="under torchrun: ddp or fsdp (FSDP2); default none")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this many minutes (default: no limit)")
+    p.add_argument("--device", default="auto",
+                   help="cpu / cuda / mps / auto (default auto: cuda, then mps, then cpu; under torchrun on GPUs "
+                        "each process takes cuda:LOCAL_RANK and the processes talk over nccl, else gloo)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

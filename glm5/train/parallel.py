@@ -1,7 +1,8 @@
 """Data parallelism applied from outside the single-device model: DDP or FSDP2, gloo on CPU, nccl on CUDA.
 
     torchrun --nproc_per_node 2 -m glm5.cli train pretrain --parallel ddp ...
-    world = init_distributed()                 # (rank, world_size); (0, 1) when not under torchrun
+    device = training_device("auto")           # cuda:LOCAL_RANK under torchrun on GPUs, else mps / cpu
+    world = init_distributed(device)           # (rank, world_size); (0, 1) when not under torchrun
     model = parallelize(model, "fsdp")         # FSDP2: each decoder layer and MTP layer sharded, then the root
     inner = unwrap(model)                      # the GLM5ForCausalLM inside (for switches and saving)
 
@@ -21,15 +22,35 @@ from torch import nn
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun set up (env RANK / WORLD_SIZE); (0, 1) without torchrun."""
+def training_device(name: str | None = None) -> torch.device:
+    """The device this process trains on: `name` (cpu / cuda / mps; None or "auto": the best available). Under
+    torchrun a CUDA process takes its own GPU, cuda:LOCAL_RANK."""
+    from glm5.common import pick_device
+
+    device = pick_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Join the process group torchrun set up (env RANK / WORLD_SIZE): nccl when training on CUDA, gloo
+    otherwise; (0, 1) without torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: the current GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_distributed() -> bool:
@@ -62,6 +83,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum scalars over processes (a no-op in a single process)."""
     if not is_distributed():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()

@@ -13,8 +13,13 @@ from __future__ import annotations
 import os
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo, else physical memory, else 8 GiB."""
+def available_memory_bytes(device=None) -> int:
+    """Free memory of a CUDA device (`device` cuda / cuda:N); else the host's: MemAvailable from /proc/meminfo,
+    else physical memory, else 8 GiB."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -40,9 +45,10 @@ def estimate_training_bytes(cfg, batch_size: int, seq_len: int) -> int:
     return 16 * params + activations + logits + scores
 
 
-def check_fits_memory(cfg, batch_size: int, seq_len: int, available: int | None = None) -> None:
+def check_fits_memory(cfg, batch_size: int, seq_len: int, available: int | None = None, device=None) -> None:
+    """`batch_size`: the rows of one forward (a micro-batch); `device`: where training runs (its free memory)."""
     need = estimate_training_bytes(cfg, batch_size, seq_len)
-    have = available_memory_bytes() if available is None else available
+    have = available_memory_bytes(device) if available is None else available
     if need > have:
         raise ValueError(f"this config cannot fit in memory: training needs about {need / 2**30:,.1f} GiB "
                          f"(weights, gradients, AdamW state, activations for {batch_size} x {seq_len} tokens), "

@@ -178,6 +178,7 @@ class Trainer:
             raise ValueError("Muon needs whole matrices; with --parallel fsdp use --optimizer adamw")
         self.batches = Batches(rows, config.batch_size, seed=config.seed, rank=rank, world_size=world_size)
         self.inner = unwrap(model)
+        self.device = next(self.inner.parameters()).device  # batches go where the model is
         configure_stage(self.inner, config.stage)
         self.model = parallelize(self.inner, config.parallel)
         self.optimizer = build_optimizer(self.inner, config.optimizer, lr=config.lr, muon_lr=config.muon_lr,
@@ -289,7 +290,8 @@ class Trainer:
         if self.config.probe_threads:
             torch.set_num_threads(self.config.probe_threads)
         for start in range(0, len(rows), batch_size):
-            ids, labels = rows.ids[start : start + batch_size], rows.labels[start : start + batch_size]
+            ids = rows.ids[start : start + batch_size].to(self.device)
+            labels = rows.labels[start : start + batch_size].to(self.device)
             with self._autocast():
                 out = self.model(ids)
             total, n = losses.lm_loss_sum(out.logits, labels)
@@ -316,6 +318,7 @@ class Trainer:
         cfg = self.config
         self.model.train()
         ids, labels = self.batches.next()  # this rank's batch_size / world_size rows of the global batch
+        ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         micro_batches = list(zip(ids.split(self.micro), labels.split(self.micro)))
         local_targets = sum(int((labels[:, 1:] != losses.IGNORE_INDEX).sum()) for _, labels in micro_batches)
         (global_targets,) = all_reduce_sum([local_targets])
