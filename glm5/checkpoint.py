@@ -52,6 +52,8 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
                 weight_map = json.load(fh)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({err})") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to file names")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.exists(os.path.join(directory, name)):
@@ -245,6 +247,8 @@ def empty_model_for(directory, cls=None, *, device="cpu", dtype=None, attn_impl=
         if prepare is not None:
             prepare(model, keys)
     model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives every module a tensor of its own: tie the head again
+        model.lm_head.weight = model.model.embed_tokens.weight
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):  # non-persistent: recompute what to_empty left uninitialized
             module.reset()

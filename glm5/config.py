@@ -170,7 +170,7 @@ class GLM5Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, "must be a non-negative integer")
-        if not isinstance(self.index_topk, int) or self.index_topk < 1:
+        if not isinstance(self.index_topk, int) or isinstance(self.index_topk, bool) or self.index_topk < 1:
             fail("index_topk", "must be >= 1 (the number of past tokens each query attends to)")
         if self.num_attention_heads % self.num_key_value_heads:
             fail("num_attention_heads", f"must be divisible by num_key_value_heads={self.num_key_value_heads}")
@@ -199,6 +199,14 @@ class GLM5Config:
             fail("topk_method", f"must be one of {SUPPORTED_TOPK_METHODS}")
         if self.torch_dtype not in SUPPORTED_DTYPES:
             fail("torch_dtype", f"must be one of {SUPPORTED_DTYPES}")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "attention_dropout", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                fail(name, "must be a number")
+        if not self.routed_scaling_factor > 0:
+            fail("routed_scaling_factor", "must be > 0")
+        if self.initializer_range < 0:
+            fail("initializer_range", "must be >= 0")
         if not self.rms_norm_eps > 0:
             fail("rms_norm_eps", "must be > 0")
         if not self.rope_theta > 0:
@@ -212,6 +220,9 @@ class GLM5Config:
                 fail("rope_scaling", f"unknown rope type {self.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
             if self.rope_type == "yarn" and not (isinstance(self.rope_scaling.get("factor"), int | float) and self.rope_scaling["factor"] >= 1):
                 fail("rope_scaling", "yarn needs a numeric factor >= 1")
+            original = self.rope_scaling.get("original_max_position_embeddings")
+            if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original < 1):
+                fail("rope_scaling", "original_max_position_embeddings must be a positive integer")
         if len(self.indexer_types) != self.num_hidden_layers or set(self.indexer_types) - {"full", "shared"}:
             fail("indexer_types", f"must list 'full' or 'shared' for each of the {self.num_hidden_layers} layers")
         if self.indexer_types and self.indexer_types[0] != "full":
@@ -223,7 +234,7 @@ class GLM5Config:
             if value is not None and not (0 <= value < self.vocab_size):
                 fail(name, f"must be in [0, vocab_size={self.vocab_size})")
         for tid in self.eos_token_ids:
-            if not (isinstance(tid, int) and 0 <= tid < self.vocab_size):
+            if not (isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < self.vocab_size):
                 fail("eos_token_id", f"every id must be in [0, vocab_size={self.vocab_size})")
 
     # ------------------------------------------------------------------ Hugging Face config.json

@@ -200,3 +200,35 @@ def test_loading_streams_without_a_second_copy(ours, tmp_path, monkeypatch):
     GLM5ForCausalLM.from_pretrained(tmp_path / "x")
     total = sum(p.numel() for p in ours.parameters())
     assert max(seen_live) < total / 4, "one tensor at a time, never the whole state dict"
+
+
+def test_tied_embeddings_load_tied(tmp_path):
+    """A tied checkpoint has no lm_head.weight: the loaded head must be the embedding, not empty memory."""
+    from transformers import GlmMoeDsaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = tiny_config(index_topk=8, tie_word_embeddings=True)
+    twin = randomize_(GlmMoeDsaForCausalLM(to_transformers_config(cfg, "eager")).eval(), seed=1)
+    twin.save_pretrained(tmp_path / "hf")
+    model = GLM5ForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert (model(IDS).logits - twin(IDS).logits).abs().max() < 1e-4
+    torch.manual_seed(2)  # and our own tied model's round trip, MTP included
+    model = randomize_(GLM5ForCausalLM(cfg), seed=2).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "ours")
+    again = GLM5ForCausalLM.from_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        a, b = model(IDS, return_mtp=True), again(IDS, return_mtp=True)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mtp_logits[0], b.mtp_logits[0])
+
+
+def test_an_index_whose_weight_map_is_not_a_mapping_is_a_clear_error(ours, tmp_path):
+    ours.save_pretrained(tmp_path, max_shard_size=50_000)
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = sorted(set(data["weight_map"].values()))
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        GLM5ForCausalLM.from_pretrained(tmp_path)

@@ -54,6 +54,16 @@ def test_every_preset_builds_and_validates(name):
         (dict(indexer_types=["shared"] + ["full"] * 77), "indexer_types", "layer 0"),
         (dict(pad_token_id=10**6), "pad_token_id", "vocab_size"),
         (dict(eos_token_id=[1, -5]), "eos_token_id", "vocab_size"),
+        (dict(eos_token_id=True), "eos_token_id", "vocab_size"),
+        (dict(index_topk=True), "index_topk", ">= 1"),
+        (dict(rope_theta="1e6"), "rope_theta", "a number"),
+        (dict(rms_norm_eps="1e-5"), "rms_norm_eps", "a number"),
+        (dict(attention_dropout="0.1"), "attention_dropout", "a number"),
+        (dict(routed_scaling_factor=-1), "routed_scaling_factor", "> 0"),
+        (dict(routed_scaling_factor="2.5"), "routed_scaling_factor", "a number"),
+        (dict(initializer_range=-1), "initializer_range", ">= 0"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}),
+         "rope_scaling", "original_max_position_embeddings"),
     ],
 )
 def test_bad_config_raises_value_error_naming_field_and_rule(changes, field, rule):

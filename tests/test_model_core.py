@@ -171,3 +171,24 @@ def test_torch_compile_gives_the_same_logits():
         compiled = torch.compile(model)
         out = compiled(ids).logits
     assert (out - eager).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("impl", ["reference", "sparse"])
+def test_mtp_logits_under_left_padding_ignore_the_pad_tokens(impl):
+    """MTP position t pairs h[t] with token t + 1: with left padding, the last pad position pairs a pad's hidden
+    state with a real token and must stay masked, so real positions do not depend on what the pads are."""
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=64)), seed=0).eval().set_attn_impl(impl)
+    T, pad = 20, 6
+    ids = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, T, dtype=torch.long)
+    mask[0, :pad] = 0
+    other = ids.clone()
+    other[0, :pad] = (other[0, :pad] + 17) % 256
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = model(ids, attention_mask=mask, position_ids=positions, return_mtp=True)
+        b = model(other, attention_mask=mask, position_ids=positions, return_mtp=True)
+        alone = model(ids[:, pad:], return_mtp=True)
+    assert (a.mtp_logits[0] - b.mtp_logits[0])[0, pad:].abs().max() < 1e-5
+    assert (a.mtp_logits[0][0, pad:] - alone.mtp_logits[0][0]).abs().max() < 1e-4

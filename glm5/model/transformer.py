@@ -181,13 +181,15 @@ class GLM5ForCausalLM(nn.Module):
         if return_mtp and len(self.mtp):
             mtp_logits = []
             h = hidden
+            valid = None if attention_mask is None else attention_mask.bool()
             for depth, layer in enumerate(self.mtp, start=1):
                 T = h.shape[1] - 1
                 if T < 1:
                     break
                 next_embeds = self.model.embed_tokens(input_ids[:, depth : depth + T])
-                key_mask = None if attention_mask is None else attention_mask[:, depth : depth + T]
-                h = layer(h[:, :T], next_embeds, cos[:, :T], sin[:, :T], q_positions[:, :T], key_mask)
+                if valid is not None:  # position t is real only if h[t] and token t + depth both are (left padding)
+                    valid = valid[:, :T] & attention_mask[:, depth : depth + T].bool()
+                h = layer(h[:, :T], next_embeds, cos[:, :T], sin[:, :T], q_positions[:, :T], valid)
                 mtp_logits.append(self.lm_head(h))
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=hidden, mtp_logits=mtp_logits, topk_indices=topk)
 
