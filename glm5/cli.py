@@ -26,6 +26,19 @@ SUBCOMMAND_MODULES = [
 ]
 
 
+def int_at_least(low: int, high: int | None = None):
+    """An argparse `type` for subcommands: an integer in [low, high], else argparse's one-line usage error."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {low}" + (f" and <= {high}" if high is not None else ""))
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm5", description="GLM-5 end to end: model, training, inference, tools.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # bad input: a clear one-line error, not a traceback
+    except (ValueError, OSError) as err:
+        # bad input (a value, a path: missing, a file where a folder belongs, not writable): one line, no traceback
         print(f"glm5 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"glm5 {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,7 +13,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def pick_device(name: str | None = None) -> torch.device:
     """`name` if given, else cuda, then mps, then cpu."""
     if name and name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r}: not a device (cpu, cuda, cuda:N, mps, auto)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name!r}: CUDA is not available here (torch {torch.__version__})")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

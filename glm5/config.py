@@ -83,6 +83,7 @@ class GLM5Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()  # before anything below compares or iterates a field
         if self.indexer_types is None:
             self.indexer_types = indexer_pattern(self.num_hidden_layers, self.index_topk_freq, self.index_skip_topk_offset)
         else:
@@ -135,6 +136,17 @@ class GLM5Config:
         return self.indexer_types[layer_idx] == "full"
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        """ValueError naming the field when a config.json gives an integer or list field a value of the wrong JSON
+        type: __post_init__ uses some of them before validate() runs, and validate() compares the ids with <."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind in ("int", "int | None") and not (value is None and kind == "int | None") and (
+                    isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"GLM5Config.{f.name}={value!r}: must be an integer")
+            if kind.startswith("list[") and value is not None and not isinstance(value, list | tuple):
+                raise ValueError(f"GLM5Config.{f.name}={value!r}: must be a list")
+
     def validate(self) -> None:
         """Raise ValueError naming the field and the rule it breaks."""
 
@@ -272,7 +284,8 @@ class GLM5Config:
         if isinstance(rope_params, dict):
             rope_params = dict(rope_params)
             if "rope_theta" in rope_params:
-                kwargs["rope_theta"] = float(rope_params.pop("rope_theta"))
+                theta = rope_params.pop("rope_theta")
+                kwargs["rope_theta"] = float(theta) if isinstance(theta, int | float) else theta  # else: validate() names it
             if rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
                 kwargs["rope_scaling"] = rope_params
         if "dtype" in data and "torch_dtype" not in data:
@@ -304,7 +317,7 @@ class GLM5Config:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config.json must hold a JSON object")

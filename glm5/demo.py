@@ -53,10 +53,13 @@ def run(args: argparse.Namespace) -> int:
     # Evaluation runs on one thread: it is short, and one thread cannot be stalled at a barrier by another
     # busy process the way several are (see ThreadGovernor in glm5/train/trainer.py)
     eval_threads = args.threads or 1
+    if not args.minutes >= 0:
+        raise ValueError(f"--minutes {args.minutes}: must be >= 0 (0: no time limit)")
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
     run_dir = Path(args.out) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(f"{run_dir} already exists and is not empty; pick another --name (nothing was overwritten)")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ValueError(f"{run_dir} already exists (a file, or a folder that is not empty); pick another --name (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, not after the corpus and tokenizer
     torch.manual_seed(args.seed)
     keep_freed_memory()  # big per-step tensors would otherwise page-fault every step (glm5.common)
     if args.threads:
@@ -209,20 +212,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from glm5.cli import int_at_least
+
     p = subparsers.add_parser("demo", help="the CPU speedrun: corpus, tokenizer, pretrain, DSA, SFT, eval, report (no arguments needed)")
     p.add_argument("--name", default=None, help="run name; output goes to OUT/NAME (default demo-<date>-<time>)")
     p.add_argument("--out", default="runs", help="folder for runs (default runs)")
     p.add_argument("--preset", default="nano", help="model preset (default nano)")
     p.add_argument("--minutes", type=float, default=15.0,
-                   help="time budget; each stage stops early past its share of it (default 15)")
+                   help="time budget; each stage stops early past its share of it (0: no limit; default 15)")
     p.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps (default 300)")
     p.add_argument("--warmup-steps", type=int, default=50, help="DSA dense warm-up steps (default 50)")
     p.add_argument("--sparse-steps", type=int, default=100, help="DSA sparse-stage steps (default 100)")
     p.add_argument("--sft-steps", type=int, default=150, help="SFT steps (default 150)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per pretraining / DSA step (default 4)")
-    p.add_argument("--sft-batch-size", type=int, default=8, help="rows per SFT step (default 8)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per pretraining row; a whole chat (280-380) fits, so SFT meets no unseen positions (default 512)")
-    p.add_argument("--sft-seq-len", type=int, default=512, help="tokens per SFT row; a chat with its tools block and 1-3 calls is 280-510 (default 512)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="rows per pretraining / DSA step (default 4)")
+    p.add_argument("--sft-batch-size", type=int_at_least(1), default=8, help="rows per SFT step (default 8)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per pretraining row; a whole chat (280-380) fits, so SFT meets no unseen positions (default 512)")
+    p.add_argument("--sft-seq-len", type=int_at_least(2), default=512, help="tokens per SFT row; a chat with its tools block and 1-3 calls is 280-510 (default 512)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate of pretraining (default 3e-3)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="optimizer (default adamw)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32)")
@@ -236,6 +241,6 @@ def register(subparsers) -> None:
     p.add_argument("--tasks", type=int, default=30, help="held-out tool-call requests in the eval (default 30)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="generation length in the eval (default 40)")
     p.add_argument("--sample-request", default="What is the weather in Lisbon?", help="the user turn of the sample chat")
-    p.add_argument("--threads", type=int, default=0, help="torch threads, fixed (default: torch's choice, dropping to 1 while other processes load the CPU)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads, fixed (default: torch's choice, dropping to 1 while other processes load the CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=run)

@@ -182,7 +182,11 @@ class Tokenizer:
         template_path = tokenizer_json.parent / "chat_template.jinja"  # newer hub layout keeps it apart
         if chat_template is None and template_path.is_file():
             chat_template = template_path.read_text()
-        return cls(tokenizers.Tokenizer.from_file(str(tokenizer_json)), chat_template=chat_template)
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        except Exception as err:  # the tokenizers library raises a bare Exception for a bad file
+            raise ValueError(f"{tokenizer_json}: not a valid tokenizer.json ({err})") from None
+        return cls(backend, chat_template=chat_template)
 
     from_pretrained = from_file
 
@@ -324,6 +328,7 @@ def register(subparsers) -> None:
     train.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                        help=f"total ids including the {len(SPECIAL_TOKENS)} GLM-5 specials (default {DEFAULT_VOCAB_SIZE})")
     train.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json and tokenizer_config.json")
+    train.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     train.set_defaults(func=_cli_train)
     encode = commands.add_parser("encode", help="print the token ids of a text (specials matched)")
     encode.add_argument("text", help="text to encode; special-token strings such as <|user|> become their ids")
@@ -333,11 +338,26 @@ def register(subparsers) -> None:
 
 
 def _cli_train(args) -> int:
-    missing = [f for f in args.input if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no such file: {missing[0]}")
-    tokenizer = train_tokenizer(args.input, args.vocab_size, out_dir=args.out)
-    print(f"trained {tokenizer.vocab_size} ids ({len(tokenizer.special_tokens)} special) -> {args.out}")
+    for f in args.input:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--input {f}: " + ("a folder, not a file" if Path(f).is_dir() else "no such file"))
+    if not any(Path(f).stat().st_size for f in args.input):
+        raise ValueError(f"no text in {', '.join(args.input)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if (out / "tokenizer.json").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a tokenizer.json; pass --overwrite or choose another --out (nothing was overwritten)")
+    print(f"training {args.vocab_size} ids on {', '.join(args.input)} ...", flush=True)
+    try:
+        tokenizer = train_tokenizer(args.input, args.vocab_size)
+    except ValueError:
+        raise
+    except Exception as err:  # the tokenizers library raises a bare Exception (e.g. for text that is not UTF-8)
+        raise ValueError(f"cannot train on {', '.join(args.input)}: {err}") from None
+    tokenizer.save(out)
+    note = f" (only {tokenizer.vocab_size} of {args.vocab_size}: the text ran out of pairs to merge)" if tokenizer.vocab_size < args.vocab_size else ""
+    print(f"trained {tokenizer.vocab_size} ids ({len(tokenizer.special_tokens)} special){note} -> {out}")
     return 0
 
 

@@ -36,8 +36,8 @@ def _missing_format(parser) -> int:
 def run_fp8(args) -> int:
     from glm5.quant.convert import quantize_checkpoint_fp8
 
-    if args.max_shard_gb <= 0:
-        raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be > 0")
+    if not 0 < args.max_shard_gb < float("inf"):  # also refuses nan
+        raise ValueError(f"--max-shard-gb {args.max_shard_gb}: must be a finite number > 0")
     quantize_checkpoint_fp8(args.in_dir, args.out_dir, modules_to_not_convert=args.keep_bf16,
                             max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite, log=print)
     return 0

@@ -40,12 +40,9 @@ def safetensors_files(directory: str) -> list[str]:
 
 def iter_tensors(directory: str) -> Iterator[tuple[str, object]]:
     """(key, tensor) for every tensor of the checkpoint, one at a time, memory-mapped."""
-    from safetensors import safe_open
+    from glm5.checkpoint import iter_checkpoint_tensors  # CheckpointError naming the file for a bad index / shard
 
-    for name in safetensors_files(directory):
-        with safe_open(os.path.join(directory, name), framework="pt") as fh:
-            for key in fh.keys():
-                yield key, fh.get_tensor(key)
+    yield from iter_checkpoint_tensors(directory)
 
 
 def quantize_tensor_entry(key: str, tensor, modules_to_not_convert: list[str]) -> list[tuple[str, object]]:
@@ -80,15 +77,22 @@ def quantize_checkpoint_fp8(
     config_path = os.path.join(in_dir, "config.json")
     if not os.path.isdir(in_dir) or not os.path.exists(config_path):
         raise FileNotFoundError(f"{in_dir}: not a checkpoint directory (no config.json)")
-    with open(config_path, encoding="utf-8") as fh:
-        config = json.load(fh)
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except ValueError as err:  # bad JSON or not UTF-8
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: a config.json must hold a JSON object")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise ValueError(f"{in_dir}: already quantized (quantization_config.quant_method={method!r})")
+    if out_dir == in_dir or os.path.commonpath([in_dir, out_dir]) == out_dir:
+        raise ValueError(f"OUT_DIR {out_dir} is IN_DIR or holds it; replacing it would delete the input")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: exists and is not a directory")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    if out_dir == in_dir:
-        raise ValueError("OUT_DIR must differ from IN_DIR")
     skip = list(MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert)
 
     parent = os.path.dirname(out_dir)
@@ -111,6 +115,9 @@ def quantize_checkpoint_fp8(
                 weight_map[key] = name
             shard_names.append(name)
             shard, shard_bytes = {}, 0
+            if log:
+                log(f"  shard {len(shard_names)} written: {summary['quantized_tensors']} weights to FP8, "
+                    f"{summary['kept_tensors']} kept, {summary['bytes_in'] / 1e9:.2f} GB read so far")
 
         for key, tensor in iter_tensors(in_dir):
             summary["bytes_in"] += tensor.numel() * tensor.element_size()

@@ -12,6 +12,8 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    from glm5.cli import int_at_least
+
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint directory (config.json + safetensors, tokenizer.json optional)")
     source.add_argument("--preset", default=None, help="serve random weights of a preset (e.g. nano); default nano")
@@ -19,22 +21,25 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights with --preset")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     parser.add_argument("--device", default=None, help="cpu / cuda / mps (default: best available)")
-    parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences in the running batch at most")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per prefill step (chunking)")
-    parser.add_argument("--kv-cache-tokens", type=int, default=32768, help="latent KV cache size in tokens")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0: off)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
+    parser.add_argument("--max-num-seqs", type=int_at_least(1), default=32, help="sequences in the running batch at most")
+    parser.add_argument("--max-num-batched-tokens", type=int_at_least(1), default=512, help="tokens per prefill step (chunking)")
+    parser.add_argument("--kv-cache-tokens", type=int_at_least(1), default=32768, help="latent KV cache size in tokens")
+    parser.add_argument("--block-size", type=int_at_least(1), default=16, help="tokens per KV cache block")
+    parser.add_argument("--max-model-len", type=int_at_least(1), default=None, help="context length (default: the model's)")
+    parser.add_argument("--speculative-tokens", type=int_at_least(0), default=0, help="MTP draft tokens per step (0: off)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads for the engine")
 
 
 def register(subparsers) -> None:
+    from glm5.cli import int_at_least
+
     parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind")
-    parser.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
-    parser.add_argument("--log-level", default="warning", help="uvicorn log level")
+    parser.add_argument("--port", type=int_at_least(0, 65535), default=8000, help="port to bind (0-65535)")
+    parser.add_argument("--default-max-tokens", type=int_at_least(1), default=256, help="max_tokens when a request gives none")
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="uvicorn log level (default warning)")
     parser.set_defaults(func=_serve)
 
 
@@ -52,7 +57,7 @@ def build_server(args):
     from glm5.serve.async_engine import AsyncEngine
     from glm5.tokenizer import Tokenizer, default_tokenizer
 
-    device = args.device or str(pick_device())
+    device = str(pick_device(args.device))
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.model:
         model = GLM5ForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
@@ -79,15 +84,24 @@ def build_server(args):
 
 
 def _serve(args) -> int:
+    import socket
+
     import uvicorn
 
     from glm5.serve.app import create_app
 
-    engine, tokenizer, config = build_server(args)
-    app = create_app(engine, tokenizer, config)
-    print(f"glm5 serve: model {config.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        engine.shutdown()
+    try:  # bind first: a busy port is reported at once, not after loading the model, and never announced as served
+        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    except OSError as err:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    with sock:
+        engine, tokenizer, config = build_server(args)
+        app = create_app(engine, tokenizer, config)
+        print(f"glm5 serve: model {config.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down cleanly (uvicorn.run swallows it the same way)
+            pass
+        finally:
+            engine.shutdown()
     return 0

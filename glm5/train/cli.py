@@ -27,13 +27,20 @@ def _check_inputs(args) -> None:
     for path in args.data:
         if not Path(path).exists():
             raise FileNotFoundError(f"no such data file or folder: {path}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
     ckpt_dir = Path(args.out) / "checkpoints" / args.stage
     latest = latest_checkpoint(ckpt_dir)
-    if args.resume and latest is not None:
+    if latest is not None:
+        if not args.resume:
+            raise ValueError(f"{args.out} already holds a {args.stage} run; pass --resume to continue it "
+                             "or choose another --out (nothing was overwritten)")
         load_checkpoint(latest)  # a corrupt file fails here, with its name
-    if not args.resume and (latest is not None or (Path(args.out) / "model").exists()):
-        raise ValueError(f"{args.out} already holds a {args.stage} run; pass --resume to continue it "
-                         "or choose another --out (nothing was overwritten)")
+    elif (Path(args.out) / "model").exists():
+        # OUT/model without a checkpoint of this stage is another stage's (or another run's) result: --resume
+        # would train from step 0 and replace it
+        raise ValueError(f"{args.out} already holds a model (OUT/model) but no {args.stage} checkpoint; choose "
+                         "another --out (nothing was overwritten)")
 
 
 def _load_tokenizer(args):
@@ -46,16 +53,21 @@ def _load_tokenizer(args):
     return default_tokenizer()
 
 
-def _build_model(args, tokenizer):
+def _model_config(args, tokenizer):
     from glm5.config import GLM5Config
-    from glm5.model.transformer import GLM5ForCausalLM
 
     if args.init:
-        return GLM5ForCausalLM.from_pretrained(args.init)
+        return GLM5Config.from_pretrained(args.init)
     cfg = GLM5Config.from_pretrained(args.config) if args.config else GLM5Config.from_preset(args.preset)
     if cfg.vocab_size < tokenizer.vocab_size:
         cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-    return GLM5ForCausalLM(cfg)
+    return cfg
+
+
+def _build_model(args, cfg):
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    return GLM5ForCausalLM.from_pretrained(args.init) if args.init else GLM5ForCausalLM(cfg)
 
 
 def _rows(args, tokenizer):
@@ -87,11 +99,11 @@ def run(args: argparse.Namespace) -> int:
     _check_inputs(args)
     tokenizer = _load_tokenizer(args)
     torch.manual_seed(args.seed)
-    model = _build_model(args, tokenizer).to(device)
-    if args.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {model.config.max_position_embeddings} positions")
-    check_fits_memory(model.config, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len,
-                      device=device)
+    cfg = _model_config(args, tokenizer)  # checked before any weight is allocated
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {cfg.max_position_embeddings} positions")
+    check_fits_memory(cfg, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len, device=device)
+    model = _build_model(args, cfg).to(device)
     rows = _rows(args, tokenizer)
     config = TrainConfig(
         stage=args.stage, steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
@@ -129,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from glm5.cli import int_at_least
     from glm5.train.optim import OPTIMIZERS, SCHEDULES
     from glm5.train.parallel import PARALLEL_MODES
     from glm5.train.trainer import STAGES
@@ -146,7 +159,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=8, help="global rows per step, all processes (default 8)")
     p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward per process; smaller means gradient accumulation (default: no accumulation)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per row (default 256)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
     p.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate (default 0.02)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw, or muon for hidden matrices + adamw (default adamw)")
@@ -166,7 +179,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto",
                    help="cpu / cuda / mps / auto (default auto: cuda, then mps, then cpu; under torchrun on GPUs "
                         "each process takes cuda:LOCAL_RANK and the processes talk over nccl, else gloo)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's choice)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads per process (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -177,7 +177,10 @@ def pack_conversations(samples: Iterable[tuple[list[int], list[bool]]], seq_len:
     rows: list[tuple[list[int], list[int]]] = []
     current_ids: list[int] = []
     current_labels: list[int] = []
+    samples_seen = cut = 0
     for ids, mask in samples:
+        samples_seen += 1
+        cut += len(ids) > seq_len
         ids, mask = list(ids)[:seq_len], list(mask)[:seq_len]
         if len(current_ids) + len(ids) > seq_len:
             rows.append((current_ids, current_labels))
@@ -188,7 +191,8 @@ def pack_conversations(samples: Iterable[tuple[list[int], list[bool]]], seq_len:
         rows.append((current_ids, current_labels))
     rows = [r for r in rows if any(label != IGNORE_INDEX for label in r[1])]
     if not rows:
-        raise ValueError("empty dataset: no conversation has an assistant token to learn")
+        why = f" within its first {seq_len} tokens ({cut} of {samples_seen} conversations are longer and were cut)" if cut else ""
+        raise ValueError(f"empty dataset: no conversation has an assistant token to learn{why}")
     ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     for n, (row_ids, row_labels) in enumerate(rows):

@@ -81,6 +81,11 @@ class TrainConfig:
         for name in ("micro_batch_size", "save_every", "warmup", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1] (below 0 the learning rate turns negative)")
+        for name in ("lr", "muon_lr", "weight_decay", "mtp_weight", "aux_loss_weight", "bias_update_speed", "max_minutes"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: must be float32 or bfloat16")
 
