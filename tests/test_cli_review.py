@@ -131,3 +131,13 @@ def test_ctrl_c_is_one_line_and_130(monkeypatch, capsys):
     monkeypatch.setattr(params, "run", interrupted)  # register() reads it when main() builds the parser
     assert main(["params", "nano"]) == 130
     assert capsys.readouterr().err.strip() == "glm5 params: interrupted"
+
+
+def test_quantize_output_has_a_plain_folder_mode(tmp_path):
+    import os
+
+    torch.manual_seed(0)
+    GLM5ForCausalLM(tiny_config(index_topk=8)).save_pretrained(tmp_path / "ckpt")
+    assert main(["quantize", "fp8", str(tmp_path / "ckpt"), str(tmp_path / "fp8")]) == 0
+    (tmp_path / "plain").mkdir()
+    assert os.stat(tmp_path / "fp8").st_mode == os.stat(tmp_path / "plain").st_mode

@@ -154,6 +154,9 @@ def quantize_checkpoint_fp8(
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp_dir, out_dir)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out_dir, 0o777 & ~umask)  # mkdtemp made it 0700: give it the mode a plain mkdir would
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
