@@ -44,7 +44,8 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
     """The safetensors files of a checkpoint directory, from its index if it has one."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+        what = "is a file, not a checkpoint directory" if os.path.isfile(directory) else "does not exist"
+        raise FileNotFoundError(f"checkpoint directory {directory} {what}")
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index_path):
         try:

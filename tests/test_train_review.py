@@ -172,3 +172,9 @@ def test_train_cli_device_choice(tmp_path, capsys):
                  "--batch-size", "2", "--seq-len", "32", "--no-progress", "--device", "cpu",
                  "--out", str(tmp_path / "run")]) == 0
     assert "process(es) on cpu" in capsys.readouterr().out
+
+
+def test_a_data_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
+        load_documents(tmp_path / "latin1.txt")

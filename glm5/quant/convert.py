@@ -92,7 +92,7 @@ def quantize_checkpoint_fp8(
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir}: exists and is not a directory")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        raise ValueError(f"{out_dir}: exists and is not empty (--overwrite replaces it)")
     skip = list(MODULES_TO_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert)
 
     parent = os.path.dirname(out_dir)

@@ -93,6 +93,13 @@ def load_records(path: str | os.PathLike) -> list:
             if child.suffix in (".txt", ".json", ".jsonl", ".parquet"):
                 records.extend(load_records(child))
         return records
+    try:
+        return _load_file(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _load_file(path: Path) -> list:
     if path.suffix == ".jsonl":
         records = []
         with open(path, encoding="utf-8") as fh:
