@@ -15,7 +15,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def script_engine(engine, tokenizer, script: list[str], prompts: list[list[int]]) -> None:
+def script_engine(engine, tokenizer, script: list[str], prompts: list[list[int]], tokens_per_step: int = 1) -> None:
     """Make the async engine 'generate' the texts of `script` (first in, first out; one token per step) instead
     of running the model, so a test knows the output; every prompt's ids are appended to `prompts`. The server
     around it (parsing, streaming, logprobs, usage) is the real one. An empty script falls back to the model."""
@@ -31,17 +31,20 @@ def script_engine(engine, tokenizer, script: list[str], prompts: list[list[int]]
                 yield out
             return
         ids = tokenizer.encode(script.pop(0), allow_special=True)
-        for k, token in enumerate(ids):
+        for k in range(0, len(ids), tokens_per_step):  # several tokens a step: as MTP speculation emits them
             await asyncio.sleep(0)
-            last = k == len(ids) - 1
-            logprobs = [] if params.logprobs is None else [TokenLogprob(token, -0.5, [(token, -0.5)] * params.logprobs)]
-            yield StepOutput(request_id, [token], logprobs, last, "stop" if last else None, len(prompt_ids), k + 1)
+            step = ids[k : k + tokens_per_step]
+            last = k + len(step) == len(ids)
+            logprobs = [] if params.logprobs is None else [
+                TokenLogprob(t, -0.5, [(t, -0.5)] * params.logprobs) for t in step]
+            yield StepOutput(request_id, step, logprobs, last, "stop" if last else None, len(prompt_ids), k + len(step))
 
     engine.generate = generate
 
 
 @contextlib.contextmanager
-def running_server(argv: list[str], script: list[str] | None = None, prompts: list[list[int]] | None = None):
+def running_server(argv: list[str], script: list[str] | None = None, prompts: list[list[int]] | None = None,
+                   tokens_per_step: int = 1):
     """Start `glm5 serve <argv>` in-process (uvicorn in a thread); yield (base_url, app); shut down after.
     With `script`, the engine answers with those texts (see `script_engine`)."""
     import uvicorn
@@ -53,7 +56,7 @@ def running_server(argv: list[str], script: list[str] | None = None, prompts: li
     args = build_parser().parse_args(["serve", *argv])
     engine, tokenizer, config = build_server(args)
     if script is not None:
-        script_engine(engine, tokenizer, script, prompts if prompts is not None else [])
+        script_engine(engine, tokenizer, script, prompts if prompts is not None else [], tokens_per_step)
     app = create_app(engine, tokenizer, config)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))

@@ -154,3 +154,29 @@ def test_a_non_streaming_client_that_leaves_frees_its_request():
                 time.sleep(0.05)
             assert not llm.has_unfinished(), f"{path}: the request still runs after its client left"
             assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_a_stop_string_inside_a_multi_token_step_drops_the_tokens_after_it():
+    """MTP speculation emits several tokens a step; those after the token that completes a stop string are not
+    part of the answer: not in usage, not in logprobs (as if the tokens had come one at a time)."""
+    text = "one two three STOP four five six seven"
+    results = {}
+    for per_step in (1, 8):
+        script: list[str] = []
+        with running_server(ARGV, script=script, tokens_per_step=per_step) as (base, app):
+            with httpx.Client(base_url=base, timeout=60) as http:
+                script[:] = [text, text]
+                body = {"stop": ["STOP"], "logprobs": True, **NO_THINK}
+                reply = chat(http, **body).json()
+                streamed, usage = "", None
+                with http.stream("POST", "/v1/chat/completions", json={"model": "nano", "messages": HI, "stream": True,
+                                 "stream_options": {"include_usage": True}, **body}) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            streamed += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+                            usage = chunk.get("usage") or usage
+        assert reply["choices"][0]["message"]["content"].strip() == streamed.strip() == "one two three"
+        results[per_step] = (reply["usage"]["completion_tokens"], len(reply["choices"][0]["logprobs"]["content"]),
+                             usage["completion_tokens"])
+    assert results[8] == results[1], results

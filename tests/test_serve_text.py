@@ -60,3 +60,17 @@ def test_incremental_detokenization_matches_a_full_decode():
     ids = tok.encode(text)
     detok = IncrementalDetokenizer(tok)
     assert "".join(detok.push([i]) for i in ids) + detok.flush() == text
+
+
+def test_text_stream_counts_the_ids_a_stop_string_used():
+    from glm5.serve.text import TextStream
+    from glm5.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    head, tail = tok.encode("alpha beta STOP"), tok.encode(" gamma delta")
+    stream = TextStream(tok, ["STOP"])
+    assert stream.push(head + tail, finished=False) == "alpha beta " and stream.stopped
+    assert stream.used == len(head)  # the ids up to the one completing "STOP", not the ones after it
+    one = TextStream(tok, ["STOP"])
+    one.push(head[:2], finished=False)
+    assert one.used == 2 and not one.stopped

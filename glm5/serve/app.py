@@ -14,6 +14,7 @@ route, 422 messages that are well-formed but cannot be rendered, 500 engine fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -112,6 +113,12 @@ async def drain(updates: asyncio.Queue, runners: int = 1):
         if choice.finish_reason is not None:
             continue  # ended early by a stop string
         pushed = choice.text.push(out.new_token_ids, out.finished)
+        stream = getattr(choice.text, "stream", choice.text)
+        if stream.used < len(out.new_token_ids):  # a stop string ended inside a multi-token step: drop the rest
+            dropped = len(out.new_token_ids) - stream.used
+            out = dataclasses.replace(out, new_token_ids=out.new_token_ids[: stream.used],
+                                      new_logprobs=out.new_logprobs[: stream.used],
+                                      num_output_tokens=out.num_output_tokens - dropped)
         done = out.finished or choice.text.stopped
         if done and not out.finished:
             choice.task.cancel()

@@ -41,15 +41,19 @@ class TextStream:
     def __init__(self, tokenizer, stop: list[str] | None = None, hidden_ids: set[int] | None = None,
                  prefix: str = "") -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.tokenizer_decode = tokenizer.decode
         self.stop = list(stop or [])
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.hidden_ids = hidden_ids or set()  # end-of-turn ids: end the text, never part of it
         self.text = prefix  # everything so far (a forced prefix included)
+        self.prefix_len = len(prefix)
         self.sent = 0
         self.stopped = False  # a stop string ended the text
+        self.used = 0  # of the last push's ids, how many the text used (all, or up to the one completing a stop)
 
     def push(self, ids: list[int], finished: bool) -> str:
         """New token ids -> the next piece of text that is safe to send ('' if none yet)."""
+        self.used = len(ids)
         if not self.stopped:
             visible = [i for i in ids if i not in self.hidden_ids]
             self.text += self.detokenizer.push(visible)
@@ -57,14 +61,32 @@ class TextStream:
                 self.text += self.detokenizer.flush()
             if self.stop:
                 search_from = max(0, self.sent - self.holdback)
-                hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+                hits = [(i, i + len(s)) for i, s in ((self.text.find(s, search_from), s) for s in self.stop) if i >= 0]
                 if hits:
-                    self.text = self.text[: min(hits)]
+                    cut, end = min(hits)
+                    if len(ids) > 1:  # several tokens at once (MTP speculation): those after the stop's last
+                        self.used = self._ids_until(ids, end)  # one were never part of the text
+                    self.text = self.text[:cut]
                     self.stopped = True
         end = len(self.text) if (finished or self.stopped) else max(self.sent, len(self.text) - self.holdback)
         piece = self.text[self.sent : end]
         self.sent = end
         return piece
+
+    def _ids_until(self, ids: list[int], end: int) -> int:
+        """How many of `ids` (just pushed) it takes for the text to reach `end` characters."""
+        decode, all_ids = self.tokenizer_decode, self.detokenizer.ids
+        target = end - self.prefix_len
+        visible_before = len(all_ids) - sum(1 for i in ids if i not in self.hidden_ids)
+        seen = 0
+        for n, token in enumerate(ids, start=1):
+            if token in self.hidden_ids:
+                continue
+            seen += 1
+            # (a token that ends inside a character decodes to U+FFFD there: not yet text)
+            if len(decode(all_ids[: visible_before + seen]).rstrip("\ufffd")) >= target:
+                return n
+        return len(ids)
 
 
 class ChoiceText:
