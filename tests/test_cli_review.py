@@ -141,3 +141,14 @@ def test_quantize_output_has_a_plain_folder_mode(tmp_path):
     assert main(["quantize", "fp8", str(tmp_path / "ckpt"), str(tmp_path / "fp8")]) == 0
     (tmp_path / "plain").mkdir()
     assert os.stat(tmp_path / "fp8").st_mode == os.stat(tmp_path / "plain").st_mode
+
+
+def test_the_server_socket_sends_small_chunks_at_once():
+    """TCP_NODELAY on what the listening socket accepts: streamed chunks must not wait for a delayed ACK."""
+    from glm5.serve.cli import listen
+
+    with listen("127.0.0.1", 0) as server, socket.create_connection(server.getsockname()) as client:
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert client

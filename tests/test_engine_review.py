@@ -75,3 +75,26 @@ def test_generate_with_a_bad_prompt_queues_nothing():
     with pytest.raises(ValueError, match="at most"):
         llm.generate([[1, 2, 3], list(range(40))], greedy(8))
     assert llm.num_waiting == 0 and llm.num_running == 0 and not llm.requests
+
+
+def test_accept_length_counts_only_the_drafts_kept():
+    """Perfect drafts (the greedy continuation itself) with max_tokens cutting the last verify step short: the
+    accepted count must be the drafts actually emitted, so that verify steps + accepted = the tokens they gave."""
+    model = make_model()
+    prompt = prompts((7,), seed=4)[0]
+    reference = LLM(model, block_size=4).generate([prompt], greedy(6))[0].token_ids
+    full = prompt + reference
+    llm = LLM(model, block_size=4, num_speculative_tokens=3)
+    drafter_step = llm.drafter.after_step
+
+    def perfect(*args):
+        drafter_step(*args)
+        for seq in llm.scheduler.running:
+            if seq.draft_token_ids:
+                n = len(seq.token_ids)
+                seq.draft_token_ids = (full[n : n + 3] + [0, 0, 0])[:3]
+
+    llm.drafter.after_step = perfect
+    assert llm.generate([prompt], greedy(6))[0].token_ids == reference
+    stats = llm.stats
+    assert stats.accepted > 0 and stats.verify_steps + stats.accepted == stats.decode_tokens == 5

@@ -224,17 +224,21 @@ class LLMEngine:
             accepted, tokens = accept_drafts(targets[offset : offset + len(seq_rows)], drafts)
             offset += len(seq_rows)
             seq.draft_token_ids = []
-            seq.num_drafted += len(drafts)
-            seq.num_accepted += accepted
-            self.stats.verify_steps += 1
-            self.stats.drafted += len(drafts)
-            self.stats.accepted += accepted
             seq.num_computed_tokens += 1 + accepted  # the last token and the accepted drafts are now cached
+            kept = 0
             for token in tokens:
                 self.stats.decode_tokens += 1
+                kept += 1
                 new_tokens[id(seq)].append(token)
                 if self._append(seq, token, None):
                     break
+            # accepted drafts that were kept: a stop token or max_tokens may cut the step's tokens short
+            kept_drafts = min(accepted, kept - 1) if kept else 0
+            seq.num_drafted += len(drafts)
+            seq.num_accepted += kept_drafts
+            self.stats.verify_steps += 1
+            self.stats.drafted += len(drafts)
+            self.stats.accepted += kept_drafts
         if self.drafter is not None:
             self.drafter.after_step(batch, inputs, hidden, computed_before)
         outputs = []

@@ -83,18 +83,27 @@ def build_server(args):
     return AsyncEngine(engine, num_threads=args.threads).start(), tokenizer, config
 
 
-def _serve(args) -> int:
+def listen(host: str, port: int):
+    """The server's listening socket, bound first: a busy port is reported at once, not after loading the model,
+    and never announced as served. TCP_NODELAY is set on it: create_server's socket has proto 0, so asyncio never
+    sets it on what it accepts (which inherits it here), and a streamed first chunk would wait ~40 ms for a
+    delayed ACK (bench/serve.py: TTFT p50 45 -> 10 ms)."""
     import socket
 
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _serve(args) -> int:
     import uvicorn
 
     from glm5.serve.app import create_app
 
-    try:  # bind first: a busy port is reported at once, not after loading the model, and never announced as served
-        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    except OSError as err:
-        raise OSError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
-    with sock:
+    with listen(args.host, args.port) as sock:
         engine, tokenizer, config = build_server(args)
         app = create_app(engine, tokenizer, config)
         print(f"glm5 serve: model {config.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
