@@ -65,7 +65,11 @@ def main() -> None:
 
         model = GLM5ForCausalLM.from_pretrained(args.checkpoint)
         tokenizer = Tokenizer.from_pretrained(args.checkpoint)
-        held_out = torch.tensor(tokenizer.encode(stdlib_bytes(600_000)[-200_000:].decode("utf-8", "replace")))
+        from glm5.tokenizer import default_corpus
+
+        # text the demo never trained on: its corpus and tokenizer read the first ~2.5 / 3 MB of this stream (the
+        # stdlib tail used until session 11 was 81% lines the demo had pretrained on)
+        held_out = torch.tensor(tokenizer.encode("".join(default_corpus(max_bytes=3_300_000))[3_000_000:]))
         print(f"checkpoint {args.checkpoint}: {len(held_out):,} held-out tokens of stdlib text")
     else:
         model = GLM5ForCausalLM(GLM5Config.from_preset("nano"))

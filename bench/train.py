@@ -10,8 +10,13 @@ attention, as glm5.train trains it: `MLAttention.sparse_as_mask`), the `tiny-ben
 ../shared/reference/machine.md; DSA top-64, so at 512 tokens each query attends to 64 keys). The two sides
 alternate step by step so machine load hits both alike; medians of --repeats timed steps after a warm-up.
 MFU is against the matmul peak measured in this same run (2048^3 torch.matmul, median), per dtype:
-    model FLOPs per token = 6 * active non-embedding params + 12 * layers * heads * head_dim * seq
-(head_dim = mean of the q/k and v widths; nanochat's estimate, counting the full causal attention).
+    model FLOPs per token = 6 * (active non-embedding params - indexer) + 2 * indexer params
+                            + 12 * layers * heads * head_dim * min(index_topk, seq)
+                            + 2 * indexer layers * index heads * index_head_dim * seq
+(nanochat's estimate, with DSA's attention over the top-k keys as nanochat caps a sliding window; head_dim =
+mean of the q/k and v widths; the indexer, whose top-k passes no gradient, forward only, scoring every key).
+Until session 11 the attention term used all seq keys and the indexer 6 FLOPs per weight: 37.1M vs 31.8M
+FLOPs per token at 512 (MFU 1.17x too high), 55.9M vs 35.0M at 2048 (1.60x).
 Writes bench/results/train.json.
 """
 
@@ -44,11 +49,23 @@ def matmul_peak(dtype, repeats: int = 5, n: int = 2048) -> float:
 
 
 def flops_per_token(cfg, seq: int) -> float:
+    """Model FLOPs per trained token of a DSA model (see the module docstring)."""
+    import torch
+
+    from glm5.model.transformer import GLM5ForCausalLM
     from glm5.params import count_parameters
 
     active = count_parameters(cfg)["active_params_excluding_embeddings"]
+    with torch.device("meta"):
+        model = GLM5ForCausalLM(cfg)
+    # the indexer's top-k is not differentiable: its weights run forward only (2 FLOPs each, not 6)
+    indexer = sum(p.numel() for n, p in model.named_parameters() if ".indexer." in n and not n.startswith("mtp."))
+    indexed_layers = sum(cfg.has_indexer(i) for i in range(cfg.num_hidden_layers))
     head_dim = (cfg.qk_head_dim + cfg.v_head_dim) / 2
-    return 6 * active + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq
+    keys = min(cfg.index_topk, seq)  # each query attends to its top-k (nanochat: min(window, seq))
+    return (6 * (active - indexer) + 2 * indexer
+            + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * keys
+            + 2 * indexed_layers * cfg.index_n_heads * cfg.index_head_dim * seq)  # indexer scores: all keys, forward
 
 
 def main() -> int:
@@ -64,7 +81,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    import torch.nn.functional as F
     from transformers import GlmMoeDsaForCausalLM
 
     from glm5.checkpoint import to_transformers_config
@@ -98,8 +114,8 @@ def main() -> int:
 
     def their_step(model, opt, dtype):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            # transformers' own loss (shifts the labels, not the logits: no copy of the [B, T, V] logits)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
