@@ -178,3 +178,25 @@ def test_a_data_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
         load_documents(tmp_path / "latin1.txt")
+
+
+def test_padding_is_neither_throughput_nor_expert_load(tmp_path):
+    """Padded SFT rows: tokens/s and the per-layer expert load (which moves the router bias) count only each
+    row's tokens up to its last target."""
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 4:10] = ids[0, 4:10]  # row 0: 10 real tokens, then 6 of padding
+    labels[1, 2:16] = ids[1, 2:16]  # row 1: all 16 real
+    model = model_of()
+    trainer = Trainer(model, PackedRows(ids, labels), quick(stage="sft", steps=1), out_dir=tmp_path)
+    record = trainer.train_step()
+    assert record["step_tokens"] == 26
+    k = model.config.num_experts_per_tok
+    main_layers = [load for load, moe in zip(record["expert_load"], trainer.moes) if moe is not trainer.moes[-1]]
+    assert all(sum(load) == 26 * k for load in main_layers)
+    assert sum(record["expert_load"][-1]) == (10 + 15) * k  # the MTP layer routes the first T - 1 positions
+
+
+def test_mtp_accuracy_is_none_when_nothing_was_measured(tmp_path):
+    record = Trainer(model_of(), rows_of(), quick(mtp_weight=0.0), out_dir=tmp_path).train_step()
+    assert record["mtp_acc"] is None and record["mtp_loss"] == 0

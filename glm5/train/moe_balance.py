@@ -18,14 +18,18 @@ import torch.distributed as dist
 from glm5.model.moe import MoE
 
 
-def expert_loads(moes: list[MoE]) -> list[torch.Tensor]:
-    """Tokens per expert [E] (float) of each layer's last forward (needs `record_routing`)."""
+def expert_loads(moes: list[MoE], keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Tokens per expert [E] (float) of each layer's last forward (needs `record_routing`). keep [B, T] bool: only
+    those positions count (False on a padded row's padding); the MTP layer routes the first T - d of them."""
     loads = []
     for moe in moes:
         if moe.last_routing is None:  # a layer this forward did not run (the MTP layer with --mtp-weight 0)
             loads.append(torch.zeros(moe.gate.num_experts, device=moe.gate.e_score_correction_bias.device))
             continue
         _, chosen = moe.last_routing
+        if keep is not None:
+            positions = chosen.shape[0] // keep.shape[0]
+            chosen = chosen[keep[:, :positions].reshape(-1)]
         loads.append(torch.bincount(chosen.reshape(-1), minlength=moe.gate.num_experts).float())
     return loads
 

@@ -27,7 +27,7 @@ def _by_stage(records: list[dict]) -> dict[str, list[dict]]:
     return stages
 
 
-def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
+def make_plots(records: list[dict], plot_dir: Path, moe_layers: list[str] | None = None) -> list[tuple[str, str]]:
     """-> [(title, file name)] of the plots written."""
     import matplotlib
 
@@ -67,34 +67,49 @@ def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
     if with_load:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         n_layers = len(with_load[0]["expert_imbalance"])
+        names = moe_layers or [f"MoE block {i}" for i in range(n_layers)]
         for layer in range(n_layers):
-            ax1.plot(range(len(with_load)), [r["expert_imbalance"][layer] for r in with_load], label=f"MoE layer {layer}")
-        ax1.set_xlabel("logged step (all stages)")
+            ax1.plot(range(1, len(with_load) + 1), [r["expert_imbalance"][layer] for r in with_load], label=names[layer])
+        offset = 0
+        for recs in stages.values():
+            offset += recs[-1]["step"]
+            ax1.axvline(offset + 0.5, color="grey", lw=0.6, ls=":")
+        ax1.set_xlabel("step (stages in sequence; dotted: stage ends)")
         ax1.set_ylabel("max / mean tokens per expert")
         ax1.set_title("Expert load imbalance")
         ax1.legend(fontsize=7)
-        last = with_load[-1]["expert_load"]
-        width = 0.8 / len(last)
-        for layer, load in enumerate(last):
+        stage, recs = list(stages.items())[-1]
+        tail = [r for r in recs if r.get("expert_load")][-20:]
+        width = 0.8 / n_layers
+        for layer in range(n_layers):
+            load = [sum(r["expert_load"][layer][e] for r in tail) for e in range(len(tail[-1]["expert_load"][layer]))]
             total = sum(load) or 1
-            ax2.bar([e + layer * width for e in range(len(load))], [x / total for x in load], width, label=f"layer {layer}")
+            ax2.bar([e + layer * width for e in range(len(load))], [x / total for x in load], width, label=names[layer])
+        ax2.axhline(1 / len(load), color="grey", lw=0.6, ls=":")
         ax2.set_xlabel("expert")
-        ax2.set_ylabel("share of routed tokens (last step)")
-        ax2.set_title("Per-layer expert load")
+        ax2.set_ylabel(f"share of routed tokens ({stage}, last {len(tail)} steps)")
+        ax2.set_title("Per-layer expert load (dotted: uniform)")
         ax2.legend(fontsize=7)
         save(fig, "expert_load.png", "Per-layer expert load")
 
-    kl = [(s, [r for r in recs if r.get("indexer_kl") is not None]) for s, recs in stages.items()]
-    kl = [(s, recs) for s, recs in kl if recs]
-    if kl:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for stage, recs in kl:
-            ax.plot([r["step"] for r in recs], [r["indexer_kl"] for r in recs], label=stage)
-        ax.set_xlabel("step")
+    kl_fig = None
+    offset = 0
+    for stage, recs in stages.items():
+        with_kl = [r for r in recs if r.get("indexer_kl") is not None]
+        if with_kl:
+            if kl_fig is None:
+                kl_fig, ax = plt.subplots(figsize=(8, 4))
+            # dsa-warmup: KL over all earlier keys; sparse stages: KL over each query's top-k keys only
+            scope = "all keys" if stage == "dsa-warmup" else "top-k keys only"
+            ax.plot([offset + r["step"] for r in with_kl], [r["indexer_kl"] for r in with_kl], label=f"{stage} ({scope})")
+        offset += recs[-1]["step"]
+    if kl_fig is not None:
+        ax.set_xlabel("step (stages in sequence)")
         ax.set_ylabel("KL(main attention || indexer), summed over layers")
+        ax.set_yscale("log")
         ax.set_title("Indexer KL")
         ax.legend()
-        save(fig, "indexer_kl.png", "Indexer KL")
+        save(kl_fig, "indexer_kl.png", "Indexer KL")
 
     def plot_across_stages(key, ylabel, title, name, skip=()):
         # one global step axis: the stages follow each other
@@ -102,7 +117,7 @@ def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
         offset = 0
         for stage, recs in stages.items():
             if stage not in skip:
-                ax.plot([offset + r["step"] for r in recs], [r.get(key, 0) for r in recs], label=stage)
+                ax.plot([offset + r["step"] for r in recs], [r.get(key) if r.get(key) is not None else float("nan") for r in recs], label=stage)
             offset += recs[-1]["step"]
         ax.set_xlabel("step (stages in sequence)")
         ax.set_ylabel(ylabel)
@@ -110,7 +125,7 @@ def make_plots(records: list[dict], plot_dir: Path) -> list[tuple[str, str]]:
         ax.legend()
         save(fig, name, title)
 
-    plot_across_stages("mtp_acc", "top-1 accuracy of token t+2", "MTP accuracy", "mtp_accuracy.png", skip=("dsa-warmup",))
+    plot_across_stages("mtp_acc", "top-1 accuracy of token t+2\n(SFT: assistant tokens only)", "MTP accuracy", "mtp_accuracy.png", skip=("dsa-warmup",))
     plot_across_stages("tokens_per_s", "tokens / s", "Training throughput", "throughput.png")
     return written
 
@@ -139,10 +154,15 @@ def stage_table(records: list[dict], probes: dict | None = None) -> list[dict]:
     return rows
 
 
+# the attention each held-out row of the demo is scored under (what the stage before it left set)
+HELDOUT_ATTENTION = {"start": "DSA top-k, untrained indexer", "pretrain": "dense", "dsa-warmup": "dense",
+                     "dsa-sparse": "DSA top-k", "sft": "DSA top-k"}
+
+
 def write_report(run_dir: str | Path, summary: dict) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
-    plots = make_plots(records, run_dir / "plots") if records else []
+    plots = make_plots(records, run_dir / "plots", summary.get("moe_layers")) if records else []
     lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
     if summary.get("description"):
         lines += [summary["description"], ""]
@@ -152,23 +172,27 @@ def write_report(run_dir: str | Path, summary: dict) -> Path:
     for row in stage_table(records, summary.get("probes")):
         k = row["smoothing"]
         kl = f"{row['indexer_kl_end']:.4f}" if row["indexer_kl_end"] is not None else "–"
+        mtp = f"{row['mtp_acc_end']:.3f}" if row["mtp_acc_end"] is not None else "–"
         probe = f"{row['probe_start']:.3f} → {row['probe_end']:.3f}" if "probe_start" in row else "–"
         lines.append(f"| {row['stage']} | {row['steps']} | {probe} | {row['loss_start']:.3f} | {row['loss_end']:.3f} | "
-                     f"{row[f'loss_first{k}']:.3f} → {row[f'loss_last{k}']:.3f} ({k} steps) | {row['mtp_acc_end']:.3f} | {kl} | "
+                     f"{row[f'loss_first{k}']:.3f} → {row[f'loss_last{k}']:.3f} ({k} steps) | {mtp} | {kl} | "
                      f"{row['imbalance_end']:.2f} | {row['tokens_per_s_median']:.0f} |")
     lines += ["", "The dsa-warmup loss is the indexer KL (summed over layers); the others are the LM loss "
               "(SFT: on assistant tokens only). Fixed probe rows: the same held-out rows (stdlib text and chats; "
               "for SFT held-out conversations) scored by the stage's own objective and attention (dense, or DSA's "
-              "top-k) before its first step and after its last: what the stage did, free of batch noise. Batches "
-              "mix code and chat rows in a fixed proportion.", ""]
+              "top-k) before its first step and after its last: what the stage did, free of batch noise. Pretraining "
+              "and DSA batches mix code and chat rows in a fixed proportion.", ""]
     if summary.get("heldout_by_stage"):
         names = list(next(iter(summary["heldout_by_stage"].values())))
-        lines += ["## Held-out loss after each stage", "", "| after | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
+        lines += ["## Held-out loss after each stage", "", "| after | attention | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
         for stage, values in summary["heldout_by_stage"].items():
-            lines.append(f"| {stage} | " + " | ".join(f"{values[n]:.3f}" for n in names) + " |")
+            lines.append(f"| {stage} | {HELDOUT_ATTENTION.get(stage, '')} | "
+                         + " | ".join(f"{values[n]:.3f}" for n in names) + " |")
         lines += ["", "stdlib: held-out Python text; chats: held-out rendered conversations (all tokens); "
-                  "sft: held-out conversations, assistant tokens only.", ""]
+                  "sft: held-out conversations, assistant tokens only. Scored under the attention the stage left "
+                  "set: the DSA warm-up trains only the indexers, which dense attention does not use, so its row "
+                  "repeats pretraining's.", ""]
     if summary.get("final"):
         lines += ["## Final", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in summary["final"].items()]

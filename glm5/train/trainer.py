@@ -325,6 +325,10 @@ class Trainer:
         ids, labels = self.batches.next()  # this rank's batch_size / world_size rows of the global batch
         ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         micro_batches = list(zip(ids.split(self.micro), labels.split(self.micro)))
+        # the tokens of each row up to its last target: a padded SFT row's padding is neither throughput nor load
+        real = (labels != losses.IGNORE_INDEX).flip(1).cumsum(1).flip(1) > 0
+        real_micro = real.split(self.micro)
+        (step_tokens,) = all_reduce_sum([int(real.sum())])
         local_targets = sum(int((labels[:, 1:] != losses.IGNORE_INDEX).sum()) for _, labels in micro_batches)
         (global_targets,) = all_reduce_sum([local_targets])
         global_targets = max(global_targets, 1.0)
@@ -335,7 +339,7 @@ class Trainer:
         warmup_stage = cfg.stage == "dsa-warmup"
         sums = {"lm": 0.0, "mtp": 0.0, "mtp_correct": 0.0, "mtp_counted": 0.0, "aux": 0.0, "kl": 0.0}
         step_loads = None
-        for ids, labels in micro_batches:
+        for (ids, labels), keep in zip(micro_batches, real_micro):
             for moe in self.moes:  # only this forward's routing: a layer it skips must not show an old one
                 moe.last_routing = None
             with self._autocast():
@@ -354,7 +358,7 @@ class Trainer:
                 if kl is not None:
                     total = total + cfg.indexer_kl_weight * kl / self.accum
             total.backward()
-            loads = expert_loads(self.moes)
+            loads = expert_loads(self.moes, keep)
             step_loads = loads if step_loads is None else [a + b for a, b in zip(step_loads, loads)]
             sums["lm"] += float(lm_sum.detach())
             sums["mtp"] += float(mtp.detach() if torch.is_tensor(mtp) else mtp) / self.world_size  # all-reduced below
@@ -380,9 +384,9 @@ class Trainer:
         n = self.world_size
         lm_loss = lm / global_targets
         record = {"stage": cfg.stage, "step": self.step, "loss": kl / n if warmup_stage else lm_loss,
-                  "lm_loss": lm_loss, "mtp_loss": mtp, "mtp_acc": mtp_correct / max(mtp_counted, 1.0), "aux_loss": aux / n,
+                  "lm_loss": lm_loss, "mtp_loss": mtp, "mtp_acc": mtp_correct / mtp_counted if mtp_counted else None, "aux_loss": aux / n,
                   "indexer_kl": kl / n if kl else None, "lr": self.optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm), "targets": int(global_targets),
+                  "grad_norm": float(grad_norm), "targets": int(global_targets), "step_tokens": int(step_tokens),
                   "expert_load": [load.tolist() for load in step_loads],
                   "expert_imbalance": [imbalance(load) for load in step_loads]}
         return record
@@ -412,7 +416,7 @@ class Trainer:
             t0 = time.perf_counter()
             record = self.train_step()
             elapsed = time.perf_counter() - t0
-            record["tokens_per_s"] = tokens_per_step / elapsed
+            record["tokens_per_s"] = record["step_tokens"] / elapsed  # real tokens: padding excluded
             record["step_time_s"] = elapsed
             record["threads"] = torch.get_num_threads()
             if governor is not None:
