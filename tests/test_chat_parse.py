@@ -287,3 +287,51 @@ def test_fuzz_ten_thousand_outputs_never_raise_and_stream_consistently():
             assert stream(text, splits, tools, thinking=bool(n % 2))[1] == parse_output(text, tools, thinking=bool(n % 2))
         except Exception as err:
             raise AssertionError(f"input #{n} {text!r} split at {sorted(splits)}: {err!r}") from err
+
+
+# ---- from the session-11 review: typed arguments, NaN, additionalProperties, format detection ----------------
+_TYPED = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+    "coords": {"type": "array"}, "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    "factor": {"type": "number"}}, "required": ["city"]}}}]
+
+
+def _call(key, raw, tools=_TYPED):
+    out = (f"</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value>"
+           f"<arg_key>{key}</arg_key><arg_value>{raw}</arg_value></tool_call>")
+    return parse_output(out, tools).tool_calls[0]
+
+
+@pytest.mark.parametrize("key, raw, value, valid", [
+    ("days", "3", 3, True),             # coerced, as vLLM's GLM parser does
+    ("days", "3.5", 3.5, False), ("days", "true", True, False), ("days", "[3]", [3], False),
+    ("days", '"3"', "3", False), ("metric", "1", 1, False), ("coords", '{"x": 1}', {"x": 1}, False),
+    ("note", "42", "42", True), ("note", "true", "true", True), ("note", "null", None, True),  # string-or-null
+    ("factor", "NaN", "NaN", False),    # not JSON: clients' parsers reject NaN / Infinity
+])
+def test_typed_arguments_are_checked_against_their_schema(key, raw, value, valid):
+    call = _call(key, raw)
+    assert call.arguments[key] == value and call.valid is valid, (call.arguments, call.error)
+    json.loads(call.arguments_json)  # always strict JSON
+
+
+def test_additional_properties_as_a_schema_allows_extra_keys():
+    def tools(extra):
+        return [{"type": "function", "function": {"name": "tag", "parameters": {
+            "type": "object", "properties": {"id": {"type": "string"}}, **extra}}}]
+
+    out = ("</think><tool_call>tag<arg_key>id</arg_key><arg_value>a</arg_value>"
+           "<arg_key>color</arg_key><arg_value>red</arg_value></tool_call>")
+    for extra, valid in (({"additionalProperties": True}, True), ({"additionalProperties": {}}, True),
+                         ({"additionalProperties": {"type": "string"}}, True),
+                         ({"additionalProperties": False}, False), ({}, False)):
+        assert parse_output(out, tools(extra)).tool_calls[0].valid is valid, extra
+
+
+def test_the_official_glm5_template_is_detected_as_glm5():
+    from glm5.chat import GLM5_CHAT_TEMPLATE, detect_chat_format
+
+    official_style = "{%- if x %}<|assistant|>\n{%- set reasoning_content = '' %}{%- endif %}"  # newline in source
+    assert detect_chat_format(official_style) == "glm5"
+    assert detect_chat_format(GLM5_CHAT_TEMPLATE) == "glm5"
+    assert detect_chat_format("{{ '/nothink' }}<|assistant|>\n") == "glm45"

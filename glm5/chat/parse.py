@@ -136,6 +136,19 @@ def _schema_types(schema: Any) -> set[str]:
     return types
 
 
+def _has_type(value: Any, types: set[str]) -> bool:
+    """Whether a decoded JSON value is one of the JSON Schema types (True when types is empty)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    checks = {"string": isinstance(value, str), "null": value is None, "boolean": isinstance(value, bool),
+              "number": number, "integer": number and float(value).is_integer(),
+              "array": isinstance(value, list), "object": isinstance(value, dict)}
+    return not types or any(checks.get(t, True) for t in types)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 # ---- helpers -------------------------------------------------------------------------------------------
 class _TrimmedText:
     """Streams text with its leading and trailing whitespace removed: trailing whitespace is held back
@@ -407,7 +420,7 @@ class StreamingParser:
         if not isinstance(properties, Mapping):
             return None
         if key not in properties:
-            if schema.get("additionalProperties") is not True:
+            if schema.get("additionalProperties") in (None, False):
                 self.call.flag(f"argument {key!r} is not in the schema of {self.call.name!r}")
             return None
         return properties[key]
@@ -441,13 +454,17 @@ class StreamingParser:
         if types == {"string"}:
             return raw
         try:
-            value = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
+            value = json.loads(raw, parse_constant=_reject_constant)  # no NaN/Infinity: clients' JSON rejects them
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             if types and "string" not in types:
                 self.call.flag(f"argument {key!r} is not valid JSON for type {'/'.join(sorted(types))}")
             return raw
         if not types and isinstance(value, str):
             return raw  # no schema: a quoted string stays as written
+        if not _has_type(value, types):
+            if "string" in types:
+                return raw  # e.g. "42" for a string-or-null key: the text is the string
+            self.call.flag(f"argument {key!r} is not of type {'/'.join(sorted(types))}")
         return value
 
     def _argument_prefix(self, key: str) -> str:

@@ -177,4 +177,4 @@ def render_jinja_template(
 
 def detect_chat_format(template: str) -> str:
     """"glm45" for GLM-4.5/4.6 templates (newlines between parts, a /nothink switch), else "glm5"."""
-    return "glm45" if ("/nothink" in template or "<|assistant|>\n" in template) else "glm5"
+    return "glm45" if "/nothink" in template else "glm5"
