@@ -195,9 +195,9 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     final["wall time"] = f"{wall / 60:.1f} min"
     probes = {stage: {"start": summary["probe_start"], "end": summary["probe_end"]} for stage, summary in summaries.items()}
-    from glm5.train.losses import moe_modules
+    from glm5.model.moe import MoE
 
-    moe_layers = [n for n, m in model.named_modules() if any(m is moe for moe in moe_modules(model))]
+    moe_layers = [n for n, m in model.named_modules() if isinstance(m, MoE)]  # the order of losses.moe_modules
     report = write_report(run_dir, {
         "name": name, "probes": probes, "moe_layers": moe_layers, "final": final, "heldout_by_stage": heldout_by_stage, "sample_chat": sample_chat, "eval_samples": tasks["samples"],
         "description": f"`glm5 demo`: {args.preset} preset, {model.num_parameters() / 1e6:.2f}M parameters, "

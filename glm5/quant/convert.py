@@ -25,19 +25,6 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
-def safetensors_files(directory: str) -> list[str]:
-    """The checkpoint's shard files, in index order (or sorted when there is no index)."""
-    index_path = os.path.join(directory, INDEX_NAME)
-    if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as fh:
-            weight_map = json.load(fh)["weight_map"]
-        return sorted(set(weight_map.values()))
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors files and no {INDEX_NAME}")
-    return files
-
-
 def iter_tensors(directory: str) -> Iterator[tuple[str, object]]:
     """(key, tensor) for every tensor of the checkpoint, one at a time, memory-mapped."""
     from glm5.checkpoint import iter_checkpoint_tensors  # CheckpointError naming the file for a bad index / shard

@@ -41,7 +41,6 @@ class TextStream:
     def __init__(self, tokenizer, stop: list[str] | None = None, hidden_ids: set[int] | None = None,
                  prefix: str = "") -> None:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.tokenizer_decode = tokenizer.decode
         self.stop = list(stop or [])
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.hidden_ids = hidden_ids or set()  # end-of-turn ids: end the text, never part of it
@@ -75,7 +74,7 @@ class TextStream:
 
     def _ids_until(self, ids: list[int], end: int) -> int:
         """How many of `ids` (just pushed) it takes for the text to reach `end` characters."""
-        decode, all_ids = self.tokenizer_decode, self.detokenizer.ids
+        decode, all_ids = self.detokenizer.tokenizer.decode, self.detokenizer.ids
         target = end - self.prefix_len
         visible_before = len(all_ids) - sum(1 for i in ids if i not in self.hidden_ids)
         seen = 0

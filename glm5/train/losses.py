@@ -30,27 +30,13 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor] | None, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Mean over MTP depths d of the cross-entropy of predicting token t + 1 + d at position t, and the
-    depth-1 head's top-1 accuracy (what speculative decoding's acceptance rate follows)."""
-    if not mtp_logits:
+    """Mean over MTP depths d of the cross-entropy of predicting token t + 1 + d at position t (depths with no
+    target skipped), and the depth-1 head's top-1 accuracy (what speculative decoding's acceptance rate follows)."""
+    sums, correct, counted = mtp_loss_sums(mtp_logits, labels)
+    means = [s / n for d, s in enumerate(sums, start=1) if (n := int((labels[:, 1 + d :] != IGNORE_INDEX).sum()))]
+    if not means:
         return labels.new_zeros((), dtype=torch.float32), 0.0
-    losses, accuracy = [], 0.0
-    for depth, logits in enumerate(mtp_logits, start=1):
-        # logits [B, T - d, V]: position t (< T - 1 - d) predicts labels[t + 1 + d]
-        usable = labels.shape[1] - 1 - depth
-        if usable < 1:
-            break
-        pred = logits[:, :usable].reshape(-1, logits.shape[-1]).float()
-        target = labels[:, 1 + depth :].reshape(-1)
-        if not (target != IGNORE_INDEX).any():
-            continue  # nothing to predict (an SFT row of prompt only): a mean over no targets is NaN
-        losses.append(F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX))
-        if depth == 1:
-            valid = target != IGNORE_INDEX
-            accuracy = float((pred.argmax(-1)[valid] == target[valid]).float().mean()) if valid.any() else 0.0
-    if not losses:
-        return labels.new_zeros((), dtype=torch.float32), 0.0
-    return torch.stack(losses).mean(), accuracy
+    return torch.stack(means).mean(), correct / counted if counted else 0.0
 
 
 def mtp_loss_sums(mtp_logits: list[torch.Tensor] | None, labels: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:

@@ -328,13 +328,10 @@ class Trainer:
         # the tokens of each row up to its last target: a padded SFT row's padding is neither throughput nor load
         real = (labels != losses.IGNORE_INDEX).flip(1).cumsum(1).flip(1) > 0
         real_micro = real.split(self.micro)
-        (step_tokens,) = all_reduce_sum([int(real.sum())])
-        local_targets = sum(int((labels[:, 1:] != losses.IGNORE_INDEX).sum()) for _, labels in micro_batches)
-        (global_targets,) = all_reduce_sum([local_targets])
+        # this step's counts over all processes, in one all-reduce: real tokens, LM targets, MTP targets per depth
+        targets = [int((labels[:, d:] != losses.IGNORE_INDEX).sum()) for d in range(1, len(self.inner.mtp) + 2)]
+        step_tokens, global_targets, *mtp_targets = all_reduce_sum([int(real.sum()), *targets])
         global_targets = max(global_targets, 1.0)
-        depths = len(self.inner.mtp)
-        mtp_targets = all_reduce_sum([sum(int((labels[:, 1 + d :] != losses.IGNORE_INDEX).sum()) for _, labels in micro_batches)
-                                      for d in range(1, depths + 1)])
         mtp_depths = max(1, sum(1 for n in mtp_targets if n > 0))
         warmup_stage = cfg.stage == "dsa-warmup"
         sums = {"lm": 0.0, "mtp": 0.0, "mtp_correct": 0.0, "mtp_counted": 0.0, "aux": 0.0, "kl": 0.0}
