@@ -278,7 +278,8 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
 
 
 def cache_dir() -> Path:
-    """Where built tokenizers are cached: `$GLM5_CACHE`, else `~/.cache/glm5`."""
+    """Where glm5 caches what it builds (tokenizers; compiled CPU kernels, glm5.kernels): `$GLM5_CACHE`, else
+    `~/.cache/glm5`."""
     return Path(os.environ.get("GLM5_CACHE") or Path.home() / ".cache" / "glm5")
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.scheduler import ScheduledBatch
+from glm5.model.dsa import lowest_position_ties
 from glm5.model.mla import MLAttention
 from glm5.model.moe import MoE
 from glm5.model.transformer import GLM5ForCausalLM
@@ -307,7 +308,8 @@ class FusedMLA:
                 scores = torch.matmul(w_idx.float().view(S, Q, 1, -1), scores).view(S, Q, T)
                 scores.masked_fill_(~inputs.visible, float("-inf"))
                 values, topk = scores.topk(min(index_topk, T), dim=-1)
-                topk = topk.masked_fill_(values == float("-inf"), -1)
+                topk = lowest_position_ties(scores, values, topk)  # the model's rule for exact ties
+                topk = topk.masked_fill_(scores.gather(-1, topk) == float("-inf"), -1)
             else:
                 topk = prev_topk
                 if topk is None:

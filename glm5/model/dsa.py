@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
+from glm5.kernels import indexer_topk, latent_attention
 from glm5.model.layers import apply_rope_interleaved
 
 # Upper bounds on the elements of one block: indexer scores [B, block, heads, keys] and gathered latents
@@ -99,6 +100,34 @@ def causal_key_mask(
     return visible
 
 
+def lowest_position_ties(scores: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Make a top-k deterministic: among keys whose score equals a row's k-th largest, keep the lowest
+    positions. scores [..., T], values / indices [..., n] from a top-k of it -> indices (a copy if changed).
+
+    Exact ties are common in the indexer, not a measure-zero accident: a key whose dot products are negative
+    in every head scores exactly 0, and a query whose head weights are mostly negative ranks those zeros
+    highest. `torch.topk` keeps an arbitrary subset of them (it differs between lengths and devices), so
+    every selection path here (this PyTorch code, the reference, the CPU kernel, the engine) applies this
+    rule and they attend to the same keys. Rows whose k-th value is -inf (fewer visible keys than k) are
+    left alone: their extra picks are invisible keys, masked later.
+    """
+    n = values.shape[-1]
+    if n == 0:
+        return indices
+    kth = values.amin(dim=-1, keepdim=True)
+    above = (scores > kth).sum(dim=-1, keepdim=True)
+    tied = scores == kth
+    fix = (tied.sum(dim=-1, keepdim=True) > n - above) & (kth > float("-inf"))
+    if not bool(fix.any()):
+        return indices
+    rows = fix.squeeze(-1).nonzero(as_tuple=True)
+    row_scores, row_kth, row_tied = scores[rows], kth[rows], tied[rows]
+    keep = (row_scores > row_kth) | (row_tied & (row_tied.cumsum(dim=-1) <= n - above[rows]))
+    indices = indices.clone()
+    indices[rows] = keep.nonzero()[:, -1].view(-1, n).to(indices.dtype)
+    return indices
+
+
 @torch.no_grad()
 def select_topk_reference(
     indexer: Indexer, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,
@@ -107,11 +136,13 @@ def select_topk_reference(
     """Top-k over the full masked score matrix, exactly as transformers does. -> [B, S, min(k, T)] int64.
 
     Like transformers, queries with fewer than k visible tokens get some masked (future) positions;
-    attention masks those by causality.
+    attention masks those by causality. Exact ties at the k-th score keep the lowest positions
+    (`lowest_position_ties`), where transformers keeps whichever `torch.topk` returns.
     """
     scores = indexer.scores(q, w, k)
     scores = scores.masked_fill(~causal_key_mask(q_positions, k.shape[1], key_mask), float("-inf"))
-    return scores.topk(min(indexer.index_topk, scores.shape[-1]), dim=-1).indices
+    values, indices = scores.topk(min(indexer.index_topk, scores.shape[-1]), dim=-1)
+    return lowest_position_ties(scores, values, indices)
 
 
 @torch.no_grad()
@@ -121,9 +152,17 @@ def select_topk_blockwise(
 ) -> torch.Tensor:
     """Top-k per query, scoring one block of queries at a time so no [S, T] matrix exists at once.
 
+    On a CPU (and `block` not given) the fused kernel `glm5.kernels.indexer_topk` does it when it can be
+    built; this PyTorch code is its fallback (`GLM5_CPU_KERNELS=0`, `glm5.kernels.use_cpu_kernels(False)`).
+
     Each block only scores the keys up to its last query's position (causality). Slots that would
     hold an invisible (future or padded) key are set to -1. -> [B, S, topk] int64.
     """
+    if block is None and q.device.type == "cpu":
+        # the fused C kernel (glm5.kernels, switch GLM5_CPU_KERNELS); None when it cannot run here
+        fast = indexer_topk(q, w * indexer.softmax_scale, k, q_positions, indexer.index_topk, key_mask)
+        if fast is not None:
+            return fast
     B, S, H, _ = q.shape
     T = k.shape[1]
     topk = indexer.index_topk
@@ -146,7 +185,8 @@ def select_topk_blockwise(
             scores = scores.masked_fill(~causal_key_mask(pos, kv_end, key_mask[:, :kv_end]), float("-inf"))
         n = min(topk, kv_end)
         values, idx = topk_grouped(scores, n)
-        out[:, start:end, :n] = idx.masked_fill(values == float("-inf"), -1)
+        idx = lowest_position_ties(scores, values, idx)
+        out[:, start:end, :n] = idx.masked_fill(scores.gather(-1, idx) == float("-inf"), -1)
     return out
 
 
@@ -189,6 +229,15 @@ def sparse_latent_attention(
     B, S, H, D = q.shape
     T = kv.shape[1]
     K = topk_indices.shape[-1]
+    if block is None and not dropout_p and q.device.type == "cpu":
+        # the C kernel (glm5.kernels, inference in fp32 only; None otherwise): reads each selected row where it
+        # lies instead of gathering copies; same softmax over the same rows
+        visible = (topk_indices >= 0) & (topk_indices <= q_positions[..., None])
+        offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
+        rows = torch.where(visible, topk_indices + offset, -1)
+        fast = latent_attention(q.reshape(B * S, H, D), kv.reshape(B * T, D), rows.view(B * S, K), scale, latent_dim)
+        if fast is not None:
+            return fast.view(B, S, H, latent_dim)
     if block is None:
         block = max(1, min(S, _block_budget(GATHER_BLOCK_ELEMENTS, q.device) // max(1, B * K * D)))
     flat_kv = kv.reshape(B * T, D)

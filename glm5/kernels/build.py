@@ -1,0 +1,139 @@
+"""Compile a kernel's C source once per machine and load it with ctypes.
+
+The shared library lands in `$GLM5_CACHE/kernels/<name>-<hash>.so` (default `~/.cache/glm5`); the hash
+covers the source, the compiler, its flags and this CPU's instruction-set flags, so an edited kernel or
+another machine's CPU never reuses a stale build. It is written to a temporary name and renamed, so
+processes building at once (pytest workers, torchrun ranks) never load a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+ENV_SWITCH = "GLM5_CPU_KERNELS"  # "0", "false" or "off" turns every CPU kernel off
+_override: list[bool] = []  # innermost use_cpu_kernels() wins
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether CPU kernels may run: `use_cpu_kernels(...)` if inside one, else not `GLM5_CPU_KERNELS=0`."""
+    if _override:
+        return _override[-1]
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def use_cpu_kernels(enabled: bool):
+    """Turn the CPU kernels on or off inside a `with` block (this process, all threads)."""
+    _override.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    # -march=native builds for this CPU: the cache key must change when the same home directory is used
+    # from a machine with other instruction sets
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(cc: str, source: Path, target: Path, flags: list[str]) -> str | None:
+    """Build source -> target; None on success, else the compiler's message."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            return (proc.stderr or proc.stdout).strip()[-2000:] or f"{cc} exit status {proc.returncode}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def _load(name: str, cache_root: str, portable: bool = False) -> ctypes.CDLL | None:
+    """portable=True: no -march=native (the build other machines' compilers make: no AVX-512 paths)."""
+    source = Path(__file__).with_name(f"{name}.c")
+    cc = _compiler()
+    if cc is None:
+        warnings.warn(f"glm5.kernels: no C compiler found (set CC); {name} runs its PyTorch fallback", stacklevel=3)
+        return None
+    base = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
+    errors = []
+    # -march=native first (AVX-512 / NEON as the CPU has them); some compilers (Apple clang on arm64) refuse it
+    for flags in ((base,) if portable else (base + ["-march=native"], base)):
+        digest = hashlib.sha256()
+        for part in (source.read_bytes(), cc.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
+                     platform.machine().encode()):
+            digest.update(part + b"\0")
+        target = Path(cache_root) / "kernels" / f"{name}-{digest.hexdigest()[:16]}.so"
+        if not target.exists():
+            error = _compile(cc, source, target, flags)
+            if error is not None:
+                errors.append(error)
+                continue
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as exc:
+            errors.append(str(exc))
+    warnings.warn(f"glm5.kernels: could not build {name} ({errors[-1][:300]}); its PyTorch fallback runs",
+                  stacklevel=3)
+    return None
+
+
+def load_library(name: str) -> ctypes.CDLL | None:
+    """The compiled `glm5/kernels/<name>.c` (built on first call), or None when CPU kernels are off or it
+    cannot be built (a warning says why, once)."""
+    if not cpu_kernels_enabled():
+        return None
+    from glm5.tokenizer import cache_dir
+
+    with _lock:  # one build per process even when threads ask at once
+        return _load(name, str(cache_dir()))
+
+
+def run_threads(fn, jobs: list[tuple]) -> list:
+    """fn(*job) for every job, on up to len(jobs) threads at once; results in order. ctypes releases the GIL
+    while a C function runs, so the jobs run in parallel (callers size jobs to torch.get_num_threads())."""
+    global _pool
+    if len(jobs) == 1:
+        return [fn(*jobs[0])]
+    with _lock:
+        if _pool is None or _pool._max_workers < len(jobs):
+            _pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="glm5-kernel")
+        pool = _pool
+    return list(pool.map(lambda job: fn(*job), jobs))

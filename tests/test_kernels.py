@@ -1,0 +1,247 @@
+"""The CPU kernels of glm5.kernels against their PyTorch fallbacks (which the rest of the suite also tests).
+
+The indexer kernel must select exactly the keys the PyTorch path selects. With small integer queries, keys and
+head weights (and a power-of-two head dim, so the 1/sqrt(D) scale is exact) every score is exact in fp32 in
+any summation order, so the two must agree key for key, exact ties included (there are many).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from glm5.kernels import build, cpu_kernels_enabled, indexer_topk, latent_attention, load_library, use_cpu_kernels
+from glm5.model.dsa import Indexer, lowest_position_ties, select_topk_blockwise, select_topk_reference
+
+if load_library("indexer_topk") is None:  # no C compiler here: the fallback is all there is to test
+    pytest.skip("the CPU kernels cannot be built on this machine", allow_module_level=True)
+
+
+def _indexer(heads: int, dim: int, topk: int) -> Indexer:
+    return Indexer(tiny_config(index_n_heads=heads, index_head_dim=dim, index_topk=topk,
+                               qk_rope_head_dim=min(16, dim)))
+
+
+def _rows(sel: torch.Tensor) -> list[list[set[int]]]:
+    return [[{int(i) for i in row if i >= 0} for row in batch] for batch in sel]
+
+
+def _integer_inputs(B, S, T, H, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (B, S, H, D), generator=g).float()
+    w = torch.randint(-3, 4, (B, S, H), generator=g).float()
+    k = torch.randint(-2, 3, (B, T, D), generator=g).float()
+    return q, w, k
+
+
+CASES = [  # B, S (queries), T (keys), H, D, topk, first query position
+    (1, 300, 300, 4, 64, 16, 0),       # long rows: the group-maxima bound
+    (1, 200, 200, 5, 16, 64, 0),       # heads not a multiple of 4; rows shorter and longer than 2 topk
+    (2, 130, 130, 8, 16, 8, 0),        # batch of two
+    (1, 40, 300, 4, 16, 32, 260),      # a chunk of queries at the end of a longer context
+    (1, 50, 50, 4, 64, 64, 0),         # topk above every row's length: all visible keys, -1 after
+    (1, 1100, 1100, 4, 16, 64, 0),     # rows past 4 * (4 topk): the vectorized scans' full 64-key tiles
+]
+
+
+@pytest.mark.parametrize("B,S,T,H,D,topk,first", CASES)
+def test_indexer_kernel_selects_exactly_the_pytorch_keys(B, S, T, H, D, topk, first):
+    indexer = _indexer(H, D, topk)
+    q, w, k = _integer_inputs(B, S, T, H, D, seed=S + T)
+    pos = torch.arange(first, first + S).view(1, S).expand(B, S)
+    with use_cpu_kernels(False):
+        want = select_topk_blockwise(indexer, q, w, k, pos)
+    got = indexer_topk(q, w * indexer.softmax_scale, k, pos, topk)
+    assert got is not None and got.shape == (B, S, topk) and got.dtype == torch.int64
+    assert _rows(got) == _rows(want)
+    for b in range(B):
+        for i in range(S):
+            visible = min(topk, first + i + 1)
+            assert (got[b, i] >= 0).sum() == visible and (got[b, i] <= first + i).all()
+    # and through the public entry point (kernels on), the same
+    assert _rows(select_topk_blockwise(indexer, q, w, k, pos)) == _rows(want)
+
+
+def test_indexer_kernel_with_a_padding_mask_and_per_row_positions():
+    B, T, H, D, topk = 3, 150, 4, 16, 24
+    indexer = _indexer(H, D, topk)
+    q, w, k = _integer_inputs(B, T, T, H, D, seed=7)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :40] = 0  # left padding
+    mask[2, torch.randperm(T, generator=torch.Generator().manual_seed(1))[:60]] = 0
+    pos = torch.arange(T).expand(B, T)
+    with use_cpu_kernels(False):
+        want = select_topk_blockwise(indexer, q, w, k, pos, key_mask=mask)
+    got = indexer_topk(q, w * indexer.softmax_scale, k, pos, topk, key_mask=mask)
+    assert _rows(got) == _rows(want)
+    assert all(mask[b, i] for b, batch in enumerate(_rows(got)) for row in batch for i in row)
+
+
+def test_indexer_kernel_on_real_valued_scores_is_a_valid_top_k():
+    """Normal inputs, head dim 24 (no exact scale): each selected set is a top-k of the fp64 scores, up to
+    rounding at the boundary."""
+    S, H, D, topk = 700, 6, 24, 40
+    g = torch.Generator().manual_seed(0)
+    q, w, k = torch.randn(1, S, H, D, generator=g), torch.randn(1, S, H, generator=g), torch.randn(1, S, D, generator=g)
+    got = indexer_topk(q, w, k, torch.arange(S).view(1, S), topk)[0]
+    exact = (torch.einsum("shd,td->sht", q[0].double(), k[0].double()).relu() * w[0].double().unsqueeze(-1)).sum(1)
+    for i in range(S):
+        n = min(topk, i + 1)
+        chosen = got[i][got[i] >= 0]
+        assert len(chosen) == n and len(set(chosen.tolist())) == n and (chosen <= i).all()
+        kth = exact[i, : i + 1].topk(n).values[-1]
+        assert exact[i, chosen].min() >= kth - 1e-9 * max(1.0, abs(kth.item()))
+
+
+def _attention_inputs(N, H, D, T, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(N, H, D, generator=g)
+    kv = torch.randn(T, D, generator=g)
+    rows = torch.randint(0, T, (N, K), generator=g)  # duplicates included, as a cache's rows may repeat
+    rows[torch.rand(N, K, generator=g) < 0.2] = -1
+    rows[3] = -1  # a query with nothing to attend to
+    return q, kv, rows
+
+
+def _attention_fp64(q, kv, rows, scale, L):
+    gathered = kv.double()[rows.clamp(min=0)]  # [N, K, D]
+    scores = torch.einsum("nhd,nkd->nhk", q.double(), gathered) * scale
+    scores = scores.masked_fill((rows < 0).unsqueeze(1), float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    return torch.einsum("nhk,nkl->nhl", probs, gathered[..., :L])
+
+
+@pytest.mark.parametrize("N,H,D,T,K,L", [(200, 4, 80, 300, 64, 64), (150, 5, 40, 90, 37, 33), (64, 1, 16, 20, 1, 16)])
+def test_latent_attention_kernel_matches_fp64_and_the_pytorch_path(N, H, D, T, K, L):
+    from glm5.model.dsa import sparse_latent_attention
+
+    q, kv, rows = _attention_inputs(N, H, D, T, K)
+    got = latent_attention(q, kv, rows, 0.3, L)
+    assert got.shape == (N, H, L) and got.dtype == torch.float32
+    assert (got.double() - _attention_fp64(q, kv, rows, 0.3, L)).abs().max() < 1e-5
+    assert got[3].abs().max() == 0  # no valid row: zeros, as the PyTorch path's nan_to_num gives
+    # the model's entry point: the same rows as [1, N, K] positions into one sequence, every query at the end
+    positions = torch.full((1, N), T - 1)
+    with use_cpu_kernels(False):
+        want = sparse_latent_attention(q[None], kv[None], rows[None], positions, 0.3, L)
+    fast = sparse_latent_attention(q[None], kv[None], rows[None], positions, 0.3, L)
+    assert (fast - want).abs().max() < 1e-5
+    # positions after a query's own are not attended (causality), by either path
+    early = torch.arange(N).view(1, N) % T
+    with use_cpu_kernels(False):
+        want = sparse_latent_attention(q[None], kv[None], rows[None], early, 0.3, L)
+    assert (sparse_latent_attention(q[None], kv[None], rows[None], early, 0.3, L) - want).abs().max() < 1e-5
+
+
+def test_latent_attention_kernel_declines_what_it_does_not_do():
+    q, kv, rows = _attention_inputs(10, 2, 16, 12, 4)
+    assert latent_attention(q.requires_grad_(), kv, rows, 1.0, 8) is None  # autograd: PyTorch's path
+    with torch.no_grad():
+        assert latent_attention(q, kv, rows, 1.0, 8) is not None
+    assert latent_attention(q.detach().bfloat16(), kv.bfloat16(), rows, 1.0, 8) is None
+    with use_cpu_kernels(False):
+        assert latent_attention(q.detach(), kv, rows, 1.0, 8) is None
+    with pytest.raises(ValueError, match="latent_dim"):
+        latent_attention(q.detach(), kv, rows, 1.0, 17)
+
+
+def test_model_sparse_path_agrees_with_kernel_and_fallback_and_reference():
+    from glm5 import GLM5ForCausalLM
+
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=12))).eval()
+    ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fast = model.set_attn_impl("sparse")(ids).logits
+        with use_cpu_kernels(False):
+            slow = model(ids).logits
+        ref = model.set_attn_impl("reference")(ids).logits
+    assert (fast - slow).abs().max() < 1e-5
+    assert (fast - ref).abs().max() < 1e-5
+
+
+def test_exact_ties_keep_the_lowest_positions_in_every_path():
+    # a query whose head weights are all negative: every key with all dot products <= 0 scores exactly 0, the
+    # highest possible score; 10 keys tie for 4 slots
+    H, D, topk, T = 4, 16, 4, 12
+    indexer = _indexer(H, D, topk)
+    q = torch.ones(1, T, H, D)
+    w = -torch.ones(1, T, H)
+    k = -torch.ones(1, T, D)
+    k[0, [3, 7]] = 1.0  # these two score negative
+    pos = torch.arange(T).view(1, T)
+    last = T - 1
+    expected = {0, 1, 2, 4}
+    with use_cpu_kernels(False):
+        assert _rows(select_topk_blockwise(indexer, q, w, k, pos))[0][last] == expected
+    assert _rows(select_topk_reference(indexer, q, w, k, pos))[0][last] == expected
+    assert _rows(indexer_topk(q, w * indexer.softmax_scale, k, pos, topk))[0][last] == expected
+    scores = torch.tensor([[5.0, 1.0, 1.0, 1.0, 0.0, 1.0]])
+    values, idx = torch.tensor([[5.0, 1.0, 1.0]]), torch.tensor([[0, 5, 3]])
+    assert lowest_position_ties(scores, values, idx).tolist() == [[0, 1, 2]]
+
+
+def test_switch_off_and_unbuildable_kernels_fall_back(monkeypatch, tmp_path):
+    indexer = _indexer(4, 16, 8)
+    q, w, k = _integer_inputs(1, 40, 40, 4, 16, seed=3)
+    pos = torch.arange(40).view(1, 40)
+    with use_cpu_kernels(False):
+        want = _rows(select_topk_blockwise(indexer, q, w, k, pos))
+        assert not cpu_kernels_enabled() and indexer_topk(q, w, k, pos, 8) is None
+    monkeypatch.setenv("GLM5_CPU_KERNELS", "0")
+    assert load_library("indexer_topk") is None
+    monkeypatch.setenv("GLM5_CPU_KERNELS", "1")
+    # a compiler that fails: a warning, no library, and the PyTorch path gives the same keys
+    monkeypatch.setenv("GLM5_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(build, "_load", build._load.__wrapped__)  # no result cached from earlier tests
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_library("indexer_topk") is None
+    assert any("could not build indexer_topk" in str(c.message) for c in caught)
+    monkeypatch.setattr("glm5.kernels.indexer._function", None)
+    with pytest.warns(UserWarning, match="could not build indexer_topk .*exit status 1"):
+        assert _rows(select_topk_blockwise(indexer, q, w, k, pos)) == want
+
+
+def test_built_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLM5_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_load", build._load.__wrapped__)
+    assert load_library("indexer_topk") is not None
+    built = list((tmp_path / "kernels").glob("indexer_topk-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert load_library("indexer_topk") is not None  # a second load reuses the file
+    assert built[0].stat().st_mtime_ns == stamp and not list((tmp_path / "kernels").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("kernel", ["indexer", "sparse_attention"])
+def test_portable_build_without_avx512_gives_the_same_results(kernel, monkeypatch, tmp_path):
+    """The kernels compiled without -march=native (vector extensions lowered to SSE; no AVX-512 intrinsics):
+    what a machine without AVX-512 runs."""
+    import glm5.kernels.indexer as indexer_module
+    import glm5.kernels.sparse_attention as attention_module
+
+    module = indexer_module if kernel == "indexer" else attention_module
+    if kernel == "indexer":
+        indexer = _indexer(5, 16, 24)
+        q, w, k = _integer_inputs(2, 400, 400, 5, 16, seed=11)
+        pos = torch.arange(400).view(1, 400).expand(2, 400)
+        native = indexer_topk(q, w * indexer.softmax_scale, k, pos, 24)
+    else:
+        q, kv, rows = _attention_inputs(N=300, H=5, D=40, T=500, K=37)
+        native = latent_attention(q, kv, rows, 0.125, 32)
+    portable_lib = build._load("indexer_topk" if kernel == "indexer" else "sparse_attention", str(tmp_path),
+                               portable=True)
+    assert portable_lib is not None
+    monkeypatch.setattr(module, "load_library", lambda name: portable_lib)
+    monkeypatch.setattr(module, "_function", None)
+    if kernel == "indexer":
+        portable = indexer_topk(q, w * indexer.softmax_scale, k, pos, 24)
+        assert _rows(portable) == _rows(native)
+    else:
+        portable = latent_attention(q, kv, rows, 0.125, 32)
+        assert (portable - native).abs().max() < 1e-5
