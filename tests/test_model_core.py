@@ -6,6 +6,7 @@ import torch
 from conftest import randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
+from glm5.kernels import use_cpu_kernels
 from glm5.model.dsa import select_topk_blockwise, select_topk_reference
 from glm5.model.moe import moe_forward_loop
 
@@ -192,3 +193,27 @@ def test_mtp_logits_under_left_padding_ignore_the_pad_tokens(impl):
         alone = model(ids[:, pad:], return_mtp=True)
     assert (a.mtp_logits[0] - b.mtp_logits[0])[0, pad:].abs().max() < 1e-5
     assert (a.mtp_logits[0][0, pad:] - alone.mtp_logits[0][0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_in_place_ops_give_the_autograd_numbers(dtype):
+    """Under no_grad the MLP, the experts and the residual adds overwrite their fresh outputs in place
+    (glm5.model.layers.no_autograd); the numbers must be those of the out-of-place autograd path, bit for bit."""
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8))).to(dtype).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with use_cpu_kernels(False):  # the sparse-attention kernel serves no_grad only: compare like with like
+        with_grad = model(ids, return_mtp=True)
+        assert with_grad.logits.requires_grad
+        with torch.no_grad():
+            without = model(ids, return_mtp=True)
+    assert torch.equal(with_grad.logits.detach(), without.logits)
+    assert torch.equal(with_grad.mtp_logits[0].detach(), without.mtp_logits[0])
+    # a leaf input that needs no gradient is still never written
+    x = torch.randn(2, 24, 64, dtype=dtype)
+    before = x.clone()
+    layer = model.model.layers[-1]
+    cos, sin = model.model.rotary_emb(torch.arange(24).expand(2, 24), dtype)
+    with torch.no_grad():
+        layer(x, cos, sin, torch.arange(24).expand(2, 24))
+    assert torch.equal(x, before)

@@ -14,6 +14,15 @@ from torch import nn
 from glm5.config import GLM5Config
 
 
+def no_autograd(*tensors: torch.Tensor) -> bool:
+    """True when none of tensors is recorded by autograd, so an op may overwrite its (fresh) input in place.
+
+    Inference reuses memory this way: at 8K tokens a new [T, intermediate] tensor is a fresh mmap whose pages
+    fault in on first touch (glibc hands blocks above 32 MB straight back to the OS), which made the
+    out-of-place SwiGLU 1.6x slower than the same math in place (dev/LOG.md)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -113,4 +122,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if no_autograd(gate, up):
+            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(F.silu(gate) * up)

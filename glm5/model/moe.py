@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
-from glm5.model.layers import MLP
+from glm5.model.layers import MLP, no_autograd
 
 # Use torch._grouped_mm when available on this device/dtype (switch for benchmarks and debugging).
 USE_GROUPED_MM = True
@@ -106,13 +106,18 @@ class Experts(nn.Module):
             pieces = []
             counts_list = counts.tolist()
             gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            in_place = no_autograd(xs, self.gate_up_proj, self.down_proj)
             for e, chunk in enumerate(xs.split(counts_list)):
                 if counts_list[e] == 0:
                     continue
                 gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-                pieces.append(F.linear(F.silu(gate) * up, down[e]))
+                hidden = F.silu(gate, inplace=True).mul_(up) if in_place else F.silu(gate) * up
+                pieces.append(F.linear(hidden, down[e]))
             ys = torch.cat(pieces, dim=0)
-        ys = ys * row_weights.unsqueeze(-1)  # fp32 weights, as transformers multiplies
+        if no_autograd(ys, row_weights) and ys.dtype == torch.float32:
+            ys = ys.mul_(row_weights.unsqueeze(-1))
+        else:
+            ys = ys * row_weights.unsqueeze(-1)  # fp32 weights, as transformers multiplies
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 
 
@@ -166,4 +171,5 @@ class MoE(nn.Module):
         if self.record_routing:
             self.last_routing = (scores, indices)
         routed = self.experts(flat, indices, weights).view(shape)
-        return routed + self.shared_experts(x)
+        shared = self.shared_experts(x)
+        return routed.add_(shared) if no_autograd(routed, shared) else routed + shared

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
-from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding
+from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding, no_autograd
 from glm5.model.mla import ATTN_IMPLS, MLAttention
 from glm5.model.moe import MoE
 
@@ -54,6 +54,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, q_positions, prev_topk=None, key_mask=None):
         attn_out, topk = self.self_attn(self.input_layernorm(x), cos, sin, q_positions, prev_topk, key_mask)
+        if no_autograd(x, attn_out):  # inference: add into the sublayers' fresh outputs (see no_autograd)
+            x = attn_out.add_(x)
+            return self.mlp(self.post_attention_layernorm(x)).add_(x), topk
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, topk
