@@ -7,7 +7,9 @@ Same random weights in both (ours built from a seed, copied into transformers), 
 (the tiny config of ../shared/reference/machine.md), fp32, batch 1, `--threads` CPU threads. Every
 measurement runs in a fresh subprocess so its peak memory is its own: "peak MiB" is the forward's
 high-water mark of resident memory above what the process held before the first forward (Linux VmHWM,
-reset through /proc/self/clear_refs). Reports medians, tokens/s and the ratios; writes JSON.
+reset through /proc/self/clear_refs). Reports medians, tokens/s and the ratios; writes JSON. Growth with
+length is also given without glm5's top-k selection (timed around each `select_topk_blockwise` call): DSA's
+lightning indexer scores every earlier token, so it alone stays O(T^2) by design.
 """
 
 from __future__ import annotations
@@ -62,7 +64,24 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
         if cuda:
             torch.cuda.synchronize()
 
-    times = []
+    # glm5 only: time spent choosing the top-k (the lightning indexer's O(T^2) scoring and the selection),
+    # the one part of DSA that stays quadratic, reported apart so the rest's growth with length shows
+    indexer_s = [0.0]
+    if impl == "glm5":
+        import glm5.model.mla as mla
+
+        select = mla.select_topk_blockwise
+
+        def timed_select(*a, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = select(*a, **kw)
+            sync()
+            indexer_s[0] += time.perf_counter() - t0
+            return out
+
+        mla.select_topk_blockwise = timed_select
+    times, indexer_times = [], []
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset the peak-RSS high-water mark
@@ -78,10 +97,12 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
             model(ids)  # warm-up (skipped on CPU at long lengths where one transformers pass takes many seconds)
         for _ in range(repeats):
             sync()
+            indexer_s[0] = 0.0
             t0 = time.perf_counter()
             model(ids)
             sync()
             times.append(time.perf_counter() - t0)
+            indexer_times.append(indexer_s[0])
     peak_kib = _rss_kib("VmHWM")
     median = statistics.median(times)
     peak_mib = max(0, peak_kib - base_kib) / 1024
@@ -90,6 +111,8 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
     return {
         "impl": impl, "seq": seq, "device": device, "times_s": times, "median_s": median,
         "tokens_per_s": seq / median, "peak_mib": peak_mib, "peak_rss_mib": peak_kib / 1024,
+        "indexer_times_s": indexer_times if impl == "glm5" else None,
+        "indexer_median_s": statistics.median(indexer_times) if impl == "glm5" else None,
     }
 
 
@@ -143,12 +166,21 @@ def main() -> int:
             print(f"| {seq} | {entry['glm5_ms']:.1f} | - | - | {entry['glm5_tokens_per_s']:.0f} | {ours['peak_mib']:.1f} | - | - |")
         summary.append(entry)
     ours_seqs = sorted(s for (impl, s) in by if impl == "glm5")
+
+    def rest(seq):  # the median forward minus the median top-k selection (the indexer)
+        r = by[("glm5", seq)]
+        return r["median_s"] - r["indexer_median_s"]
+
     growth = [
-        {"from": a, "to": b, "length_ratio": b / a, "time_ratio": by[("glm5", b)]["median_s"] / by[("glm5", a)]["median_s"]}
+        {"from": a, "to": b, "length_ratio": b / a, "time_ratio": by[("glm5", b)]["median_s"] / by[("glm5", a)]["median_s"],
+         "indexer_share_at_to": by[("glm5", b)]["indexer_median_s"] / by[("glm5", b)]["median_s"],
+         "time_ratio_without_indexer": rest(b) / rest(a)}
         for a, b in zip(ours_seqs, ours_seqs[1:])
     ]
     for g in growth:
-        print(f"glm5 time x{g['time_ratio']:.2f} for length x{g['length_ratio']:.0f} ({g['from']} -> {g['to']})")
+        print(f"glm5 time x{g['time_ratio']:.2f} for length x{g['length_ratio']:.0f} ({g['from']} -> {g['to']}); "
+              f"without the indexer's top-k x{g['time_ratio_without_indexer']:.2f} "
+              f"(the indexer is {100 * g['indexer_share_at_to']:.0f}% of the time at {g['to']})")
     result = {
         "benchmark": "forward", "preset": "tiny-bench", "dtype": "float32", "batch": 1, "threads": args.threads,
         "device": args.device,
