@@ -136,11 +136,44 @@ def test_latent_attention_kernel_matches_fp64_and_the_pytorch_path(N, H, D, T, K
     assert (sparse_latent_attention(q[None], kv[None], rows[None], early, 0.3, L) - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("batch,threads", [(3, 2), (1, 2), (4, 1)])
+def test_latent_attention_kernel_backward_matches_fp64_and_the_pytorch_path(batch, threads):
+    """dq and dkv from the C backward: rows shared between queries (and, with one sequence and two threads,
+    between threads: each adds into its own copy) accumulate like PyTorch's gather backward."""
+    from glm5.model.dsa import sparse_latent_attention
+
+    S, H, D, L, K = 40, 5, 40, 33, 12
+    g = torch.Generator().manual_seed(batch)
+    q = torch.randn(batch, S, H, D, generator=g, dtype=torch.float64)
+    kv = torch.randn(batch, S, D, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, S, (batch, S, K), generator=g)
+    idx[torch.rand(batch, S, K, generator=g) < 0.2] = -1
+    pos = torch.arange(S).expand(batch, S)
+    grad_out = torch.randn(batch, S, H, L, generator=g, dtype=torch.float64)
+    results = {}
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, kernels, dtype in [("kernel", True, torch.float32), ("pytorch", False, torch.float32),
+                                     ("fp64", False, torch.float64)]:
+            qq, kk = q.to(dtype).requires_grad_(), kv.to(dtype).requires_grad_()
+            with use_cpu_kernels(kernels):
+                out = sparse_latent_attention(qq, kk, idx, pos, 0.2, L)
+            below_view = type(out.grad_fn.next_functions[0][0]).__name__  # out is a view of the [B*S, H, L] result
+            assert ("LatentAttention" in below_view) == kernels, below_view
+            out.backward(grad_out.to(dtype))
+            results[name] = [t.double() for t in (out.detach(), qq.grad, kk.grad)]
+    finally:
+        torch.set_num_threads(old_threads)
+    for got, pytorch, exact in zip(results["kernel"], results["pytorch"], results["fp64"]):
+        assert (got - exact).abs().max() < 1e-5
+        assert (got - pytorch).abs().max() < 1e-5
+
+
 def test_latent_attention_kernel_declines_what_it_does_not_do():
     q, kv, rows = _attention_inputs(10, 2, 16, 12, 4)
-    assert latent_attention(q.requires_grad_(), kv, rows, 1.0, 8) is None  # autograd: PyTorch's path
-    with torch.no_grad():
-        assert latent_attention(q, kv, rows, 1.0, 8) is not None
+    assert latent_attention(q, kv, rows, 1.0, 8).grad_fn is None
+    assert latent_attention(q.requires_grad_(), kv, rows, 1.0, 8).grad_fn is not None  # its own backward
     assert latent_attention(q.detach().bfloat16(), kv.bfloat16(), rows, 1.0, 8) is None
     with use_cpu_kernels(False):
         assert latent_attention(q.detach(), kv, rows, 1.0, 8) is None
@@ -238,10 +271,22 @@ def test_portable_build_without_avx512_gives_the_same_results(kernel, monkeypatc
                                portable=True)
     assert portable_lib is not None
     monkeypatch.setattr(module, "load_library", lambda name: portable_lib)
-    monkeypatch.setattr(module, "_function", None)
+    if kernel == "indexer":
+        monkeypatch.setattr(module, "_function", None)
+    else:
+        monkeypatch.setattr(module, "_functions", {})
     if kernel == "indexer":
         portable = indexer_topk(q, w * indexer.softmax_scale, k, pos, 24)
         assert _rows(portable) == _rows(native)
     else:
         portable = latent_attention(q, kv, rows, 0.125, 32)
         assert (portable - native).abs().max() < 1e-5
+        grads = []
+        for lib in (portable_lib, None):
+            if lib is None:  # the native build again
+                monkeypatch.setattr(module, "load_library", build.load_library)
+                monkeypatch.setattr(module, "_functions", {})
+            qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
+            latent_attention(qq, kk, rows, 0.125, 32).square().sum().backward()
+            grads.append((qq.grad, kk.grad))
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(*grads))

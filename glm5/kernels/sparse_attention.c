@@ -26,6 +26,21 @@ static inline float hsum(vf v) {
     v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     return v[0];
 }
+/* the sums of four vectors at once: out[i] = sum of a_i's lanes (6 shuffles, 5 adds for all four) */
+static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
+    vf x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vf y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vf z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    z += __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    z += __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    out[0] = z[0];
+    out[1] = z[4];
+    out[2] = z[8];
+    out[3] = z[12];
+}
 #else
 static inline float hsum(vf v) {
     float s[VL];
@@ -34,7 +49,30 @@ static inline float hsum(vf v) {
     for (int l = 0; l < VL; l++) a += s[l];
     return a;
 }
+
+static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
+    out[0] = hsum(a0);
+    out[1] = hsum(a1);
+    out[2] = hsum(a2);
+    out[3] = hsum(a3);
+}
 #endif
+
+/* out[h] = a_h . b over n floats for the 4 vectors a_h = a + h * stride (one pass over b) */
+static inline void dot4(const float *a, int64_t stride, const float *b, int64_t n, float *out) {
+    vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
+        const vf x = *(const vf *)(b + i);
+        s0 += *(const vf *)(a + i) * x;
+        s1 += *(const vf *)(a + stride + i) * x;
+        s2 += *(const vf *)(a + 2 * stride + i) * x;
+        s3 += *(const vf *)(a + 3 * stride + i) * x;
+    }
+    hsum4(s0, s1, s2, s3, out);
+    for (; i < n; i++)
+        for (int h = 0; h < 4; h++) out[h] += a[h * stride + i] * b[i];
+}
 
 /* exp(x) for x <= 0 (softmax arguments after subtracting the max): Cephes' expf reduction and polynomial */
 static inline vf vexp(vf x) {
@@ -59,70 +97,185 @@ static inline vf vexp(vf x) {
     return p * (vf)bits;
 }
 
-/* q [N, H, D], kv [*, D] row-major, rows [N, K], out [N, H, L]; queries [n_begin, n_end). scratch: none.
- * K <= 4096. Returns 0, or -1 for an unsupported size. */
+/* a += c * b over n floats */
+static inline void axpy(float *a, float c, const float *b, int64_t n) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) *(vf *)(a + i) += c * *(const vf *)(b + i);
+    for (; i < n; i++) a[i] += c * b[i];
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    vf acc = {0};
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) acc += *(const vf *)(a + i) * *(const vf *)(b + i);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out[0..n) = sum_j w[j] * row[j][0..n): 8 vectors of out at a time in registers, so the FMAs over j form
+ * independent chains (one accumulator would wait out each FMA's latency) */
+static inline void weighted_rows(const float *w, const float **row, int64_t m, int64_t n, float *out) {
+    int64_t c0 = 0;
+    for (; c0 + VL <= n; c0 += 8 * VL) {
+        const int64_t nvec = (n - c0) / VL < 8 ? (n - c0) / VL : 8;
+        vf acc[8] = {{0}};
+        for (int64_t j = 0; j < m; j++) {
+            const float *r = row[j] + c0;
+            for (int64_t v = 0; v < nvec; v++) acc[v] += w[j] * *(const vf *)(r + v * VL);
+        }
+        for (int64_t v = 0; v < nvec; v++) *(vf *)(out + c0 + v * VL) = acc[v];
+        if (nvec < 8) {
+            c0 += nvec * VL;
+            break;
+        }
+    }
+    for (; c0 < n; c0++) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < m; j++) acc += w[j] * row[j][c0];
+        out[c0] = acc;
+    }
+}
+
+/* The valid rows of query n: pointers into kv and their row numbers; returns how many. */
+static inline int64_t query_rows(const float *kv, const int64_t *rn, int64_t K, int64_t D, const float **row,
+                                 int64_t *index) {
+    int64_t m = 0;
+    for (int64_t j = 0; j < K; j++)
+        if (rn[j] >= 0) {
+            index[m] = rn[j];
+            row[m++] = kv + rn[j] * D;
+        }
+    return m;
+}
+
+/* probs[h * stride + j] = softmax_j(scale * q_h . row_j[:D]) for j < m. The entries from m to the next
+ * multiple of VL are scratch. The backward calls it again: the same probabilities, bit for bit. */
+static void attention_probs(const float *qn, const float **row, int64_t m, int64_t H, int64_t D, float scale,
+                            float *probs, int64_t stride) {
+    for (int64_t j = 0; j < m; j++) {
+        int64_t h = 0;
+        for (; h + 4 <= H; h += 4) {
+            float s4[4];
+            dot4(qn + h * D, D, row[j], D, s4);
+            for (int i = 0; i < 4; i++) probs[(h + i) * stride + j] = s4[i] * scale;
+        }
+        for (; h < H; h++) probs[h * stride + j] = dot(qn + h * D, row[j], D) * scale;
+    }
+    for (int64_t h = 0; h < H; h++) {
+        float *sh = probs + h * stride;
+        for (int64_t j = m; j < (m + VL - 1) / VL * VL; j++) sh[j] = -INFINITY;   /* pad the last vector */
+        vf vmax = *(const vf *)sh;  /* a vector max: a scalar one is a 4-cycle dependency per score */
+        for (int64_t j = VL; j < m; j += VL) {
+            const vf x = *(const vf *)(sh + j);
+            const vi gt = x > vmax;
+            vmax = (vf)(((vi)x & gt) | ((vi)vmax & ~gt));
+        }
+        float mx = vmax[0];
+        for (int l = 1; l < VL; l++) mx = vmax[l] > mx ? vmax[l] : mx;
+        vf total = {0};
+        for (int64_t j = 0; j < m; j += VL) {
+            vf e = vexp(*(vf *)(sh + j) - mx);
+            *(vf *)(sh + j) = e;
+            total += e;
+        }
+        const float inv = 1.0f / hsum(total);
+        for (int64_t j = 0; j < m; j++) sh[j] *= inv;
+    }
+}
+
+/* q [N, H, D], kv [*, D] row-major, rows [N, K], out [N, H, L]; queries [n_begin, n_end). Returns 0, or -1
+ * for an unsupported size / no memory. */
 int glm5_sparse_latent_attention(const float *q, const float *kv, const int64_t *rows, int64_t N, int64_t H,
                                  int64_t D, int64_t L, int64_t K, float scale, int64_t n_begin, int64_t n_end,
                                  float *out) {
     if (K > 4096 || H > 256) return -1;
     (void)N;
-    float *scores = (float *)malloc(sizeof(float) * H * (K + VL));
+    const int64_t stride = K + VL;
+    float *probs = (float *)malloc(sizeof(float) * H * stride);
     const float **row = (const float **)malloc(sizeof(float *) * (K + 1));
-    if (!scores || !row) { free(scores); free(row); return -1; }
-    const int64_t dv = D / VL * VL, lv = L / VL * VL;
+    int64_t *index = (int64_t *)malloc(sizeof(int64_t) * (K + 1));
+    if (!probs || !row || !index) { free(probs); free(row); free(index); return -1; }
     for (int64_t n = n_begin; n < n_end; n++) {
-        const int64_t *rn = rows + n * K;
-        int64_t m = 0;
-        for (int64_t j = 0; j < K; j++)
-            if (rn[j] >= 0) row[m++] = kv + rn[j] * D;
+        const int64_t m = query_rows(kv, rows + n * K, K, D, row, index);
         float *o = out + n * H * L;
-        if (m == 0) { memset(o, 0, sizeof(float) * H * L); continue; }
-        const float *qn = q + n * H * D;
-        /* scores[h, j] = scale * q_h . kv_j */
-        for (int64_t j = 0; j < m; j++) {
-            const float *r = row[j];
-            for (int64_t h = 0; h < H; h++) {
-                const float *qh = qn + h * D;
-                vf acc = {0};
-                int64_t d = 0;
-                for (; d < dv; d += VL) acc += *(const vf *)(qh + d) * *(const vf *)(r + d);
-                float s = hsum(acc);
-                for (; d < D; d++) s += qh[d] * r[d];
-                scores[h * (K + VL) + j] = s * scale;
-            }
+        if (m == 0) {
+            memset(o, 0, sizeof(float) * H * L);
+            continue;
         }
-        for (int64_t h = 0; h < H; h++) {
-            float *sh = scores + h * (K + VL);
-            float mx = sh[0];
-            for (int64_t j = 1; j < m; j++) mx = sh[j] > mx ? sh[j] : mx;
-            for (int64_t j = m; j < (m + VL - 1) / VL * VL; j++) sh[j] = -INFINITY;   /* pad the last vector */
-            vf total = {0};
-            for (int64_t j = 0; j < m; j += VL) {
-                vf e = vexp(*(vf *)(sh + j) - mx);
-                *(vf *)(sh + j) = e;
-                total += e;
-            }
-            const float inv = 1.0f / hsum(total);
-            for (int64_t j = 0; j < m; j++) sh[j] *= inv;
-        }
-        /* out[h, :L] = sum_j p[h, j] * kv_j[:L]: one output vector in a register while every row adds to it */
-        for (int64_t h = 0; h < H; h++) {
-            const float *ph = scores + h * (K + VL);
-            float *oh = o + h * L;
-            int64_t l = 0;
-            for (; l < lv; l += VL) {
-                vf acc = {0};
-                for (int64_t j = 0; j < m; j++) acc += ph[j] * *(const vf *)(row[j] + l);
-                *(vf *)(oh + l) = acc;
-            }
-            for (; l < L; l++) {
-                float acc = 0.f;
-                for (int64_t j = 0; j < m; j++) acc += ph[j] * row[j][l];
-                oh[l] = acc;
-            }
-        }
+        attention_probs(q + n * H * D, row, m, H, D, scale, probs, stride);
+        /* out[h, :L] = sum_j p[h, j] * kv_j[:L] */
+        for (int64_t h = 0; h < H; h++) weighted_rows(probs + h * stride, row, m, L, o + h * L);
     }
-    free(scores);
-    free(row);
+    free(probs); free(row); free(index);
+    return 0;
+}
+
+/* The backward of the above for queries [n_begin, n_end): dq [N, H, D] is written, dkv [*, D] accumulated
+ * (+=; a caller running threads at once gives each its own dkv or disjoint rows). With v_j = kv_j[:L] and
+ * k_j = kv_j[:D] (the same row, both roles):
+ *     dp[h, j] = dout_h . v_j,   ds[h, j] = p[h, j] * (dp[h, j] - dout_h . out_h)
+ *     dq_h = scale * sum_j ds[h, j] k_j,   dk_j += scale * sum_h ds[h, j] q_h,   dv_j += sum_h p[h, j] dout_h
+ * p is recomputed from q and kv (no [N, H, K] probabilities kept between the passes). */
+int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const int64_t *rows, const float *out,
+                                          const float *dout, int64_t N, int64_t H, int64_t D,
+                                          int64_t L, int64_t K, float scale, int64_t n_begin, int64_t n_end,
+                                          float *dq, float *dkv) {
+    if (K > 4096 || H > 256) return -1;
+    (void)N;
+    const int64_t stride = K + VL;
+    float *probs = (float *)malloc(sizeof(float) * H * stride);
+    const float **row = (const float **)malloc(sizeof(float *) * (K + 1));
+    int64_t *index = (int64_t *)malloc(sizeof(int64_t) * (K + 1));
+    float *ds = (float *)malloc(sizeof(float) * H * stride);
+    float *delta = (float *)malloc(sizeof(float) * H);
+    if (!probs || !ds || !row || !index || !delta) {
+        free(probs); free(ds); free(row); free(index); free(delta);
+        return -1;
+    }
+    for (int64_t n = n_begin; n < n_end; n++) {
+        const int64_t m = query_rows(kv, rows + n * K, K, D, row, index);
+        float *dqn = dq + n * H * D;
+        if (m == 0) {
+            memset(dqn, 0, sizeof(float) * H * D);
+            continue;
+        }
+        const float *qn = q + n * H * D, *don = dout + n * H * L, *on = out + n * H * L;
+        attention_probs(qn, row, m, H, D, scale, probs, stride);
+        for (int64_t h = 0; h < H; h++) delta[h] = dot(don + h * L, on + h * L, L);
+        /* ds[h, j] = p (dout_h . v_j - delta_h), kept scaled by `scale`, overwriting nothing: a second array */
+        for (int64_t j = 0; j < m; j++) {
+            int64_t h = 0;
+            for (; h + 4 <= H; h += 4) {
+                float dp[4];
+                dot4(don + h * L, L, row[j], L, dp);
+                for (int i = 0; i < 4; i++) ds[(h + i) * stride + j] = scale * probs[(h + i) * stride + j] * (dp[i] - delta[h + i]);
+            }
+            for (; h < H; h++) ds[h * stride + j] = scale * probs[h * stride + j] * (dot(don + h * L, row[j], L) - delta[h]);
+        }
+        /* dkv_j += sum_h ds[h, j] q_h (the k role, D wide) + p[h, j] dout_h (the v role, L wide): one vector
+         * of the row at a time, summed over the heads in a register, one read-modify-write */
+        for (int64_t j = 0; j < m; j++) {
+            float *dr = dkv + index[j] * D;
+            int64_t c = 0;
+            for (; c + VL <= D; c += VL) {
+                vf acc = *(vf *)(dr + c);
+                for (int64_t h = 0; h < H; h++) acc += ds[h * stride + j] * *(const vf *)(qn + h * D + c);
+                if (c + VL <= L) {
+                    for (int64_t h = 0; h < H; h++) acc += probs[h * stride + j] * *(const vf *)(don + h * L + c);
+                } else {
+                    for (int64_t h = 0; h < H; h++)
+                        for (int64_t l = c; l < L; l++) acc[l - c] += probs[h * stride + j] * don[h * L + l];
+                }
+                *(vf *)(dr + c) = acc;
+            }
+            for (; c < D; c++)
+                for (int64_t h = 0; h < H; h++)
+                    dr[c] += ds[h * stride + j] * qn[h * D + c] + (c < L ? probs[h * stride + j] * don[h * L + c] : 0.f);
+        }
+        /* dq_h = sum_j ds[h, j] k_j */
+        for (int64_t h = 0; h < H; h++) weighted_rows(ds + h * stride, row, m, D, dqn + h * D);
+    }
+    free(probs); free(ds); free(row); free(index); free(delta);
     return 0;
 }

@@ -6,8 +6,8 @@ q [N, H, D] (W_UK folded in), kv [R, D] latent rows (latent | rope key), rows [N
 a query's K selected keys is (-1 = none) -> [N, H, latent_dim]: per head, softmax(scale * q . kv_row) over
 the query's rows, times the rows' first latent_dim values. Used by `glm5.model.dsa.sparse_latent_attention`
 (rows = selected positions + batch offset) and the engine's sparse decode (rows = cache slots); their
-PyTorch code is the fallback and the reference in tests/test_kernels.py. No autograd: callers use it only
-when no gradient is wanted.
+PyTorch code is the fallback and the reference in tests/test_kernels.py. Differentiable: the backward is a
+second C kernel (training's sparse DSA stage).
 """
 
 from __future__ import annotations
@@ -19,49 +19,103 @@ import torch
 from glm5.kernels.build import load_library, run_threads
 
 MAX_SELECTED = 4096  # the kernel's per-query buffers; GLM-5 selects 2048
-_function = None
+_functions: dict[str, object] = {}
 
 
-def _kernel():
-    global _function
+def _kernel(name: str = "forward"):
     lib = load_library("sparse_attention")
     if lib is None:
         return None
-    if _function is None:
-        fn = lib.glm5_sparse_latent_attention
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64, p]
-        fn.restype = ctypes.c_int
-        _function = fn
-    return _function
+    if not _functions:
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        fwd = lib.glm5_sparse_latent_attention
+        fwd.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p]
+        bwd = lib.glm5_sparse_latent_attention_backward
+        bwd.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
+        for fn in (fwd, bwd):
+            fn.restype = ctypes.c_int
+        _functions.update(forward=fwd, backward=bwd)
+    return _functions[name]
+
+
+def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [n * t // parts for t in range(parts + 1)]
+    return [(bounds[t], bounds[t + 1]) for t in range(parts) if bounds[t] < bounds[t + 1]]
+
+
+def _forward(q, kv, rows, scale, latent_dim):
+    N, H, D = q.shape
+    out = torch.empty(N, H, latent_dim, dtype=torch.float32)
+    fn = _kernel()
+    jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), N, H, D, latent_dim, rows.shape[1], float(scale), a, b,
+             out.data_ptr()) for a, b in _ranges(N, max(1, torch.get_num_threads()))]
+    if jobs and any(run_threads(fn, jobs)):
+        raise MemoryError("glm5.kernels.latent_attention: out of memory")
+    return out
+
+
+class _LatentAttention(torch.autograd.Function):
+    """Forward and backward both in C; the backward recomputes the probabilities from q and kv."""
+
+    @staticmethod
+    def forward(ctx, q, kv, rows, scale, latent_dim, sequences):
+        out = _forward(q, kv, rows, scale, latent_dim)
+        ctx.save_for_backward(q, kv, rows, out)
+        ctx.scale, ctx.sequences = scale, sequences
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, rows, out = ctx.saved_tensors
+        N, H, D = q.shape
+        L = dout.shape[-1]
+        dout = dout.float().contiguous()
+        dq = torch.empty_like(q)
+        threads = max(1, min(torch.get_num_threads(), N))
+        fn = _kernel("backward")
+        # queries of one sequence only read that sequence's rows: whole sequences per thread write disjoint
+        # rows of dkv; with fewer sequences than threads, each thread adds into its own copy
+        if ctx.sequences >= threads:
+            per = N // ctx.sequences
+            parts = [(a * per, b * per) for a, b in _ranges(ctx.sequences, threads)]
+            buffers = [torch.zeros_like(kv)] * len(parts)  # one shared dkv, disjoint rows per thread
+        else:
+            parts = _ranges(N, threads)
+            buffers = [torch.zeros_like(kv) for _ in parts]
+        jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), out.data_ptr(), dout.data_ptr(), N, H, D, L,
+                 rows.shape[1], float(ctx.scale), a, b, dq.data_ptr(), buf.data_ptr())
+                for (a, b), buf in zip(parts, buffers)]
+        if any(run_threads(fn, jobs)):
+            raise MemoryError("glm5.kernels.latent_attention: out of memory in the backward")
+        dkv = buffers[0]
+        for extra in buffers[1:]:
+            if extra is not dkv:
+                dkv += extra
+        return dq, dkv, None, None, None, None
+
+
+def latent_attention_runs(q: torch.Tensor, kv: torch.Tensor) -> bool:
+    """Whether `latent_attention` would run for these inputs (CPU, fp32, kernels on and built)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and kv.dtype == torch.float32
+            and q.shape[-2] <= 256 and _kernel() is not None)
 
 
 def latent_attention(
-    q: torch.Tensor, kv: torch.Tensor, rows: torch.Tensor, scale: float, latent_dim: int
+    q: torch.Tensor, kv: torch.Tensor, rows: torch.Tensor, scale: float, latent_dim: int, sequences: int = 1
 ) -> torch.Tensor | None:
-    """See the module docstring. Runs on torch.get_num_threads() threads over contiguous query ranges."""
-    if (q.device.type != "cpu" or q.dtype != torch.float32 or kv.dtype != torch.float32
-            or rows.shape[-1] > MAX_SELECTED or q.shape[1] > 256):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        return None
-    fn = _kernel()
-    if fn is None:
+    """See the module docstring. Runs on torch.get_num_threads() threads over contiguous query ranges.
+
+    With autograd (q or kv requiring grad) the backward is C too. `sequences`: the queries form this many
+    equal contiguous groups, each reading only its own rows (a batch: rows = position + b * T), so the
+    backward's threads can own whole groups' rows; 1 is always safe."""
+    if rows.shape[-1] > MAX_SELECTED or not latent_attention_runs(q, kv):
         return None
     N, H, D = q.shape
-    K = rows.shape[-1]
     if kv.shape[-1] != D or not 0 < latent_dim <= D:
         raise ValueError(f"latent_attention: q is [*, {H}, {D}], kv rows are {kv.shape[-1]} wide, latent_dim {latent_dim}")
-    q = q.contiguous()
-    kv = kv.contiguous()
-    rows = rows.to(torch.int64).contiguous()
-    out = torch.empty(N, H, latent_dim, dtype=torch.float32)
-    threads = max(1, min(torch.get_num_threads(), N))
-    bounds = [N * t // threads for t in range(threads + 1)]
-    jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), N, H, D, latent_dim, K, float(scale), bounds[t],
-             bounds[t + 1], out.data_ptr()) for t in range(threads) if bounds[t] < bounds[t + 1]]
-    if not jobs:
-        return out
-    if any(run_threads(fn, jobs)):
-        return None
-    return out
+    if sequences < 1 or N % sequences:
+        sequences = 1
+    q, kv, rows = q.contiguous(), kv.contiguous(), rows.to(torch.int64).contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        return _LatentAttention.apply(q, kv, rows, float(scale), latent_dim, sequences)
+    return _forward(q, kv, rows, scale, latent_dim)

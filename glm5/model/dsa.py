@@ -230,12 +230,13 @@ def sparse_latent_attention(
     T = kv.shape[1]
     K = topk_indices.shape[-1]
     if block is None and not dropout_p and q.device.type == "cpu":
-        # the C kernel (glm5.kernels, inference in fp32 only; None otherwise): reads each selected row where it
-        # lies instead of gathering copies; same softmax over the same rows
+        # the C kernel (glm5.kernels; fp32, forward and backward; None otherwise): reads each selected row where
+        # it lies instead of gathering copies; same softmax over the same rows
         visible = (topk_indices >= 0) & (topk_indices <= q_positions[..., None])
         offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
         rows = torch.where(visible, topk_indices + offset, -1)
-        fast = latent_attention(q.reshape(B * S, H, D), kv.reshape(B * T, D), rows.view(B * S, K), scale, latent_dim)
+        fast = latent_attention(q.reshape(B * S, H, D), kv.reshape(B * T, D), rows.view(B * S, K), scale, latent_dim,
+                                sequences=B)
         if fast is not None:
             return fast.view(B, S, H, latent_dim)
     if block is None:

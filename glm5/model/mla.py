@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
+from glm5.kernels import latent_attention_runs
 from glm5.model.dsa import (
     Indexer,
     causal_key_mask,
@@ -180,7 +181,8 @@ class MLAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if topk is None:  # every earlier token is selected: plain causal attention over the latent
             out = self._dense_latent(q, kv, q_positions, key_mask, dropout_p)
-        elif self.sparse_as_mask:
+        elif self.sparse_as_mask and not (dropout_p == 0.0 and latent_attention_runs(q, kv)):
+            # (the CPU kernel's sparse forward + backward beats the mask; the mask beats PyTorch's gathers)
             out = self._dense_latent(q, kv, q_positions, key_mask, dropout_p, selected=selection_mask(topk, kv.shape[1]))
         else:
             out = sparse_latent_attention(q, kv, topk, q_positions, self.scale, self.latent_dim, dropout_p=dropout_p)
