@@ -184,11 +184,12 @@ static void attention_probs(const float *qn, const float **row, int64_t m, int64
     }
 }
 
-/* q [N, H, D], kv [*, D] row-major, rows [N, K], out [N, H, L]; queries [n_begin, n_end). Returns 0, or -1
- * for an unsupported size / no memory. */
+/* q [N, H, D], kv [*, D] row-major, rows [N, K], out [N, H, L]; queries [n_begin, n_end). saved: NULL, or
+ * [N, H, K] where the probabilities go (over each query's valid rows in order, for the backward). Returns 0,
+ * or -1 for an unsupported size / no memory. */
 int glm5_sparse_latent_attention(const float *q, const float *kv, const int64_t *rows, int64_t N, int64_t H,
                                  int64_t D, int64_t L, int64_t K, float scale, int64_t n_begin, int64_t n_end,
-                                 float *out) {
+                                 float *out, float *saved) {
     if (K > 4096 || H > 256) return -1;
     (void)N;
     const int64_t stride = K + VL;
@@ -204,6 +205,8 @@ int glm5_sparse_latent_attention(const float *q, const float *kv, const int64_t 
             continue;
         }
         attention_probs(q + n * H * D, row, m, H, D, scale, probs, stride);
+        if (saved)  /* training: the backward reads these instead of recomputing them */
+            for (int64_t h = 0; h < H; h++) memcpy(saved + (n * H + h) * K, probs + h * stride, sizeof(float) * m);
         /* out[h, :L] = sum_j p[h, j] * kv_j[:L] */
         for (int64_t h = 0; h < H; h++) weighted_rows(probs + h * stride, row, m, L, o + h * L);
     }
@@ -216,9 +219,9 @@ int glm5_sparse_latent_attention(const float *q, const float *kv, const int64_t 
  * k_j = kv_j[:D] (the same row, both roles):
  *     dp[h, j] = dout_h . v_j,   ds[h, j] = p[h, j] * (dp[h, j] - dout_h . out_h)
  *     dq_h = scale * sum_j ds[h, j] k_j,   dk_j += scale * sum_h ds[h, j] q_h,   dv_j += sum_h p[h, j] dout_h
- * p is recomputed from q and kv (no [N, H, K] probabilities kept between the passes). */
+ * p comes from the forward (saved). */
 int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const int64_t *rows, const float *out,
-                                          const float *dout, int64_t N, int64_t H, int64_t D,
+                                          const float *saved, const float *dout, int64_t N, int64_t H, int64_t D,
                                           int64_t L, int64_t K, float scale, int64_t n_begin, int64_t n_end,
                                           float *dq, float *dkv) {
     if (K > 4096 || H > 256) return -1;
@@ -241,7 +244,7 @@ int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const
             continue;
         }
         const float *qn = q + n * H * D, *don = dout + n * H * L, *on = out + n * H * L;
-        attention_probs(qn, row, m, H, D, scale, probs, stride);
+        for (int64_t h = 0; h < H; h++) memcpy(probs + h * stride, saved + (n * H + h) * K, sizeof(float) * m);
         for (int64_t h = 0; h < H; h++) delta[h] = dot(don + h * L, on + h * L, L);
         /* ds[h, j] = p (dout_h . v_j - delta_h), kept scaled by `scale`, overwriting nothing: a second array */
         for (int64_t j = 0; j < m; j++) {
@@ -253,25 +256,51 @@ int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const
             }
             for (; h < H; h++) ds[h * stride + j] = scale * probs[h * stride + j] * (dot(don + h * L, row[j], L) - delta[h]);
         }
-        /* dkv_j += sum_h ds[h, j] q_h (the k role, D wide) + p[h, j] dout_h (the v role, L wide): one vector
-         * of the row at a time, summed over the heads in a register, one read-modify-write */
-        for (int64_t j = 0; j < m; j++) {
-            float *dr = dkv + index[j] * D;
-            int64_t c = 0;
-            for (; c + VL <= D; c += VL) {
-                vf acc = *(vf *)(dr + c);
-                for (int64_t h = 0; h < H; h++) acc += ds[h * stride + j] * *(const vf *)(qn + h * D + c);
-                if (c + VL <= L) {
-                    for (int64_t h = 0; h < H; h++) acc += probs[h * stride + j] * *(const vf *)(don + h * L + c);
+        /* dkv_j += sum_h ds[h, j] q_h (the k role, D wide) + p[h, j] dout_h (the v role, L wide). One vector
+         * column c at a time, four heads' q_h[c] and dout_h[c] held in registers while every row j updates its
+         * own c: no dependency between rows, one read-modify-write per row and four heads */
+        int64_t c = 0;
+        for (; c + VL <= D; c += VL) {
+            const int v_role = c + VL <= L;
+            int64_t h = 0;
+            for (; h + 4 <= H; h += 4) {
+                const vf q0 = *(const vf *)(qn + h * D + c), q1 = *(const vf *)(qn + (h + 1) * D + c),
+                         q2 = *(const vf *)(qn + (h + 2) * D + c), q3 = *(const vf *)(qn + (h + 3) * D + c);
+                const float *g0 = ds + h * stride, *g1 = g0 + stride, *g2 = g1 + stride, *g3 = g2 + stride;
+                const float *p0 = probs + h * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
+                if (v_role) {
+                    const vf d0 = *(const vf *)(don + h * L + c), d1 = *(const vf *)(don + (h + 1) * L + c),
+                             d2 = *(const vf *)(don + (h + 2) * L + c), d3 = *(const vf *)(don + (h + 3) * L + c);
+                    for (int64_t j = 0; j < m; j++) {
+                        vf *dr = (vf *)(dkv + index[j] * D + c);
+                        *dr += (g0[j] * q0 + g1[j] * q1) + (g2[j] * q2 + g3[j] * q3) +
+                               (p0[j] * d0 + p1[j] * d1) + (p2[j] * d2 + p3[j] * d3);
+                    }
                 } else {
-                    for (int64_t h = 0; h < H; h++)
-                        for (int64_t l = c; l < L; l++) acc[l - c] += probs[h * stride + j] * don[h * L + l];
+                    for (int64_t j = 0; j < m; j++) {
+                        vf *dr = (vf *)(dkv + index[j] * D + c);
+                        *dr += (g0[j] * q0 + g1[j] * q1) + (g2[j] * q2 + g3[j] * q3);
+                    }
                 }
-                *(vf *)(dr + c) = acc;
             }
-            for (; c < D; c++)
-                for (int64_t h = 0; h < H; h++)
-                    dr[c] += ds[h * stride + j] * qn[h * D + c] + (c < L ? probs[h * stride + j] * don[h * L + c] : 0.f);
+            for (; h < H; h++) {
+                const vf qh = *(const vf *)(qn + h * D + c);
+                for (int64_t j = 0; j < m; j++) {
+                    vf *dr = (vf *)(dkv + index[j] * D + c);
+                    *dr += ds[h * stride + j] * qh;
+                    if (v_role) *dr += probs[h * stride + j] * *(const vf *)(don + h * L + c);
+                }
+            }
+        }
+        /* the tails: the k role past the last full vector of D, the v role past the last full vector below L */
+        const int64_t v_done = (L / VL) * VL < c ? (L / VL) * VL : c;
+        for (int64_t j = 0; j < m && (c < D || v_done < L); j++) {
+            float *dr = dkv + index[j] * D;
+            for (int64_t h = 0; h < H; h++) {
+                const float g = ds[h * stride + j], p = probs[h * stride + j];
+                for (int64_t t = c; t < D; t++) dr[t] += g * qn[h * D + t];
+                for (int64_t t = v_done; t < L; t++) dr[t] += p * don[h * L + t];
+            }
         }
         /* dq_h = sum_j ds[h, j] k_j */
         for (int64_t h = 0; h < H; h++) weighted_rows(ds + h * stride, row, m, D, dqn + h * D);

@@ -29,9 +29,9 @@ def _kernel(name: str = "forward"):
     if not _functions:
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         fwd = lib.glm5_sparse_latent_attention
-        fwd.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p]
+        fwd.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
         bwd = lib.glm5_sparse_latent_attention_backward
-        bwd.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
+        bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
         for fn in (fwd, bwd):
             fn.restype = ctypes.c_int
         _functions.update(forward=fwd, backward=bwd)
@@ -43,30 +43,33 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return [(bounds[t], bounds[t + 1]) for t in range(parts) if bounds[t] < bounds[t + 1]]
 
 
-def _forward(q, kv, rows, scale, latent_dim):
+def _forward(q, kv, rows, scale, latent_dim, keep_probs: bool = False):
+    """-> out [N, H, latent_dim], and (keep_probs) the probabilities [N, H, K] the backward reads."""
     N, H, D = q.shape
     out = torch.empty(N, H, latent_dim, dtype=torch.float32)
+    probs = torch.empty(N, H, rows.shape[1], dtype=torch.float32) if keep_probs else None
     fn = _kernel()
     jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), N, H, D, latent_dim, rows.shape[1], float(scale), a, b,
-             out.data_ptr()) for a, b in _ranges(N, max(1, torch.get_num_threads()))]
+             out.data_ptr(), None if probs is None else probs.data_ptr())
+            for a, b in _ranges(N, max(1, torch.get_num_threads()))]
     if jobs and any(run_threads(fn, jobs)):
         raise MemoryError("glm5.kernels.latent_attention: out of memory")
-    return out
+    return out, probs
 
 
 class _LatentAttention(torch.autograd.Function):
-    """Forward and backward both in C; the backward recomputes the probabilities from q and kv."""
+    """Forward and backward both in C; the forward keeps its probabilities ([N, H, K]) for the backward."""
 
     @staticmethod
     def forward(ctx, q, kv, rows, scale, latent_dim, sequences):
-        out = _forward(q, kv, rows, scale, latent_dim)
-        ctx.save_for_backward(q, kv, rows, out)
+        out, probs = _forward(q, kv, rows, scale, latent_dim, keep_probs=True)
+        ctx.save_for_backward(q, kv, rows, out, probs)
         ctx.scale, ctx.sequences = scale, sequences
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, kv, rows, out = ctx.saved_tensors
+        q, kv, rows, out, probs = ctx.saved_tensors
         N, H, D = q.shape
         L = dout.shape[-1]
         dout = dout.float().contiguous()
@@ -82,7 +85,7 @@ class _LatentAttention(torch.autograd.Function):
         else:
             parts = _ranges(N, threads)
             buffers = [torch.zeros_like(kv) for _ in parts]
-        jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), out.data_ptr(), dout.data_ptr(), N, H, D, L,
+        jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), out.data_ptr(), probs.data_ptr(), dout.data_ptr(), N, H, D, L,
                  rows.shape[1], float(ctx.scale), a, b, dq.data_ptr(), buf.data_ptr())
                 for (a, b), buf in zip(parts, buffers)]
         if any(run_threads(fn, jobs)):
@@ -118,4 +121,4 @@ def latent_attention(
     q, kv, rows = q.contiguous(), kv.contiguous(), rows.to(torch.int64).contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
         return _LatentAttention.apply(q, kv, rows, float(scale), latent_dim, sequences)
-    return _forward(q, kv, rows, scale, latent_dim)
+    return _forward(q, kv, rows, scale, latent_dim)[0]
