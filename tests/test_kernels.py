@@ -290,3 +290,110 @@ def test_portable_build_without_avx512_gives_the_same_results(kernel, monkeypatc
             latent_attention(qq, kk, rows, 0.125, 32).square().sum().backward()
             grads.append((qq.grad, kk.grad))
         assert all((a - b).abs().max() < 1e-5 for a, b in zip(*grads))
+
+
+def _rms_reference(x, w, eps=1e-6):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 256), (3, 7, 40), (1, 1, 16), (2, 300, 80)])
+def test_rms_norm_kernel_forward_and_backward(shape):
+    """Against fp64 and the PyTorch fp32 path: value, dx and dw (a sum over every row) to rounding."""
+    from glm5.kernels import rms_norm
+
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+    w = 1 + 0.1 * torch.randn(shape[-1], generator=g, dtype=torch.float64)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    results = {}
+    for name, dtype in [("kernel", torch.float32), ("pytorch", torch.float32), ("fp64", torch.float64)]:
+        xx, ww = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        y = rms_norm(xx, ww, 1e-6) if name == "kernel" else _rms_reference(xx, ww)
+        assert y is not None and y.shape == x.shape
+        y.backward(dy.to(dtype))
+        results[name] = [t.double() for t in (y.detach(), xx.grad, ww.grad)]
+    rows = x.numel() // shape[-1]
+    for got, pytorch, exact, tol in zip(results["kernel"], results["pytorch"], results["fp64"],
+                                        (1e-5, 1e-5, 1e-6 * rows)):
+        assert (got - exact).abs().max() < tol
+        assert (got - exact).abs().max() <= 4 * (pytorch - exact).abs().max() + 1e-6
+    with torch.no_grad():  # inference: no saved statistics, the same numbers
+        assert torch.equal(rms_norm(x.float(), w.float(), 1e-6), results["kernel"][0].float())
+
+
+@pytest.mark.parametrize("rows,inner", [(512, 768), (37, 40), (1, 8)])
+def test_swiglu_kernel_forward_and_backward(rows, inner):
+    import torch.nn.functional as F
+
+    from glm5.kernels import swiglu
+
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 2 * inner, generator=g, dtype=torch.float64) * 4  # far into both tails of the sigmoid
+    dout = torch.randn(rows, inner, generator=g, dtype=torch.float64)
+    results = {}
+    for name, dtype in [("kernel", torch.float32), ("pytorch", torch.float32), ("fp64", torch.float64)]:
+        hh = h.to(dtype).requires_grad_()
+        if name == "kernel":
+            out = swiglu(hh)
+        else:
+            gate, up = hh.chunk(2, dim=-1)
+            out = F.silu(gate) * up
+        out.backward(dout.to(dtype))
+        results[name] = [t.double() for t in (out.detach(), hh.grad)]
+    for got, pytorch, exact in zip(results["kernel"], results["pytorch"], results["fp64"]):
+        scale = exact.abs().max()
+        assert (got - exact).abs().max() < 1e-6 * scale
+        assert (got - exact).abs().max() <= 4 * (pytorch - exact).abs().max() + 1e-6 * scale
+    assert swiglu(h.bfloat16()) is None and swiglu(h[:, :-1].float()) is None  # bf16, odd width: PyTorch's
+
+
+def test_training_gradients_with_and_without_kernels_agree():
+    """One fp32 training forward + backward of a tiny MoE + DSA model (sparse stage: top-k < sequence), every
+    kernel on vs all off: the loss and every parameter's gradient agree to rounding."""
+    from glm5 import GLM5ForCausalLM
+    from glm5.train.losses import lm_loss_sum
+
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8)))
+    for layer in model.model.layers:
+        layer.self_attn.sparse_as_mask = True  # as glm5.train runs the sparse stage on a CPU
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for on in (True, False):
+        model.zero_grad(set_to_none=True)
+        with use_cpu_kernels(on):
+            total, n = lm_loss_sum(model(ids).logits, ids)
+            (total / n).backward()
+        grads[on] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        grads[on]["loss"] = (total / n).detach()
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 20
+    for name, g in grads[True].items():
+        ref = grads[False][name]
+        assert (g - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), name
+
+
+def test_kernels_without_openmp_use_the_thread_pool(monkeypatch, tmp_path):
+    """A compiler without OpenMP: the libraries have no parallel entry points and the Python thread pool
+    runs the same per-range functions; same results."""
+    import glm5.kernels.elementwise as elementwise_module
+    import glm5.kernels.indexer as indexer_module
+    import glm5.kernels.sparse_attention as attention_module
+    from glm5.kernels import rms_norm
+
+    q, w, k = _integer_inputs(1, 300, 300, 4, 16, seed=5)
+    pos = torch.arange(300).view(1, 300)
+    aq, akv, arows = _attention_inputs(N=200, H=4, D=48, T=100, K=20)
+    x = torch.randn(64, 100, 256)
+    weight = torch.randn(256)
+    native = (indexer_topk(q, w, k, pos, 16), latent_attention(aq, akv, arows, 0.2, 32), rms_norm(x, weight, 1e-6))
+    libs = {name: build._load(name, str(tmp_path), openmp=False)
+            for name in ("indexer_topk", "sparse_attention", "elementwise")}
+    assert all(lib is not None and not build.has_openmp(lib) for lib in libs.values())
+    for module in (indexer_module, attention_module, elementwise_module):
+        monkeypatch.setattr(module, "load_library", lambda name: libs[name])
+    monkeypatch.setattr(indexer_module, "_function", None)
+    monkeypatch.setattr(attention_module, "_functions", {})
+    monkeypatch.setattr(elementwise_module, "_functions", {})
+    pooled = (indexer_topk(q, w, k, pos, 16), latent_attention(aq, akv, arows, 0.2, 32), rms_norm(x, weight, 1e-6))
+    assert _rows(pooled[0]) == _rows(native[0])
+    assert torch.equal(pooled[1], native[1]) and torch.equal(pooled[2], native[2])

@@ -11,8 +11,9 @@ compiles nothing.
 """
 
 from glm5.kernels.build import cpu_kernels_enabled, load_library, use_cpu_kernels
+from glm5.kernels.elementwise import rms_norm, swiglu, swiglu_runs
 from glm5.kernels.indexer import indexer_topk
 from glm5.kernels.sparse_attention import latent_attention, latent_attention_runs
 
 __all__ = ["cpu_kernels_enabled", "indexer_topk", "latent_attention", "latent_attention_runs", "load_library",
-           "use_cpu_kernels"]
+           "rms_norm", "swiglu", "swiglu_runs", "use_cpu_kernels"]

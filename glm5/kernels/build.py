@@ -1,7 +1,7 @@
 """Compile a kernel's C source once per machine and load it with ctypes.
 
 The shared library lands in `$GLM5_CACHE/kernels/<name>-<hash>.so` (default `~/.cache/glm5`); the hash
-covers the source, the compiler, its flags and this CPU's instruction-set flags, so an edited kernel or
+covers the source and the headers beside it, the compiler, its flags and this CPU's instruction-set flags, so an edited kernel or
 another machine's CPU never reuses a stale build. It is written to a temporary name and renamed, so
 processes building at once (pytest workers, torchrun ranks) never load a half-written file.
 """
@@ -85,8 +85,9 @@ def _compile(cc: str, source: Path, target: Path, flags: list[str]) -> str | Non
 
 
 @cache
-def _load(name: str, cache_root: str, portable: bool = False) -> ctypes.CDLL | None:
-    """portable=True: no -march=native (the build other machines' compilers make: no AVX-512 paths)."""
+def _load(name: str, cache_root: str, portable: bool = False, openmp: bool = True) -> ctypes.CDLL | None:
+    """portable=True: no -march=native (the build other machines' compilers make: no AVX-512 paths);
+    openmp=False: no -fopenmp (what a compiler without OpenMP builds: the caller's thread pool runs the jobs)."""
     source = Path(__file__).with_name(f"{name}.c")
     cc = _compiler()
     if cc is None:
@@ -94,10 +95,17 @@ def _load(name: str, cache_root: str, portable: bool = False) -> ctypes.CDLL | N
         return None
     base = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
     errors = []
-    # -march=native first (AVX-512 / NEON as the CPU has them); some compilers (Apple clang on arm64) refuse it
-    for flags in ((base,) if portable else (base + ["-march=native"], base)):
+    # -march=native first (AVX-512 / NEON as the CPU has them); some compilers (Apple clang on arm64) refuse it.
+    # -fopenmp: the kernels' threads become torch's own OpenMP workers (the library binds to the libgomp.so.1
+    # torch loaded); a compiler without OpenMP builds the next variant and the caller threads the jobs itself
+    variants = [base + ["-fopenmp"], base] if portable else [
+        base + ["-march=native", "-fopenmp"], base + ["-march=native"], base + ["-fopenmp"], base]
+    if not openmp:
+        variants = [flags for flags in variants if "-fopenmp" not in flags]
+    for flags in variants:
         digest = hashlib.sha256()
-        for part in (source.read_bytes(), cc.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
+        headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # vec.h: an edit rebuilds all
+        for part in (source.read_bytes(), *headers, cc.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
                      platform.machine().encode()):
             digest.update(part + b"\0")
         target = Path(cache_root) / "kernels" / f"{name}-{digest.hexdigest()[:16]}.so"
@@ -137,3 +145,19 @@ def run_threads(fn, jobs: list[tuple]) -> list:
             _pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="glm5-kernel")
         pool = _pool
     return list(pool.map(lambda job: fn(*job), jobs))
+
+
+def has_openmp(lib: ctypes.CDLL) -> bool:
+    """Whether a kernel library was built with OpenMP (its *_jobs entry points then run in parallel)."""
+    fn = getattr(lib, "glm5_openmp", None)
+    return bool(fn is not None and fn())
+
+
+def int64_array(values) -> ctypes.Array:
+    values = list(values)
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def pointer_array(pointers) -> ctypes.Array:
+    pointers = list(pointers)
+    return (ctypes.c_void_p * len(pointers))(*pointers)

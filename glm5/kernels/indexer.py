@@ -15,23 +15,29 @@ import math
 
 import torch
 
-from glm5.kernels.build import load_library, run_threads
+from glm5.kernels.build import has_openmp, load_library, run_threads
 
 KEY_TILE = 64  # keys per tile in the kernel: the transposed key matrix is zero-padded to a multiple of it
 _function = None
 
 
 def _kernel():
+    """(the per-range function, the OpenMP jobs function or None), or None when the library cannot be built."""
     global _function
     lib = load_library("indexer_topk")
     if lib is None:
         return None
     if _function is None:
-        fn = lib.glm5_indexer_topk
         p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn = lib.glm5_indexer_topk
         fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, p]
         fn.restype = ctypes.c_int
-        _function = fn
+        jobs = None
+        if has_openmp(lib):
+            jobs = lib.glm5_indexer_topk_jobs
+            jobs.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p]
+            jobs.restype = ctypes.c_int
+        _function = (fn, jobs)
     return _function
 
 
@@ -42,13 +48,14 @@ def indexer_topk(
 ) -> torch.Tensor | None:
     """q [B, S, H, D], w [B, S, H] head weights with every scale folded in, k [B, T, D], q_positions [B or 1,
     S], key_mask [B, T] (nonzero = may be attended) or None -> [B, S, topk] int64, or None when the kernel
-    cannot run here. Threads: torch.get_num_threads(), over interleaved blocks of queries (ctypes releases
-    the GIL for the call)."""
+    cannot run here. Threads: torch.get_num_threads(), over interleaved blocks of queries: torch's OpenMP
+    workers when the library has OpenMP, else a thread pool (ctypes releases the GIL for the call)."""
     if q.device.type != "cpu" or topk < 1:
         return None
-    fn = _kernel()
-    if fn is None:
+    kernel = _kernel()
+    if kernel is None:
         return None
+    fn, jobs_fn = kernel
     B, S, H, D = q.shape
     T = k.shape[1]
     padded = math.ceil(max(T, 1) / KEY_TILE) * KEY_TILE
@@ -62,12 +69,14 @@ def indexer_topk(
     mask = key_mask.to(torch.uint8).contiguous() if key_mask is not None else None
     out = torch.empty(B, S, topk, dtype=torch.int64)
     threads = max(1, torch.get_num_threads())
-    jobs = []  # interleaved blocks of queries per thread: causal rows grow with position
+    codes, jobs = [], []  # interleaved blocks of queries per thread: causal rows grow with position
     for b in range(B):
         args = (q[b].data_ptr(), w[b].data_ptr(), k_t[b].data_ptr(), positions[b].data_ptr(),
                 None if mask is None else mask[b].data_ptr(), S, H, D, T, padded, topk)
-        for t in range(threads):
-            jobs.append(args + (t, threads, out[b].data_ptr()))
-    if any(run_threads(fn, jobs)):
+        if jobs_fn is not None:
+            codes.append(jobs_fn(*args, threads, out[b].data_ptr()))
+        else:
+            jobs += [args + (t, threads, out[b].data_ptr()) for t in range(threads)]
+    if any(codes) or (jobs and any(run_threads(fn, jobs))):
         raise MemoryError("glm5.kernels.indexer_topk: out of memory for its score rows")
     return out

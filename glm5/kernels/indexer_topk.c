@@ -18,22 +18,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "vec.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-typedef float vf __attribute__((vector_size(64), aligned(4)));   /* 16 floats, unaligned loads allowed */
-typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
-
-#define VL 16                 /* floats per vector */
+                /* floats per vector */
 #define NV 4                  /* vectors per key tile */
 #define KTILE (VL * NV)       /* 64 keys per tile */
 #define QBLOCK 16             /* queries per block: their score rows (16 x T floats) stay in L2 */
 
-static inline vf relu(vf x) {
-    const vf zero = {0};
-    return (vf)((vi)x & (vi)(x > zero));
-}
 
 /* 4 heads of one query against the 64 keys of one tile (tile [D, 64]: key s0 + j's dim d at d * 64 + j):
  * row[s0 .. s0 + 64) (+)= sum_h w_h relu(q_h . k_s) */
@@ -251,4 +246,25 @@ int glm5_indexer_topk(const float *q, const float *w, const float *kT, const int
     }
     free(rows); free(cv); free(ci); free(keys); free(maxima);
     return 0;
+}
+
+/* 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
+ * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
+ * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
+int glm5_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* glm5_indexer_topk over query blocks t, t + jobs, t + 2 jobs, ... for t < jobs, one job per thread */
+int glm5_indexer_topk_jobs(const float *q, const float *w, const float *kT, const int64_t *pos, const uint8_t *key_mask,
+                           int64_t S, int64_t H, int64_t D, int64_t T, int64_t Tp, int64_t topk, int64_t jobs,
+                           int64_t *out) {
+    int rc = 0;
+#pragma omp parallel for num_threads(jobs) schedule(static, 1) reduction(| : rc)
+    for (int64_t t = 0; t < jobs; t++) rc |= glm5_indexer_topk(q, w, kT, pos, key_mask, S, H, D, T, Tp, topk, t, jobs, out);
+    return rc;
 }

@@ -13,50 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
-#define VL 16
-
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-/* a tree of shuffles: 4 adds instead of 15 */
-static inline float hsum(vf v) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    return v[0];
-}
-/* the sums of four vectors at once: out[i] = sum of a_i's lanes (6 shuffles, 5 adds for all four) */
-static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
-    vf x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    vf y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    vf z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    z += __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    z += __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    out[0] = z[0];
-    out[1] = z[4];
-    out[2] = z[8];
-    out[3] = z[12];
-}
-#else
-static inline float hsum(vf v) {
-    float s[VL];
-    memcpy(s, &v, sizeof s);
-    float a = 0.f;
-    for (int l = 0; l < VL; l++) a += s[l];
-    return a;
-}
-
-static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
-    out[0] = hsum(a0);
-    out[1] = hsum(a1);
-    out[2] = hsum(a2);
-    out[3] = hsum(a3);
-}
-#endif
+#include "vec.h"
 
 /* out[h] = a_h . b over n floats for the 4 vectors a_h = a + h * stride (one pass over b) */
 static inline void dot4(const float *a, int64_t stride, const float *b, int64_t n, float *out) {
@@ -74,28 +31,6 @@ static inline void dot4(const float *a, int64_t stride, const float *b, int64_t 
         for (int h = 0; h < 4; h++) out[h] += a[h * stride + i] * b[i];
 }
 
-/* exp(x) for x <= 0 (softmax arguments after subtracting the max): Cephes' expf reduction and polynomial */
-static inline vf vexp(vf x) {
-    const vf lo = (vf){0} - 87.3f;
-    x = (vf)(((vi)x & (vi)(x > lo)) | ((vi)lo & ~(vi)(x > lo)));
-    vf n = x * 1.44269504088896341f;                    /* round(x / ln 2) */
-    n = n + ((vf){0} + 0.5f);
-    vi ni = __builtin_convertvector(n, vi);
-    vf nf = __builtin_convertvector(ni, vf);
-    ni = ni + (nf > n);                                 /* floor for negative values (true is -1) */
-    nf = __builtin_convertvector(ni, vf);
-    vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    vf r2 = r * r;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    vi bits = (ni + 127) << 23;                         /* 2^n */
-    return p * (vf)bits;
-}
 
 /* a += c * b over n floats */
 static inline void axpy(float *a, float c, const float *b, int64_t n) {
@@ -307,4 +242,40 @@ int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const
     }
     free(probs); free(ds); free(row); free(index); free(delta);
     return 0;
+}
+
+/* 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
+ * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
+ * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
+int glm5_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The forward over query ranges [bounds[j], bounds[j + 1]), one job per thread */
+int glm5_sparse_latent_attention_jobs(const float *q, const float *kv, const int64_t *rows, int64_t N, int64_t H,
+                                      int64_t D, int64_t L, int64_t K, float scale, const int64_t *bounds,
+                                      int64_t jobs, float *out, float *saved) {
+    int rc = 0;
+#pragma omp parallel for num_threads(jobs) schedule(static, 1) reduction(| : rc)
+    for (int64_t j = 0; j < jobs; j++)
+        rc |= glm5_sparse_latent_attention(q, kv, rows, N, H, D, L, K, scale, bounds[j], bounds[j + 1], out, saved);
+    return rc;
+}
+
+/* The backward over query ranges, job j adding into dkv_buffers[j] (the same buffer for jobs owning disjoint
+ * rows, or one per job) */
+int glm5_sparse_latent_attention_backward_jobs(const float *q, const float *kv, const int64_t *rows, const float *out,
+                                               const float *saved, const float *dout, int64_t N, int64_t H, int64_t D,
+                                               int64_t L, int64_t K, float scale, const int64_t *bounds, int64_t jobs,
+                                               float *dq, float *const *dkv_buffers) {
+    int rc = 0;
+#pragma omp parallel for num_threads(jobs) schedule(static, 1) reduction(| : rc)
+    for (int64_t j = 0; j < jobs; j++)
+        rc |= glm5_sparse_latent_attention_backward(q, kv, rows, out, saved, dout, N, H, D, L, K, scale, bounds[j],
+                                                    bounds[j + 1], dq, dkv_buffers[j]);
+    return rc;
 }

@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from glm5.kernels.build import load_library, run_threads
+from glm5.kernels.build import has_openmp, int64_array, load_library, pointer_array, run_threads
 
 MAX_SELECTED = 4096  # the kernel's per-query buffers; GLM-5 selects 2048
 _functions: dict[str, object] = {}
@@ -34,7 +34,15 @@ def _kernel(name: str = "forward"):
         bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
         for fn in (fwd, bwd):
             fn.restype = ctypes.c_int
-        _functions.update(forward=fwd, backward=bwd)
+        _functions.update(forward=fwd, backward=bwd, forward_jobs=None, backward_jobs=None)
+        if has_openmp(lib):
+            fwd_jobs = lib.glm5_sparse_latent_attention_jobs
+            fwd_jobs.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p, i64, p, p]
+            bwd_jobs = lib.glm5_sparse_latent_attention_backward_jobs
+            bwd_jobs.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, p, i64, p, p]
+            for fn in (fwd_jobs, bwd_jobs):
+                fn.restype = ctypes.c_int
+            _functions.update(forward_jobs=fwd_jobs, backward_jobs=bwd_jobs)
     return _functions[name]
 
 
@@ -48,11 +56,17 @@ def _forward(q, kv, rows, scale, latent_dim, keep_probs: bool = False):
     N, H, D = q.shape
     out = torch.empty(N, H, latent_dim, dtype=torch.float32)
     probs = torch.empty(N, H, rows.shape[1], dtype=torch.float32) if keep_probs else None
-    fn = _kernel()
-    jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), N, H, D, latent_dim, rows.shape[1], float(scale), a, b,
-             out.data_ptr(), None if probs is None else probs.data_ptr())
-            for a, b in _ranges(N, max(1, torch.get_num_threads()))]
-    if jobs and any(run_threads(fn, jobs)):
+    ranges = _ranges(N, max(1, torch.get_num_threads()))
+    head = (q.data_ptr(), kv.data_ptr(), rows.data_ptr(), N, H, D, latent_dim, rows.shape[1], float(scale))
+    tail = (out.data_ptr(), None if probs is None else probs.data_ptr())
+    if not ranges:
+        return out, probs
+    if _kernel("forward_jobs") is not None:
+        bounds = int64_array([a for a, _ in ranges] + [ranges[-1][1]])
+        failed = _kernel("forward_jobs")(*head, bounds, len(ranges), *tail)
+    else:
+        failed = any(run_threads(_kernel(), [head + (a, b) + tail for a, b in ranges]))
+    if failed:
         raise MemoryError("glm5.kernels.latent_attention: out of memory")
     return out, probs
 
@@ -85,10 +99,17 @@ class _LatentAttention(torch.autograd.Function):
         else:
             parts = _ranges(N, threads)
             buffers = [torch.zeros_like(kv) for _ in parts]
-        jobs = [(q.data_ptr(), kv.data_ptr(), rows.data_ptr(), out.data_ptr(), probs.data_ptr(), dout.data_ptr(), N, H, D, L,
-                 rows.shape[1], float(ctx.scale), a, b, dq.data_ptr(), buf.data_ptr())
-                for (a, b), buf in zip(parts, buffers)]
-        if any(run_threads(fn, jobs)):
+        head = (q.data_ptr(), kv.data_ptr(), rows.data_ptr(), out.data_ptr(), probs.data_ptr(), dout.data_ptr(), N, H,
+                D, L, rows.shape[1], float(ctx.scale))
+        if _kernel("backward_jobs") is not None:
+            bounds = int64_array([a for a, _ in parts] + [parts[-1][1]])
+            # consecutive ranges must meet for the bounds array: sequence-aligned parts do, by construction
+            failed = _kernel("backward_jobs")(*head, bounds, len(parts), dq.data_ptr(),
+                                              pointer_array(buf.data_ptr() for buf in buffers))
+        else:
+            failed = any(run_threads(fn, [head + (a, b, dq.data_ptr(), buf.data_ptr())
+                                          for (a, b), buf in zip(parts, buffers)]))
+        if failed:
             raise MemoryError("glm5.kernels.latent_attention: out of memory in the backward")
         dkv = buffers[0]
         for extra in buffers[1:]:

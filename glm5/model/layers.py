@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
+from glm5.kernels import rms_norm, swiglu, swiglu_runs
 
 
 def no_autograd(*tensors: torch.Tensor) -> bool:
@@ -30,6 +31,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = rms_norm(x, self.weight, self.eps)  # the CPU fp32 kernel (glm5.kernels); None elsewhere
+        if fast is not None:
+            return fast
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -122,6 +126,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if swiglu_runs(x, self.gate_proj.weight) and not torch.is_autocast_enabled(x.device.type):
+            # one matmul for gate and up, then the CPU SwiGLU kernel (glm5.kernels): no chunk, no cat
+            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            hidden = swiglu(gate_up)
+            if hidden is not None:
+                return self.down_proj(hidden)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if no_autograd(gate, up):
             return self.down_proj(F.silu(gate, inplace=True).mul_(up))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
+from glm5.kernels import swiglu
 from glm5.model.layers import MLP, no_autograd
 
 # Use torch._grouped_mm when available on this device/dtype (switch for benchmarks and debugging).
@@ -110,8 +111,11 @@ class Experts(nn.Module):
             for e, chunk in enumerate(xs.split(counts_list)):
                 if counts_list[e] == 0:
                     continue
-                gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
-                hidden = F.silu(gate, inplace=True).mul_(up) if in_place else F.silu(gate) * up
+                h = F.linear(chunk, gate_up[e])
+                hidden = swiglu(h)  # CPU fp32: the SwiGLU kernel, whose gradient needs no cat; else None
+                if hidden is None:
+                    gate, up = h.chunk(2, dim=-1)
+                    hidden = F.silu(gate, inplace=True).mul_(up) if in_place else F.silu(gate) * up
                 pieces.append(F.linear(hidden, down[e]))
             ys = torch.cat(pieces, dim=0)
         if no_autograd(ys, row_weights) and ys.dtype == torch.float32:

@@ -1,0 +1,157 @@
+"""RMSNorm and SwiGLU on a CPU in fp32 (`elementwise.c`), forward and backward, for glm5.model.layers/moe.
+
+    y = rms_norm(x, weight, eps)   # None: not CPU fp32, kernels off, or no compiler (PyTorch runs instead)
+    a = swiglu(h)                  # h [..., 2I] = gate | up -> silu(gate) * up, [..., I]
+
+Same math as the PyTorch code they replace (fp32 RMSNorm with the weight applied after normalizing, as
+transformers'; SiLU(g) * u), to rounding: sums in another order, a vector exp accurate to ~1 ulp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from glm5.kernels.build import has_openmp, int64_array, load_library, run_threads
+
+MIN_ELEMENTS_PER_THREAD = 1 << 15  # below this a thread's start costs more than its share of the work
+_functions: dict[str, object] = {}
+
+
+def _kernels():
+    lib = load_library("elementwise")
+    if lib is None:
+        return None
+    if not _functions:
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        signatures = {
+            "rmsnorm_forward": [p, p, f32, i64, i64, i64, p, p],
+            "rmsnorm_backward": [p, p, p, p, i64, i64, i64, p, p],
+            "swiglu_forward": [p, i64, i64, i64, i64, p],
+            "swiglu_backward": [p, i64, p, i64, i64, i64, p],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, f"glm5_{name}")
+            fn.argtypes, fn.restype = argtypes, None
+            _functions[name] = fn
+        if has_openmp(lib):  # the same with (bounds, jobs) for the row range: run on torch's OpenMP threads
+            jobs = {
+                "rmsnorm_forward": [p, p, f32, i64, p, i64, p, p],
+                "rmsnorm_backward": [p, p, p, p, i64, p, i64, p, p],
+                "swiglu_forward": [p, i64, i64, p, i64, p],
+                "swiglu_backward": [p, i64, p, i64, p, i64, p],
+            }
+            for name, argtypes in jobs.items():
+                fn = getattr(lib, f"glm5_{name}_jobs")
+                fn.argtypes, fn.restype = argtypes, None
+                _functions[name + "_jobs"] = fn
+    return _functions
+
+
+def _run(name: str, head: tuple, ranges: list[tuple[int, int]], tail: tuple, per_job: list | None = None) -> None:
+    """Call kernel `name` over row ranges: one OpenMP call with the bounds (per_job: the pointer of each job's
+    own buffer, laid out as consecutive [C] rows of one tensor), else one call per range on the thread pool."""
+    kernels = _kernels()
+    jobs_fn = kernels.get(name + "_jobs")
+    if jobs_fn is not None:
+        bounds = int64_array([a for a, _ in ranges] + [ranges[-1][1]])
+        jobs_fn(*head, bounds, len(ranges), *tail)
+        return
+    calls = [head + (a, b) + (tail if per_job is None else tail[:-1] + (per_job[t],)) for t, (a, b) in enumerate(ranges)]
+    run_threads(kernels[name], calls)
+
+
+def _row_ranges(rows: int, width: int) -> list[tuple[int, int]]:
+    parts = max(1, min(torch.get_num_threads(), rows, math.ceil(rows * width / MIN_ELEMENTS_PER_THREAD)))
+    bounds = [rows * t // parts for t in range(parts + 1)]
+    return [(bounds[t], bounds[t + 1]) for t in range(parts) if bounds[t] < bounds[t + 1]]
+
+
+def _runs(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _kernels() is not None
+
+
+def _grad_wanted(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _rms_forward(x2, weight, eps, keep_rstd):
+    R, C = x2.shape
+    y = torch.empty_like(x2)
+    rstd = torch.empty(R, dtype=torch.float32) if keep_rstd else None
+    _run("rmsnorm_forward", (x2.data_ptr(), weight.data_ptr(), eps, C), _row_ranges(R, C),
+         (y.data_ptr(), None if rstd is None else rstd.data_ptr()))
+    return y, rstd
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, eps):
+        y, rstd = _rms_forward(x2, weight, eps, keep_rstd=True)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        R, C = x2.shape
+        dy = dy.contiguous()
+        dx = torch.empty_like(x2)
+        ranges = _row_ranges(R, C)
+        partials = torch.zeros(len(ranges), C, dtype=torch.float32)
+        _run("rmsnorm_backward", (x2.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dy.data_ptr(), C), ranges,
+             (dx.data_ptr(), partials.data_ptr()), per_job=[row.data_ptr() for row in partials])
+        return dx, (partials.sum(0) if ctx.needs_input_grad[1] else None), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * x / sqrt(mean(x^2, -1) + eps) over the last dim, fp32 CPU tensors; None when it cannot run."""
+    if not _runs(x, weight) or x.shape[-1] != weight.shape[0] or x.numel() == 0:
+        return None
+    x2 = x.contiguous().view(-1, x.shape[-1])
+    weight = weight.contiguous()
+    if _grad_wanted(x, weight):
+        return _RMSNorm.apply(x2, weight, float(eps)).view(x.shape)
+    return _rms_forward(x2, weight, float(eps), keep_rstd=False)[0].view(x.shape)
+
+
+def _swiglu_forward(h2):
+    R, two_i = h2.shape
+    I = two_i // 2
+    out = torch.empty(R, I, dtype=torch.float32)
+    _run("swiglu_forward", (h2.data_ptr(), two_i, I), _row_ranges(R, two_i), (out.data_ptr(),))
+    return out
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h2):
+        ctx.save_for_backward(h2)
+        return _swiglu_forward(h2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h2,) = ctx.saved_tensors
+        R, two_i = h2.shape
+        dout = dout.contiguous()
+        dh = torch.empty_like(h2)
+        _run("swiglu_backward", (h2.data_ptr(), two_i, dout.data_ptr(), two_i // 2), _row_ranges(R, two_i),
+             (dh.data_ptr(),))
+        return dh
+
+
+def swiglu_runs(*tensors: torch.Tensor) -> bool:
+    """Whether `swiglu` runs on tensors like these (CPU fp32, kernels on and built)."""
+    return _runs(*tensors)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor | None:
+    """h [..., 2I] (gate | up) -> silu(gate) * up [..., I], fp32 CPU; None when it cannot run. The backward
+    gives one [..., 2I] gradient (no cat of two halves)."""
+    if not _runs(h) or h.shape[-1] % 2 or h.numel() == 0:
+        return None
+    h2 = h.contiguous().view(-1, h.shape[-1])
+    out = _SwiGLU.apply(h2) if _grad_wanted(h) else _swiglu_forward(h2)
+    return out.view(*h.shape[:-1], h.shape[-1] // 2)
