@@ -4,9 +4,11 @@
     .venv/bin/python bench/train.py --repeats 7 --threads 2
 
 One step = forward + backward + AdamW update on the next-token loss (no MTP: transformers has none; both
-sides use the AdamW kernel glm5.train picks, `adamw_kernel`: fused on cpu / cuda), same
-random weights in both (ours copied into transformers; ours with DSA's top-k applied as a mask over the latent
-attention, as glm5.train trains it: `MLAttention.sparse_as_mask`), the `tiny-bench` preset (the tiny config of
+sides use the AdamW kernel glm5.train picks, `adamw_kernel`: fused on cpu / cuda; each side its own loss:
+glm5's `model(ids, targets=ids).lm_loss_sum` as glm5.train computes it, transformers' `labels=`), same
+random weights in both (ours copied into transformers; ours with `MLAttention.sparse_as_mask` set as glm5.train
+sets it for the sparse stage: the top-k as a mask over dense latent attention, or, where the CPU kernels of
+glm5.kernels run, their sparse attention, forward and backward), the `tiny-bench` preset (the tiny config of
 ../shared/reference/machine.md; DSA top-64, so at 512 tokens each query attends to 64 keys). The two sides
 alternate step by step so machine load hits both alike; medians of --repeats timed steps after a warm-up.
 MFU is against the matmul peak measured in this same run (2048^3 torch.matmul, median), per dtype:
@@ -87,7 +89,6 @@ def main() -> int:
     from glm5.common import keep_freed_memory
     from glm5.config import GLM5Config
     from glm5.model.transformer import GLM5ForCausalLM
-    from glm5.train.losses import lm_loss_sum
     from glm5.train.optim import adamw_kernel
 
     torch.set_num_threads(args.threads)
@@ -104,11 +105,13 @@ def main() -> int:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     tokens = args.batch * args.seq
 
+    targets = int((ids[:, 1:] >= 0).sum())
+
     def our_step(model, opt, dtype):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = model(ids).logits
-        total, n = lm_loss_sum(logits, ids)
-        (total / n).backward()
+            # as glm5.train's step: summed losses from the hidden states (glm5.model.loss), no logits tensor
+            total = model(ids, targets=ids).lm_loss_sum
+        (total / targets).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import randomize_, tiny_config
 
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.train import losses
@@ -514,3 +514,60 @@ def test_copy_drills_repeat_their_list():
     drilled = build_demo_corpus(stdlib_bytes=100_000, conversations=10, sft_conversations=8, tasks=3, copy_drills=7)
     assert len(drilled.train_chats) == len(base.train_chats) + 7
     assert sum(t.startswith("list: ") for t in drilled.train_texts) == 7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_with_targets_gives_the_logits_losses_and_gradients(dtype):
+    """model(ids, targets=labels) (the trainer's step: fused chunked CE, no logits tensor in fp32) equals
+    lm_loss_sum / mtp_loss_sums over the logits, value and every gradient; -100 targets count nothing."""
+    from glm5 import GLM5ForCausalLM
+
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8))).to(dtype)
+    ids = torch.randint(0, 256, (3, 30), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[2, -3:] = -100
+    out = model(ids, return_mtp=True)
+    lm, n = losses.lm_loss_sum(out.logits, labels)
+    mtp, correct, counted = losses.mtp_loss_sums(out.mtp_logits, labels)
+    (lm + sum(mtp)).backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    fused = model(ids, return_mtp=True, targets=labels)
+    assert fused.logits is None and fused.mtp_logits is None
+    (fused.lm_loss_sum + sum(fused.mtp_loss_sums)).backward()
+    got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(fused.lm_loss_sum, lm, rtol=tol) and len(fused.mtp_loss_sums) == len(mtp)
+    assert all(torch.allclose(a, b, rtol=tol) for a, b in zip(fused.mtp_loss_sums, mtp))
+    assert (fused.mtp_correct, fused.mtp_counted) == (correct, counted)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (got[k].float() - want[k].float()).abs().max() <= tol * max(1.0, want[k].float().abs().max()), k
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, labels=ids, targets=labels)
+    with pytest.raises(ValueError, match="targets must match"):
+        model(ids, targets=labels[:, :-1])
+
+
+def test_linear_cross_entropy_chunks_and_no_grad_path():
+    from glm5.model.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 16, generator=g), torch.randn(50, 16, generator=g)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[[3, 20]] = -100
+    logits = hidden @ weight.t()
+    want = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    want_correct = int(((logits.argmax(-1) == targets) & (targets != -100)).sum())
+    for chunk in (1, 5, 37, 64):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        total, correct = linear_cross_entropy(h, w, targets, count_correct=True, chunk=chunk)
+        assert torch.allclose(total, want) and correct == want_correct
+        (2 * total).backward()
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        (2 * torch.nn.functional.cross_entropy(h2 @ w2.t(), targets, ignore_index=-100, reduction="sum")).backward()
+        assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(linear_cross_entropy(hidden, weight, targets, chunk=chunk)[0], want)

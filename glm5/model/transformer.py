@@ -24,17 +24,23 @@ from torch import nn
 
 from glm5.config import GLM5Config
 from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding, no_autograd
+from glm5.model.loss import IGNORE_INDEX, linear_cross_entropy
 from glm5.model.mla import ATTN_IMPLS, MLAttention
 from glm5.model.moe import MoE
 
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab]; None when the forward was given `targets`
     loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None  # final-normed hidden states [B, T, hidden]
     mtp_logits: list[torch.Tensor] | None = None  # per MTP depth d: [B, T - d, vocab], predicts token t + 1 + d
     topk_indices: list[torch.Tensor | None] | None = None  # per layer, the DSA selection (None: indexer skipped)
+    # with `targets`: summed fp32 cross-entropies (what training divides by the step's target count)
+    lm_loss_sum: torch.Tensor | None = None  # position t predicts targets[t + 1]
+    mtp_loss_sums: list[torch.Tensor] | None = None  # per depth d: position t predicts targets[t + 1 + d]
+    mtp_correct: int = 0  # depth 1: predictions equal to their target
+    mtp_counted: int = 0  # depth 1: predictions with a target
 
 
 class DecoderLayer(nn.Module):
@@ -168,19 +174,34 @@ class GLM5ForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_mtp: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] are the input ids themselves (shifted inside, -100 ignored),
-        attention_mask [B, T] marks real tokens (1) vs padding (0)."""
+        attention_mask [B, T] marks real tokens (1) vs padding (0).
+
+        targets [B, T] (the training path): labels in the same convention, for which the output carries summed
+        losses (`lm_loss_sum`, and with return_mtp `mtp_loss_sums`, `mtp_correct`, `mtp_counted`) instead of
+        logits, computed chunk by chunk without a [B, T, vocab] tensor (glm5.model.loss)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if targets is not None and targets.shape != input_ids.shape:
+            raise ValueError(f"targets must match input_ids {tuple(input_ids.shape)}, got {tuple(targets.shape)}")
         hidden, topk, (cos, sin), q_positions = self.model(input_ids, position_ids, attention_mask)
-        logits = self.lm_head(hidden)
+        lm_loss_sum = None
+        if targets is not None:
+            shifted = torch.cat([targets[:, 1:], targets.new_full((targets.shape[0], 1), IGNORE_INDEX)], dim=1)
+            lm_loss_sum, _ = self._head_loss(hidden, shifted)
+            logits = None
+        else:
+            logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
+            if logits is None:
+                raise ValueError("pass labels (a mean loss over logits) or targets (summed losses), not both")
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        mtp_logits = None
+        mtp_logits, mtp_sums, mtp_correct, mtp_counted = None, None, 0, 0
         if return_mtp and len(self.mtp):
             mtp_logits = []
             h = hidden
@@ -193,8 +214,33 @@ class GLM5ForCausalLM(nn.Module):
                 if valid is not None:  # position t is real only if h[t] and token t + depth both are (left padding)
                     valid = valid[:, :T] & attention_mask[:, depth : depth + T].bool()
                 h = layer(h[:, :T], next_embeds, cos[:, :T], sin[:, :T], q_positions[:, :T], valid)
-                mtp_logits.append(self.lm_head(h))
-        return CausalLMOutput(logits=logits, loss=loss, hidden_states=hidden, mtp_logits=mtp_logits, topk_indices=topk)
+                if targets is None:
+                    mtp_logits.append(self.lm_head(h))
+                    continue
+                usable = targets.shape[1] - 1 - depth  # position t < usable has a target t + 1 + depth
+                if usable < 1:
+                    break
+                depth_targets = targets[:, 1 + depth :]
+                total, correct = self._head_loss(h[:, :usable], depth_targets, count_correct=depth == 1)
+                mtp_sums = (mtp_sums or []) + [total]
+                if depth == 1:
+                    mtp_correct, mtp_counted = correct, int((depth_targets != IGNORE_INDEX).sum())
+            if targets is not None:
+                mtp_logits = None
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=hidden, mtp_logits=mtp_logits, topk_indices=topk,
+                              lm_loss_sum=lm_loss_sum, mtp_loss_sums=mtp_sums, mtp_correct=mtp_correct,
+                              mtp_counted=mtp_counted)
+
+    def _head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, count_correct: bool = False) -> tuple[torch.Tensor, int]:
+        """Summed CE of lm_head(hidden) [B, S, vocab] against targets [B, S] (-100 = none): fused from the
+        hidden states for a plain fp32 head, else through the head's logits (FP8 heads, bf16, autocast)."""
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, count_correct)
+        logits = self.lm_head(hidden).float()
+        total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        correct = int(((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()) if count_correct else 0
+        return total, correct
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

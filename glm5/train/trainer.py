@@ -298,8 +298,8 @@ class Trainer:
             ids = rows.ids[start : start + batch_size].to(self.device)
             labels = rows.labels[start : start + batch_size].to(self.device)
             with self._autocast():
-                out = self.model(ids)
-            total, n = losses.lm_loss_sum(out.logits, labels)
+                out = self.model(ids, targets=labels)  # summed losses, no [rows, T, vocab] logits
+            total, n = out.lm_loss_sum, int((labels[:, 1:] != losses.IGNORE_INDEX).sum())
             lm_sum, count = lm_sum + float(total), count + n
             kl = losses.indexer_kl(self.inner)
             if kl is not None:
@@ -340,9 +340,10 @@ class Trainer:
             for moe in self.moes:  # only this forward's routing: a layer it skips must not show an old one
                 moe.last_routing = None
             with self._autocast():
-                out = self.model(ids, return_mtp=cfg.mtp_weight > 0 or warmup_stage)
-            lm_sum, _ = losses.lm_loss_sum(out.logits, labels)
-            mtp_sums, mtp_correct, mtp_counted = losses.mtp_loss_sums(out.mtp_logits, labels)
+                # summed losses straight from the hidden states (glm5.model.loss): no [rows, T, vocab] logits
+                out = self.model(ids, return_mtp=cfg.mtp_weight > 0 or warmup_stage, targets=labels)
+            lm_sum = out.lm_loss_sum
+            mtp_sums, mtp_correct, mtp_counted = out.mtp_loss_sums or [], out.mtp_correct, out.mtp_counted
             # each depth's sum over this step's global target count of that depth: this rank's share of the mean
             mtp = sum(s * (self.world_size / n) for s, n in zip(mtp_sums, mtp_targets) if n > 0) / mtp_depths
             aux = losses.sequence_balance_loss(self.moes, ids.shape[0])
