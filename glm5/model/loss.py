@@ -38,18 +38,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[a : a + chunk], targets[a : a + chunk]
             valid = t != IGNORE_INDEX
             logits = h @ weight.t()
-            loss, lse = _chunk_loss(logits, t, valid)
-            total += loss
             if count_correct:
                 correct += ((logits.argmax(dim=-1) == t) & valid).sum()
+            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logits is free after it
+            del logits
+            picked = logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
+            total -= (picked * valid).sum()
             # d(sum CE)/d logits = softmax - one_hot(target), zero for rows without a target; in place
-            logits.sub_(lse.unsqueeze(1)).exp_()
-            logits.scatter_add_(1, t.clamp(min=0).unsqueeze(1), -valid.to(logits.dtype).unsqueeze(1))
-            logits.mul_(valid.to(logits.dtype).unsqueeze(1))
+            grad = logp.exp_()
+            grad.scatter_add_(1, t.clamp(min=0).unsqueeze(1), -valid.to(grad.dtype).unsqueeze(1))
+            if not bool(valid.all()):
+                grad[~valid] = 0.0
             if want_h:
-                torch.mm(logits, weight, out=grad_h[a : a + chunk])
+                torch.mm(grad, weight, out=grad_h[a : a + chunk])
             if want_w:
-                grad_w.addmm_(logits.t(), h)
+                grad_w.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
         return total, correct
