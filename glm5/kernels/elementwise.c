@@ -1,4 +1,4 @@
-/* RMSNorm and SwiGLU, forward and backward, for CPUs: glm5.kernels.elementwise's fast paths.
+/* RMSNorm, SwiGLU and the MoE combine, forward and backward, for CPUs: glm5.kernels.elementwise's fast paths.
  *
  * In PyTorch each is 3-6 passes over the activations (pow, mean, rsqrt, two muls; silu, mul; and as many
  * again with saved intermediates in the backward), each a fresh tensor. Here each direction is one pass
@@ -126,6 +126,55 @@ void glm5_swiglu_backward(const float *h, int64_t hs, const float *dout, int64_t
     }
 }
 
+/* MoE combine: out[n] = sum_j w[inv[n, j]] * ys[inv[n, j]] over a token's k expert rows (inv: the row of
+ * each (token, choice) in the expert-grouped order; w NULL = weights 1). A gather per token, so tokens
+ * [n0, n1) can run in parallel without two threads adding into one output row. */
+void glm5_moe_combine(const float *ys, const float *w, const int64_t *inv, int64_t k, int64_t H, int64_t n0,
+                      int64_t n1, float *out) {
+    const int64_t hv = H / VL * VL;
+    for (int64_t n = n0; n < n1; n++) {
+        float *o = out + n * H;
+        for (int64_t c = 0; c < hv; c += VL) {
+            vf acc = {0};
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t r = inv[n * k + j];
+                acc += (w ? w[r] : 1.0f) * *(const vf *)(ys + r * H + c);
+            }
+            *(vf *)(o + c) = acc;
+        }
+        for (int64_t c = hv; c < H; c++) {
+            float acc = 0.f;
+            for (int64_t j = 0; j < k; j++) {
+                const int64_t r = inv[n * k + j];
+                acc += (w ? w[r] : 1.0f) * ys[r * H + c];
+            }
+            o[c] = acc;
+        }
+    }
+}
+
+/* Its backward for rows [r0, r1): dys[r] = w[r] * dout[token[r]], dw[r] = dout[token[r]] . ys[r] */
+void glm5_moe_combine_backward(const float *dout, const float *ys, const float *w, const int64_t *token, int64_t H,
+                               int64_t r0, int64_t r1, float *dys, float *dw) {
+    const int64_t hv = H / VL * VL;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *g = dout + token[r] * H, *y = ys + r * H;
+        float *d = dys + r * H;
+        vf acc = {0};
+        for (int64_t c = 0; c < hv; c += VL) {
+            const vf gv = *(const vf *)(g + c);
+            *(vf *)(d + c) = w[r] * gv;
+            acc += gv * *(const vf *)(y + c);
+        }
+        float dot = hsum(acc);
+        for (int64_t c = hv; c < H; c++) {
+            d[c] = w[r] * g[c];
+            dot += g[c] * y[c];
+        }
+        dw[r] = dot;
+    }
+}
+
 /* 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
  * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
  * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
@@ -160,4 +209,17 @@ void glm5_swiglu_backward_jobs(const float *h, int64_t hs, const float *dout, in
                                int64_t jobs, float *dh) {
 #pragma omp parallel for num_threads(jobs) schedule(static, 1)
     for (int64_t j = 0; j < jobs; j++) glm5_swiglu_backward(h, hs, dout, I, bounds[j], bounds[j + 1], dh);
+}
+
+void glm5_moe_combine_jobs(const float *ys, const float *w, const int64_t *inv, int64_t k, int64_t H,
+                           const int64_t *bounds, int64_t jobs, float *out) {
+#pragma omp parallel for num_threads(jobs) schedule(static, 1)
+    for (int64_t j = 0; j < jobs; j++) glm5_moe_combine(ys, w, inv, k, H, bounds[j], bounds[j + 1], out);
+}
+
+void glm5_moe_combine_backward_jobs(const float *dout, const float *ys, const float *w, const int64_t *token,
+                                    int64_t H, const int64_t *bounds, int64_t jobs, float *dys, float *dw) {
+#pragma omp parallel for num_threads(jobs) schedule(static, 1)
+    for (int64_t j = 0; j < jobs; j++)
+        glm5_moe_combine_backward(dout, ys, w, token, H, bounds[j], bounds[j + 1], dys, dw);
 }

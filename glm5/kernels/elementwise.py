@@ -31,6 +31,8 @@ def _kernels():
             "rmsnorm_backward": [p, p, p, p, i64, i64, i64, p, p],
             "swiglu_forward": [p, i64, i64, i64, i64, p],
             "swiglu_backward": [p, i64, p, i64, i64, i64, p],
+            "moe_combine": [p, p, p, i64, i64, i64, i64, p],
+            "moe_combine_backward": [p, p, p, p, i64, i64, i64, p, p],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, f"glm5_{name}")
@@ -42,6 +44,8 @@ def _kernels():
                 "rmsnorm_backward": [p, p, p, p, i64, p, i64, p, p],
                 "swiglu_forward": [p, i64, i64, p, i64, p],
                 "swiglu_backward": [p, i64, p, i64, p, i64, p],
+                "moe_combine": [p, p, p, i64, i64, p, i64, p],
+                "moe_combine_backward": [p, p, p, p, i64, p, i64, p, p],
             }
             for name, argtypes in jobs.items():
                 fn = getattr(lib, f"glm5_{name}_jobs")
@@ -117,12 +121,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return _rms_forward(x2, weight, float(eps), keep_rstd=False)[0].view(x.shape)
 
 
-def _swiglu_forward(h2):
+def _swiglu_forward(h2, out=None):
     R, two_i = h2.shape
     I = two_i // 2
-    out = torch.empty(R, I, dtype=torch.float32)
-    _run("swiglu_forward", (h2.data_ptr(), two_i, I), _row_ranges(R, two_i), (out.data_ptr(),))
+    out = torch.empty(R, I, dtype=torch.float32) if out is None else out
+    if R:
+        _run("swiglu_forward", (h2.data_ptr(), two_i, I), _row_ranges(R, two_i), (out.data_ptr(),))
     return out
+
+
+def _swiglu_backward(h2, dout, out=None):
+    R, two_i = h2.shape
+    dh = torch.empty_like(h2) if out is None else out
+    if R:
+        _run("swiglu_backward", (h2.data_ptr(), two_i, dout.contiguous().data_ptr(), two_i // 2),
+             _row_ranges(R, two_i), (dh.data_ptr(),))
+    return dh
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -134,12 +148,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         (h2,) = ctx.saved_tensors
-        R, two_i = h2.shape
-        dout = dout.contiguous()
-        dh = torch.empty_like(h2)
-        _run("swiglu_backward", (h2.data_ptr(), two_i, dout.data_ptr(), two_i // 2), _row_ranges(R, two_i),
-             (dh.data_ptr(),))
-        return dh
+        return _swiglu_backward(h2, dout)
 
 
 def swiglu_runs(*tensors: torch.Tensor) -> bool:
@@ -155,3 +164,37 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     h2 = h.contiguous().view(-1, h.shape[-1])
     out = _SwiGLU.apply(h2) if _grad_wanted(h) else _swiglu_forward(h2)
     return out.view(*h.shape[:-1], h.shape[-1] // 2)
+
+
+def moe_combine(ys: torch.Tensor, weights: torch.Tensor | None, inverse: torch.Tensor, tokens: int) -> torch.Tensor:
+    """out [tokens, H]: out[n] = sum_j weights[inverse[n, j]] * ys[inverse[n, j]] (no autograd; the caller's
+    Function differentiates). ys [R, H] fp32, weights [R] or None, inverse [tokens, k] int64."""
+    R, H = ys.shape
+    k = inverse.shape[1]
+    out = torch.empty(tokens, H, dtype=torch.float32)
+    if tokens:
+        _run("moe_combine", (ys.data_ptr(), None if weights is None else weights.data_ptr(), inverse.data_ptr(), k, H),
+             _row_ranges(tokens, H * k), (out.data_ptr(),))
+    return out
+
+
+def moe_combine_backward(dout: torch.Tensor, ys: torch.Tensor, weights: torch.Tensor, token_of: torch.Tensor):
+    """-> dys [R, H] = weights * dout[token_of], dweights [R] = rowwise dout[token_of] . ys"""
+    R, H = ys.shape
+    dout = dout.contiguous()
+    dys = torch.empty_like(ys)
+    dw = torch.empty(R, dtype=torch.float32)
+    if R:
+        _run("moe_combine_backward", (dout.data_ptr(), ys.data_ptr(), weights.data_ptr(), token_of.data_ptr(), H),
+             _row_ranges(R, H), (dys.data_ptr(), dw.data_ptr()))
+    return dys, dw
+
+
+def swiglu_into(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h [R, 2I] (contiguous rows) written into out [R, I]; no autograd."""
+    return _swiglu_forward(h, out)
+
+
+def swiglu_backward_into(h: torch.Tensor, dout: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of swiglu at h [R, 2I] for dout [R, I] -> [R, 2I]; no autograd."""
+    return _swiglu_backward(h, dout, out)

@@ -19,11 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
-from glm5.kernels import swiglu
+from glm5.kernels import swiglu, swiglu_runs
+from glm5.kernels.elementwise import moe_combine, moe_combine_backward, swiglu_backward_into, swiglu_into
 from glm5.model.layers import MLP, no_autograd
 
 # Use torch._grouped_mm when available on this device/dtype (switch for benchmarks and debugging).
 USE_GROUPED_MM = True
+# CPU fp32: the experts through `_CPUExperts` (C kernels, written-out backward) when the kernels are built.
+USE_CPU_EXPERTS = True
 # CPU bf16/fp16 only: round each expert's row count up (see _padded_counts and Experts.forward).
 PAD_EXPERT_ROWS = True
 PAD_ROWS = 128
@@ -95,6 +98,11 @@ class Experts(nn.Module):
             token_of = token_of.new_zeros(total).index_copy_(0, dest, token_of)
             row_weights = row_weights.new_zeros(total).index_copy_(0, dest, row_weights)
             counts = counts_padded
+        if _cpu_experts_kernel(x, self.gate_up_proj, self.down_proj, row_weights):
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
+            return _CPUExperts.apply(x, self.gate_up_proj, self.down_proj, token_of, row_weights,
+                                     inverse.view(N, k), counts.tolist())
         xs = x.index_select(0, token_of)  # [N*k, H] grouped by expert (backward: index_add, not an index_put)
         if USE_GROUPED_MM and _grouped_mm_ok(xs):
             offsets = counts.cumsum(0).to(torch.int32)
@@ -123,6 +131,58 @@ class Experts(nn.Module):
         else:
             ys = ys * row_weights.unsqueeze(-1)  # fp32 weights, as transformers multiplies
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+
+def _cpu_experts_kernel(x, gate_up, down, row_weights) -> bool:
+    """fp32 on a CPU with the kernels of glm5.kernels built, no autocast: `_CPUExperts` runs the experts."""
+    return (USE_CPU_EXPERTS and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and all(t.dtype == torch.float32 for t in (x, gate_up, down, row_weights)) and swiglu_runs(x))
+
+
+class _CPUExperts(torch.autograd.Function):
+    """The routed experts in fp32 on a CPU with a written-out backward. Each expert's three matmuls write into
+    slices of one buffer (no per-expert outputs to concatenate, no `chunk` / `split` / `unbind` whose
+    backwards are cats and stacks), SwiGLU and the weighted combine are C kernels (glm5.kernels), and the
+    combine gathers each token's k rows (`inverse`) instead of scattering. Same math as the loop in
+    `Experts.forward`, which is the reference in tests/test_kernels.py."""
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, token_of, row_weights, inverse, counts):
+        N, H = x.shape
+        I = down.shape[2]
+        xs = x.index_select(0, token_of)  # [R, H], grouped by expert
+        R = xs.shape[0]
+        hs, acts, ys = xs.new_empty(R, 2 * I), xs.new_empty(R, I), xs.new_empty(R, H)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(xs[rows], gate_up[e].t(), out=hs[rows])
+                swiglu_into(hs[rows], acts[rows])
+                torch.mm(acts[rows], down[e].t(), out=ys[rows])
+            start += n
+        ctx.save_for_backward(x, gate_up, down, token_of, row_weights, inverse, xs, hs, acts, ys)
+        ctx.counts = counts
+        return moe_combine(ys, row_weights, inverse, N)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gate_up, down, token_of, row_weights, inverse, xs, hs, acts, ys = ctx.saved_tensors
+        dys, d_weights = moe_combine_backward(dout, ys, row_weights, token_of)
+        d_gate_up, d_down = torch.zeros_like(gate_up), torch.zeros_like(down)
+        dxs = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(dys[rows].t(), acts[rows], out=d_down[e])                 # [H, I]
+                d_act = dys[rows] @ down[e]                                        # [n, I]
+                d_h = swiglu_backward_into(hs[rows], d_act)                        # [n, 2I]
+                torch.mm(d_h.t(), xs[rows], out=d_gate_up[e])                      # [2I, H]
+                torch.mm(d_h, gate_up[e], out=dxs[rows])                           # [n, H]
+            start += n
+        dx = moe_combine(dxs, None, inverse, x.shape[0])  # each token's k rows summed: index_select's backward
+        return dx, d_gate_up, d_down, None, d_weights, None, None
 
 
 def _padded_counts(counts: torch.Tensor) -> torch.Tensor:
