@@ -421,6 +421,6 @@ def test_cpu_experts_function_matches_the_expert_loop(tokens, monkeypatch):
         results[on] = [out.detach(), xx.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad,
                        moe.gate.weight.grad]
         with torch.no_grad():
-            assert torch.allclose(moe(x), out.detach(), atol=1e-6)  # inference: the same path, no autograd
+            assert torch.allclose(moe(x), out.detach(), atol=1e-5)  # inference: the loop, the same numbers
     for got, want in zip(results[True], results[False]):
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
