@@ -217,3 +217,22 @@ def test_inference_in_place_ops_give_the_autograd_numbers(dtype):
     with torch.no_grad():
         layer(x, cos, sin, torch.arange(24).expand(2, 24))
     assert torch.equal(x, before)
+
+
+def test_rope_complex_fast_path_equals_the_real_products():
+    """fp32 CPU RoPE runs as one complex multiply when the layout allows a complex view; its values and
+    gradients equal the four-product form (the bf16 / odd-offset path), forward and backward."""
+    from glm5.model.layers import apply_rope_interleaved
+
+    g = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(2, 7, 8, generator=g), torch.randn(2, 7, 8, generator=g)
+    for base, cut in ((torch.randn(2, 7, 3, 80, generator=g), slice(64, 80)),   # a split view, even offset
+                      (torch.randn(2, 7, 3, 21, generator=g), slice(1, 17))):   # odd offset: real products
+        fast_in = base[..., cut].clone().requires_grad_() if cut.start % 2 else base[..., cut].detach().requires_grad_()
+        slow_in = base[..., cut].detach().double().requires_grad_()
+        fast = apply_rope_interleaved(fast_in, cos, sin)
+        slow = apply_rope_interleaved(slow_in, cos.double(), sin.double())  # fp64: the plain products
+        grad = torch.randn(fast.shape, generator=g)
+        fast.backward(grad)
+        slow.backward(grad.double())
+        assert (fast.double() - slow).abs().max() < 1e-5 and (fast_in.grad.double() - slow_in.grad).abs().max() < 1e-5
