@@ -307,8 +307,16 @@ class FusedMLA:
                 scores = torch.relu_(scores).view(S, Q, self.index_heads, T)
                 scores = torch.matmul(w_idx.float().view(S, Q, 1, -1), scores).view(S, Q, T)
                 scores.masked_fill_(~inputs.visible, float("-inf"))
-                values, topk = scores.topk(min(index_topk, T), dim=-1)
-                topk = lowest_position_ties(scores, values, topk)  # the model's rule for exact ties
+                if T > index_topk:
+                    # one more than kept, sorted: only when the (k+1)-th equals the k-th can an exact tie cross
+                    # the cut, and only then does the model's tie rule have work (one tiny comparison per step)
+                    values, topk = scores.topk(index_topk + 1, dim=-1)
+                    tie = bool((values[..., -1] == values[..., -2]).any())
+                    values, topk = values[..., :-1], topk[..., :-1]
+                    if tie:
+                        topk = lowest_position_ties(scores, values, topk)
+                else:
+                    values, topk = scores.topk(T, dim=-1)
                 topk = topk.masked_fill_(scores.gather(-1, topk) == float("-inf"), -1)
             else:
                 topk = prev_topk

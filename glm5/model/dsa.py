@@ -109,7 +109,8 @@ def lowest_position_ties(scores: torch.Tensor, values: torch.Tensor, indices: to
     highest. `torch.topk` keeps an arbitrary subset of them (it differs between lengths and devices), so
     every selection path here (this PyTorch code, the reference, the CPU kernel, the engine) applies this
     rule and they attend to the same keys. Rows whose k-th value is -inf (fewer visible keys than k) are
-    left alone: their extra picks are invisible keys, masked later.
+    left alone: their extra picks are invisible keys, masked later. (The engine's decode step first checks
+    a top-(k+1): only when the (k+1)-th equals the k-th can a tie cross the cut.)
     """
     n = values.shape[-1]
     if n == 0:

@@ -132,8 +132,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (swiglu_runs(x, self.gate_proj.weight) and not torch.is_autocast_enabled(x.device.type)
-                and not no_autograd(x, self.gate_proj.weight, self.up_proj.weight)):
+        if (not no_autograd(x, self.gate_proj.weight, self.up_proj.weight)
+                and not torch.is_autocast_enabled(x.device.type) and swiglu_runs(x, self.gate_proj.weight)):
             # training: one matmul for gate and up, then the CPU SwiGLU kernel (glm5.kernels), whose backward
             # is one pass and one tensor (inference is faster in place below: no new [T, 2I] output)
             gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
