@@ -161,3 +161,16 @@ def int64_array(values) -> ctypes.Array:
 def pointer_array(pointers) -> ctypes.Array:
     pointers = list(pointers)
     return (ctypes.c_void_p * len(pointers))(*pointers)
+
+
+def bind(lib: ctypes.CDLL, name: str, argtypes: list, restype, range_at: int):
+    """`glm5_<name>` with its argtypes, and its OpenMP twin `glm5_<name>_jobs` (None without OpenMP), whose
+    two range arguments at `range_at` (begin, end) are a bounds array and a job count instead."""
+    fn = getattr(lib, f"glm5_{name}")
+    fn.argtypes, fn.restype = argtypes, restype
+    jobs = None
+    if has_openmp(lib):
+        jobs = getattr(lib, f"glm5_{name}_jobs")
+        jobs.argtypes = argtypes[:range_at] + [ctypes.c_void_p, ctypes.c_int64] + argtypes[range_at + 2 :]
+        jobs.restype = restype
+    return fn, jobs

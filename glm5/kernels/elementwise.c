@@ -175,17 +175,6 @@ void glm5_moe_combine_backward(const float *dout, const float *ys, const float *
     }
 }
 
-/* 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
- * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
- * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
-int glm5_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 /* Each kernel over row ranges [bounds[j], bounds[j + 1]), one job per thread */
 void glm5_rmsnorm_forward_jobs(const float *x, const float *w, float eps, int64_t C, const int64_t *bounds,
                                int64_t jobs, float *y, float *rstd) {

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from glm5.kernels.build import has_openmp, int64_array, load_library, run_threads
+from glm5.kernels.build import bind, int64_array, load_library, run_threads
 
 MIN_ELEMENTS_PER_THREAD = 1 << 15  # below this a thread's start costs more than its share of the work
 _functions: dict[str, object] = {}
@@ -26,31 +26,17 @@ def _kernels():
         return None
     if not _functions:
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        signatures = {
-            "rmsnorm_forward": [p, p, f32, i64, i64, i64, p, p],
-            "rmsnorm_backward": [p, p, p, p, i64, i64, i64, p, p],
-            "swiglu_forward": [p, i64, i64, i64, i64, p],
-            "swiglu_backward": [p, i64, p, i64, i64, i64, p],
-            "moe_combine": [p, p, p, i64, i64, i64, i64, p],
-            "moe_combine_backward": [p, p, p, p, i64, i64, i64, p, p],
+        signatures = {  # argtypes, and where the (begin, end) row range sits in them
+            "rmsnorm_forward": ([p, p, f32, i64, i64, i64, p, p], 4),
+            "rmsnorm_backward": ([p, p, p, p, i64, i64, i64, p, p], 5),
+            "swiglu_forward": ([p, i64, i64, i64, i64, p], 3),
+            "swiglu_backward": ([p, i64, p, i64, i64, i64, p], 4),
+            "moe_combine": ([p, p, p, i64, i64, i64, i64, p], 5),
+            "moe_combine_backward": ([p, p, p, p, i64, i64, i64, p, p], 5),
         }
-        for name, argtypes in signatures.items():
-            fn = getattr(lib, f"glm5_{name}")
-            fn.argtypes, fn.restype = argtypes, None
-            _functions[name] = fn
-        if has_openmp(lib):  # the same with (bounds, jobs) for the row range: run on torch's OpenMP threads
-            jobs = {
-                "rmsnorm_forward": [p, p, f32, i64, p, i64, p, p],
-                "rmsnorm_backward": [p, p, p, p, i64, p, i64, p, p],
-                "swiglu_forward": [p, i64, i64, p, i64, p],
-                "swiglu_backward": [p, i64, p, i64, p, i64, p],
-                "moe_combine": [p, p, p, i64, i64, p, i64, p],
-                "moe_combine_backward": [p, p, p, p, i64, p, i64, p, p],
-            }
-            for name, argtypes in jobs.items():
-                fn = getattr(lib, f"glm5_{name}_jobs")
-                fn.argtypes, fn.restype = argtypes, None
-                _functions[name + "_jobs"] = fn
+        for name, (argtypes, range_at) in signatures.items():
+            # the OpenMP twin takes (bounds, jobs) for the row range: it runs on torch's OpenMP threads
+            _functions[name], _functions[name + "_jobs"] = bind(lib, name, argtypes, None, range_at)
     return _functions
 
 

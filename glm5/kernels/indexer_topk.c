@@ -29,7 +29,6 @@
 #define KTILE (VL * NV)       /* 64 keys per tile */
 #define QBLOCK 16             /* queries per block: their score rows (16 x T floats) stay in L2 */
 
-
 /* 4 heads of one query against the 64 keys of one tile (tile [D, 64]: key s0 + j's dim d at d * 64 + j):
  * row[s0 .. s0 + 64) (+)= sum_h w_h relu(q_h . k_s) */
 static inline void tile_4heads(const float *q, const float *w, const float *tile, int64_t D, int64_t s0,
@@ -246,17 +245,6 @@ int glm5_indexer_topk(const float *q, const float *w, const float *kT, const int
     }
     free(rows); free(cv); free(ci); free(keys); free(maxima);
     return 0;
-}
-
-/* 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
- * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
- * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
-int glm5_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
 }
 
 /* glm5_indexer_topk over query blocks t, t + jobs, t + 2 jobs, ... for t < jobs, one job per thread */

@@ -31,7 +31,6 @@ static inline void dot4(const float *a, int64_t stride, const float *b, int64_t 
         for (int h = 0; h < 4; h++) out[h] += a[h * stride + i] * b[i];
 }
 
-
 /* a += c * b over n floats */
 static inline void axpy(float *a, float c, const float *b, int64_t n) {
     int64_t i = 0;
@@ -119,6 +118,32 @@ static void attention_probs(const float *qn, const float **row, int64_t m, int64
     }
 }
 
+/* Per-thread scratch of both passes: probabilities (or their gradients) [H, K + VL], row pointers and numbers */
+typedef struct {
+    float *probs, *ds, *delta;
+    const float **row;
+    int64_t *index;
+} Scratch;
+
+static void scratch_free(Scratch *s) {
+    free(s->probs); free(s->ds); free(s->delta); free(s->row); free(s->index);
+}
+
+/* 0, or -1 (everything freed) when out of memory; with_grads: the backward's ds and delta too */
+static int scratch_alloc(Scratch *s, int64_t H, int64_t K, int with_grads) {
+    const int64_t stride = K + VL;
+    s->probs = (float *)malloc(sizeof(float) * H * stride);
+    s->row = (const float **)malloc(sizeof(float *) * (K + 1));
+    s->index = (int64_t *)malloc(sizeof(int64_t) * (K + 1));
+    s->ds = with_grads ? (float *)malloc(sizeof(float) * H * stride) : NULL;
+    s->delta = with_grads ? (float *)malloc(sizeof(float) * H) : NULL;
+    if (!s->probs || !s->row || !s->index || (with_grads && (!s->ds || !s->delta))) {
+        scratch_free(s);
+        return -1;
+    }
+    return 0;
+}
+
 /* q [N, H, D], kv [*, D] row-major, rows [N, K], out [N, H, L]; queries [n_begin, n_end). saved: NULL, or
  * [N, H, K] where the probabilities go (over each query's valid rows in order, for the backward). Returns 0,
  * or -1 for an unsupported size / no memory. */
@@ -128,10 +153,11 @@ int glm5_sparse_latent_attention(const float *q, const float *kv, const int64_t 
     if (K > 4096 || H > 256) return -1;
     (void)N;
     const int64_t stride = K + VL;
-    float *probs = (float *)malloc(sizeof(float) * H * stride);
-    const float **row = (const float **)malloc(sizeof(float *) * (K + 1));
-    int64_t *index = (int64_t *)malloc(sizeof(int64_t) * (K + 1));
-    if (!probs || !row || !index) { free(probs); free(row); free(index); return -1; }
+    Scratch scratch;
+    if (scratch_alloc(&scratch, H, K, 0)) return -1;
+    float *probs = scratch.probs;
+    const float **row = scratch.row;
+    int64_t *index = scratch.index;
     for (int64_t n = n_begin; n < n_end; n++) {
         const int64_t m = query_rows(kv, rows + n * K, K, D, row, index);
         float *o = out + n * H * L;
@@ -145,7 +171,7 @@ int glm5_sparse_latent_attention(const float *q, const float *kv, const int64_t 
         /* out[h, :L] = sum_j p[h, j] * kv_j[:L] */
         for (int64_t h = 0; h < H; h++) weighted_rows(probs + h * stride, row, m, L, o + h * L);
     }
-    free(probs); free(row); free(index);
+    scratch_free(&scratch);
     return 0;
 }
 
@@ -162,15 +188,11 @@ int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const
     if (K > 4096 || H > 256) return -1;
     (void)N;
     const int64_t stride = K + VL;
-    float *probs = (float *)malloc(sizeof(float) * H * stride);
-    const float **row = (const float **)malloc(sizeof(float *) * (K + 1));
-    int64_t *index = (int64_t *)malloc(sizeof(int64_t) * (K + 1));
-    float *ds = (float *)malloc(sizeof(float) * H * stride);
-    float *delta = (float *)malloc(sizeof(float) * H);
-    if (!probs || !ds || !row || !index || !delta) {
-        free(probs); free(ds); free(row); free(index); free(delta);
-        return -1;
-    }
+    Scratch scratch;
+    if (scratch_alloc(&scratch, H, K, 1)) return -1;
+    float *probs = scratch.probs, *ds = scratch.ds, *delta = scratch.delta;
+    const float **row = scratch.row;
+    int64_t *index = scratch.index;
     for (int64_t n = n_begin; n < n_end; n++) {
         const int64_t m = query_rows(kv, rows + n * K, K, D, row, index);
         float *dqn = dq + n * H * D;
@@ -240,19 +262,8 @@ int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const
         /* dq_h = sum_j ds[h, j] k_j */
         for (int64_t h = 0; h < H; h++) weighted_rows(ds + h * stride, row, m, D, dqn + h * D);
     }
-    free(probs); free(ds); free(row); free(index); free(delta);
+    scratch_free(&scratch);
     return 0;
-}
-
-/* 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
- * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
- * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
-int glm5_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
 }
 
 /* The forward over query ranges [bounds[j], bounds[j + 1]), one job per thread */

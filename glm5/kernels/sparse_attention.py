@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from glm5.kernels.build import has_openmp, int64_array, load_library, pointer_array, run_threads
+from glm5.kernels.build import bind, int64_array, load_library, pointer_array, run_threads
 
 MAX_SELECTED = 4096  # the kernel's per-query buffers; GLM-5 selects 2048
 _functions: dict[str, object] = {}
@@ -28,21 +28,12 @@ def _kernel(name: str = "forward"):
         return None
     if not _functions:
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        fwd = lib.glm5_sparse_latent_attention
-        fwd.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
-        bwd = lib.glm5_sparse_latent_attention_backward
-        bwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
-        for fn in (fwd, bwd):
-            fn.restype = ctypes.c_int
-        _functions.update(forward=fwd, backward=bwd, forward_jobs=None, backward_jobs=None)
-        if has_openmp(lib):
-            fwd_jobs = lib.glm5_sparse_latent_attention_jobs
-            fwd_jobs.argtypes = [p, p, p, i64, i64, i64, i64, i64, f32, p, i64, p, p]
-            bwd_jobs = lib.glm5_sparse_latent_attention_backward_jobs
-            bwd_jobs.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, p, i64, p, p]
-            for fn in (fwd_jobs, bwd_jobs):
-                fn.restype = ctypes.c_int
-            _functions.update(forward_jobs=fwd_jobs, backward_jobs=bwd_jobs)
+        forward = [p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
+        backward = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
+        _functions["forward"], _functions["forward_jobs"] = bind(lib, "sparse_latent_attention", forward,
+                                                                 ctypes.c_int, 9)
+        _functions["backward"], _functions["backward_jobs"] = bind(lib, "sparse_latent_attention_backward", backward,
+                                                                   ctypes.c_int, 12)
     return _functions[name]
 
 

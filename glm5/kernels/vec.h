@@ -85,4 +85,16 @@ static inline vf vexp(vf x) {
     return p * (vf)bits;
 }
 
+/* (defined in this header: each kernel library is one translation unit and exports it once)
+ * 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
+ * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
+ * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
+int glm5_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #endif
