@@ -236,3 +236,17 @@ def test_rope_complex_fast_path_equals_the_real_products():
         fast.backward(grad)
         slow.backward(grad.double())
         assert (fast.double() - slow).abs().max() < 1e-5 and (fast_in.grad.double() - slow_in.grad).abs().max() < 1e-5
+
+
+def test_inference_under_bf16_autocast_keeps_the_fp32_residual_stream():
+    """Under autocast the sublayers return bf16 while the residual stream is fp32: the in-place inference adds
+    must not round the stream to bf16 (no_grad and grad forwards give the same numbers)."""
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=8))).eval()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = model(ids).hidden_states.detach()
+        with torch.no_grad():
+            without = model(ids).hidden_states
+    assert with_grad.dtype == without.dtype == torch.float32
+    assert torch.equal(with_grad, without)

@@ -60,9 +60,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, q_positions, prev_topk=None, key_mask=None):
         attn_out, topk = self.self_attn(self.input_layernorm(x), cos, sin, q_positions, prev_topk, key_mask)
-        if no_autograd(x, attn_out):  # inference: add into the sublayers' fresh outputs (see no_autograd)
+        # inference: add into the sublayers' fresh outputs (see no_autograd), only where their dtype is the sum's
+        # (under autocast they are bf16 while the residual stream stays fp32: x + bf16 -> fp32)
+        if no_autograd(x, attn_out) and attn_out.dtype == torch.result_type(attn_out, x):
             x = attn_out.add_(x)
-            return self.mlp(self.post_attention_layernorm(x)).add_(x), topk
+            mlp_out = self.mlp(self.post_attention_layernorm(x))
+            return (mlp_out.add_(x) if mlp_out.dtype == torch.result_type(mlp_out, x) else x + mlp_out), topk
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, topk
