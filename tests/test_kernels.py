@@ -424,3 +424,60 @@ def test_cpu_experts_function_matches_the_expert_loop(tokens, monkeypatch):
             assert torch.allclose(moe(x), out.detach(), atol=1e-5)  # inference: the loop, the same numbers
     for got, want in zip(results[True], results[False]):
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_swiglu_backward_with_a_non_contiguous_gradient():
+    """The incoming gradient is made contiguous into a named tensor: a temporary copy passed by pointer was freed
+    before the kernel read it (garbage or a crash; review)."""
+    import torch.nn.functional as F
+
+    from glm5.kernels import swiglu
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(256, 512, generator=g)
+    grad = torch.randn(256, 256, generator=g).t()  # non-contiguous
+    fast, slow = h.clone().requires_grad_(), h.clone().requires_grad_()
+    swiglu(fast).backward(grad)
+    gate, up = slow.chunk(2, dim=-1)
+    (F.silu(gate) * up).backward(grad)
+    assert (fast.grad - slow.grad).abs().max() < 1e-4
+
+
+def test_indexer_kernel_never_leaves_a_slot_unwritten_with_nan_scores():
+    """A NaN score makes the k-th value NaN, which matches neither selection test: the slots are -1, not
+    whatever the output buffer held (review)."""
+    q, w, k = _integer_inputs(1, 12, 12, 4, 16, seed=1)
+    w[0, 8] = float("nan")
+    for _ in range(3):  # fresh torch.empty buffers each time
+        out = indexer_topk(q, w, k, torch.arange(12).view(1, 12), 4)
+        assert ((out >= -1) & (out <= torch.arange(12).view(1, 12, 1))).all()
+
+
+def test_unwritable_kernel_cache_falls_back(monkeypatch, tmp_path):
+    """GLM5_CACHE that cannot hold a directory: a warning and the PyTorch path, not an OSError in the forward."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("GLM5_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(build, "_load", build._load.__wrapped__)
+    with pytest.warns(UserWarning, match="could not build"):
+        assert load_library("elementwise") is None
+
+
+def test_use_cpu_kernels_blocks_in_two_threads_exit_out_of_order():
+    import threading
+
+    entered_b, a_left, checked = threading.Event(), threading.Event(), {}
+
+    def thread_b():
+        with use_cpu_kernels(True):
+            entered_b.set()
+            a_left.wait(5)
+            checked["b"] = cpu_kernels_enabled()
+
+    with use_cpu_kernels(False):
+        t = threading.Thread(target=thread_b)
+        t.start()
+        entered_b.wait(5)
+    a_left.set()  # A's block has exited while B's is still open
+    t.join(5)
+    assert checked["b"] is True

@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 ENV_SWITCH = "GLM5_CPU_KERNELS"  # "0", "false" or "off" turns every CPU kernel off
-_override: list[bool] = []  # innermost use_cpu_kernels() wins
+_override: list[list[bool]] = []  # innermost use_cpu_kernels() wins; each block removes its own entry
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
@@ -31,18 +31,19 @@ _pool: ThreadPoolExecutor | None = None
 def cpu_kernels_enabled() -> bool:
     """Whether CPU kernels may run: `use_cpu_kernels(...)` if inside one, else not `GLM5_CPU_KERNELS=0`."""
     if _override:
-        return _override[-1]
+        return _override[-1][0]
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @contextlib.contextmanager
 def use_cpu_kernels(enabled: bool):
     """Turn the CPU kernels on or off inside a `with` block (this process, all threads)."""
-    _override.append(bool(enabled))
+    entry = [bool(enabled)]  # removed by identity: blocks in two threads may exit out of order
+    _override.append(entry)
     try:
         yield
     finally:
-        _override.pop()
+        del _override[max(i for i, e in enumerate(_override) if e is entry)]
 
 
 def _compiler() -> str | None:
@@ -67,9 +68,12 @@ def _cpu_flags() -> str:
 
 def _compile(cc: str, source: Path, target: Path, flags: list[str]) -> str | None:
     """Build source -> target; None on success, else the compiler's message."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:  # an unwritable cache (read-only home, GLM5_CACHE elsewhere) is a failed build: the fallback runs
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        return str(exc)
     try:
         proc = subprocess.run([cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True,
                               timeout=120)

@@ -119,8 +119,9 @@ def _swiglu_forward(h2, out=None):
 def _swiglu_backward(h2, dout, out=None):
     R, two_i = h2.shape
     dh = torch.empty_like(h2) if out is None else out
+    dout = dout.contiguous()  # a named reference: a temporary copy would be freed before the kernel reads it
     if R:
-        _run("swiglu_backward", (h2.data_ptr(), two_i, dout.contiguous().data_ptr(), two_i // 2),
+        _run("swiglu_backward", (h2.data_ptr(), two_i, dout.data_ptr(), two_i // 2),
              _row_ranges(R, two_i), (dh.data_ptr(),))
     return dh
 

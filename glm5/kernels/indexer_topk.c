@@ -199,6 +199,7 @@ static void select_row(const float *row, const uint8_t *mask, int64_t len, int64
         if (cv[j] > kth) out[n++] = ci[j];
     for (int64_t j = 0; j < count && n < topk; j++)
         if (cv[j] == kth) out[n++] = ci[j];
+    for (; n < topk; n++) out[n] = -1;   /* a NaN k-th score matches neither test: never leave a slot unwritten */
 }
 
 /* q [S, H, D], w [S, H] (all scales folded in), kT [Tp / 64, D, 64] (keys in tiles of 64, each tile
