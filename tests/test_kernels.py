@@ -481,3 +481,20 @@ def test_use_cpu_kernels_blocks_in_two_threads_exit_out_of_order():
     a_left.set()  # A's block has exited while B's is still open
     t.join(5)
     assert checked["b"] is True
+
+
+def test_fallbacks_with_no_visible_key_and_no_query():
+    """The PyTorch paths at the edges the kernels already handle: a block of queries before position 0 selects
+    nothing (-1), and zero queries give an empty attention output (review)."""
+    from glm5.model.dsa import sparse_latent_attention
+
+    indexer = _indexer(4, 16, 4)
+    q, w, k = _integer_inputs(1, 6, 6, 4, 16, seed=2)
+    pos = torch.full((1, 6), -3)
+    with use_cpu_kernels(False):
+        assert (select_topk_blockwise(indexer, q, w, k, pos) == -1).all()
+        empty = sparse_latent_attention(torch.randn(2, 0, 3, 24), torch.randn(2, 5, 24),
+                                        torch.zeros(2, 0, 4, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+                                        0.5, 16)
+    assert empty.shape == (2, 0, 3, 16)
+    assert (indexer_topk(q, w, k, pos, 4) == -1).all()

@@ -176,6 +176,8 @@ def select_topk_blockwise(
         end = min(S, start + block)
         pos = q_positions[:, start:end]
         kv_end = min(T, int(pos.max().item()) + 1)  # keys beyond the block's last position are all invisible
+        if kv_end <= 0:  # every query of the block before position 0 (padding): nothing visible, slots stay -1
+            continue
         scores = indexer.scores(q[:, start:end], w[:, start:end], k[:, :kv_end])
         if key_mask is None:
             # keys before the block's first position are visible to all its queries: mask only the rest
@@ -258,4 +260,6 @@ def sparse_latent_attention(
         if dropout_p:
             probs = F.dropout(probs, p=dropout_p)
         outputs.append(torch.matmul(probs, gathered[..., :latent_dim]))  # [B, s, H, L]
+    if not outputs:  # no queries
+        return q.new_zeros(B, 0, H, latent_dim)
     return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
