@@ -313,11 +313,11 @@ class FusedMLA:
                     values, topk = scores.topk(index_topk + 1, dim=-1)
                     tie = bool((values[..., -1] == values[..., -2]).any())
                     values, topk = values[..., :-1], topk[..., :-1]
-                    if tie:
+                    if tie:  # it leaves rows with a -inf k-th value alone: `values` still marks empty slots
                         topk = lowest_position_ties(scores, values, topk)
                 else:
                     values, topk = scores.topk(T, dim=-1)
-                topk = topk.masked_fill_(scores.gather(-1, topk) == float("-inf"), -1)
+                topk = topk.masked_fill(values == float("-inf"), -1)
             else:
                 topk = prev_topk
                 if topk is None:

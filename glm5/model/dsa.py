@@ -188,8 +188,9 @@ def select_topk_blockwise(
             scores = scores.masked_fill(~causal_key_mask(pos, kv_end, key_mask[:, :kv_end]), float("-inf"))
         n = min(topk, kv_end)
         values, idx = topk_grouped(scores, n)
+        # the tie rule leaves rows with a -inf k-th value alone, so `values` still marks their empty slots
         idx = lowest_position_ties(scores, values, idx)
-        out[:, start:end, :n] = idx.masked_fill(scores.gather(-1, idx) == float("-inf"), -1)
+        out[:, start:end, :n] = idx.masked_fill(values == float("-inf"), -1)
     return out
 
 
