@@ -19,40 +19,59 @@ IGNORE_INDEX = -100
 CHUNK_ROWS = 1024
 
 
-def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> summed CE of the chunk, the log-sum-exp per row."""
-    lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-    return ((lse - picked) * valid).sum(), lse
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, T] -> targets [B, T]: position t predicts labels[t + 1], the last position nothing. Shifting the
+    labels, not the logits: slicing [B, T, V] logits would copy them, and the slice's backward would zero-fill
+    a second full-size gradient."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, count_correct: bool = False) -> tuple[torch.Tensor, int]:
+    """From logits [..., V] and targets [...] (-100 = none): the summed CE in fp32, and (count_correct) how many
+    rows' argmax is their target."""
+    logits, targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = int(((logits.argmax(dim=-1) == targets) & (targets != IGNORE_INDEX)).sum()) if count_correct else 0
+    return total, correct
+
+
+def _chunked(hidden, weight, targets, count_correct, chunk, grad_h=None, grad_w=None):
+    """The chunk loop of `linear_cross_entropy` -> (summed CE, correct count) as tensors. With grad_h / grad_w
+    ([N, H] to fill, [V, H] zeros to add into) each chunk's gradients too, from its log-softmax; without them,
+    only a log-sum-exp per row (no [chunk, V] output)."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for a in range(0, hidden.shape[0], chunk):
+        h, t = hidden[a : a + chunk], targets[a : a + chunk]
+        valid = t != IGNORE_INDEX
+        picked_at = t.clamp(min=0).unsqueeze(1)
+        logits = h @ weight.t()
+        if count_correct:
+            correct += ((logits.argmax(dim=-1) == t) & valid).sum()
+        if grad_h is None and grad_w is None:
+            total += ((torch.logsumexp(logits, dim=-1) - logits.gather(1, picked_at).squeeze(1)) * valid).sum()
+            continue
+        logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logits is free after it
+        del logits
+        total -= (logp.gather(1, picked_at).squeeze(1) * valid).sum()
+        # d(sum CE)/d logits = softmax - one_hot(target), zero for rows without a target; in place
+        grad = logp.exp_()
+        grad.scatter_add_(1, picked_at, -valid.to(grad.dtype).unsqueeze(1))
+        if not bool(valid.all()):
+            grad[~valid] = 0.0
+        if grad_h is not None:
+            torch.mm(grad, weight, out=grad_h[a : a + chunk])
+        if grad_w is not None:
+            grad_w.addmm_(grad.t(), h)
+    return total, correct
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, count_correct, chunk):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-        for a in range(0, hidden.shape[0], chunk):
-            h, t = hidden[a : a + chunk], targets[a : a + chunk]
-            valid = t != IGNORE_INDEX
-            logits = h @ weight.t()
-            if count_correct:
-                correct += ((logits.argmax(dim=-1) == t) & valid).sum()
-            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logits is free after it
-            del logits
-            picked = logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total -= (picked * valid).sum()
-            # d(sum CE)/d logits = softmax - one_hot(target), zero for rows without a target; in place
-            grad = logp.exp_()
-            grad.scatter_add_(1, t.clamp(min=0).unsqueeze(1), -valid.to(grad.dtype).unsqueeze(1))
-            if not bool(valid.all()):
-                grad[~valid] = 0.0
-            if want_h:
-                torch.mm(grad, weight, out=grad_h[a : a + chunk])
-            if want_w:
-                grad_w.addmm_(grad.t(), h)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total, correct = _chunked(hidden, weight, targets, count_correct, chunk, grad_h, grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(correct)
         return total, correct
@@ -75,21 +94,10 @@ def linear_cross_entropy(
     plain logits and `F.cross_entropy`, which is what autocast's dtype rules expect."""
     fused = (hidden.dtype == torch.float32 and weight.dtype == torch.float32
              and not torch.is_autocast_enabled(hidden.device.type))
-    if fused and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+    if not fused:
+        return cross_entropy_sum(F.linear(hidden, weight), targets, count_correct)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         total, correct = _LinearCrossEntropy.apply(hidden, weight, targets, count_correct, chunk)
-        return total, int(correct)
-    if fused:  # no gradient wanted: the same chunks, no gradient work
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        correct = 0
-        for a in range(0, hidden.shape[0], chunk):
-            t = targets[a : a + chunk]
-            logits = hidden[a : a + chunk] @ weight.t()
-            valid = t != IGNORE_INDEX
-            total += _chunk_loss(logits, t, valid)[0]
-            if count_correct:
-                correct += int(((logits.argmax(dim=-1) == t) & valid).sum())
-        return total, correct
-    logits = F.linear(hidden, weight).float()
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    correct = int(((logits.argmax(dim=-1) == targets) & (targets != IGNORE_INDEX)).sum()) if count_correct else 0
-    return total, correct
+    else:  # no gradient wanted: the same chunks, no gradient work
+        total, correct = _chunked(hidden, weight, targets, count_correct, chunk)
+    return total, int(correct)

@@ -24,7 +24,7 @@ from torch import nn
 
 from glm5.config import GLM5Config
 from glm5.model.layers import MLP, RMSNorm, RotaryEmbedding, no_autograd
-from glm5.model.loss import IGNORE_INDEX, linear_cross_entropy
+from glm5.model.loss import IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy, next_token_targets
 from glm5.model.mla import ATTN_IMPLS, MLAttention
 from glm5.model.moe import MoE
 
@@ -192,8 +192,7 @@ class GLM5ForCausalLM(nn.Module):
         hidden, topk, (cos, sin), q_positions = self.model(input_ids, position_ids, attention_mask)
         lm_loss_sum = None
         if targets is not None:
-            shifted = torch.cat([targets[:, 1:], targets.new_full((targets.shape[0], 1), IGNORE_INDEX)], dim=1)
-            lm_loss_sum, _ = self._head_loss(hidden, shifted)
+            lm_loss_sum, _ = self._head_loss(hidden, next_token_targets(targets))
             logits = None
         else:
             logits = self.lm_head(hidden)
@@ -240,10 +239,7 @@ class GLM5ForCausalLM(nn.Module):
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, count_correct)
-        logits = self.lm_head(hidden).float()
-        total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        correct = int(((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()) if count_correct else 0
-        return total, correct
+        return cross_entropy_sum(self.lm_head(hidden), targets, count_correct)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -10,23 +10,18 @@ and the DSA indexer KL (read from the attention layers, which compute it under t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from glm5.model.loss import IGNORE_INDEX, cross_entropy_sum, next_token_targets
 from glm5.model.mla import MLAttention
 from glm5.model.moe import MoE
 
-IGNORE_INDEX = -100
-
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies (position t predicts labels[t + 1]) in fp32, and how many targets."""
-    # shift the labels, not the logits: slicing [B, T, V] logits would copy them, and the slice's backward
-    # would zero-fill a second full-size gradient
-    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    """Sum of next-token cross-entropies (position t predicts labels[t + 1]) in fp32, and how many targets.
+    (The trainer's own step gets the same sum without logits: `model(ids, targets=labels).lm_loss_sum`.)"""
+    targets = next_token_targets(labels)
+    return cross_entropy_sum(logits, targets)[0], int((targets != IGNORE_INDEX).sum())
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor] | None, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -48,12 +43,11 @@ def mtp_loss_sums(mtp_logits: list[torch.Tensor] | None, labels: torch.Tensor) -
         usable = labels.shape[1] - 1 - depth
         if usable < 1:
             break
-        pred = logits[:, :usable].reshape(-1, logits.shape[-1]).float()
-        target = labels[:, 1 + depth :].reshape(-1)
-        sums.append(F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum"))
+        target = labels[:, 1 + depth :]
+        total, hits = cross_entropy_sum(logits[:, :usable], target, count_correct=depth == 1)
+        sums.append(total)
         if depth == 1:
-            valid = target != IGNORE_INDEX
-            correct, counted = int((pred.argmax(-1)[valid] == target[valid]).sum()), int(valid.sum())
+            correct, counted = hits, int((target != IGNORE_INDEX).sum())
     return sums, correct, counted
 
 
