@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
+import torch
+
 ENV_SWITCH = "GLM5_CPU_KERNELS"  # "0", "false" or "off" turns every CPU kernel off
 _override: list[list[bool]] = []  # innermost use_cpu_kernels() wins; each block removes its own entry
 _lock = threading.Lock()
@@ -178,3 +180,29 @@ def bind(lib: ctypes.CDLL, name: str, argtypes: list, restype, range_at: int):
         jobs.argtypes = argtypes[:range_at] + [ctypes.c_void_p, ctypes.c_int64] + argtypes[range_at + 2 :]
         jobs.restype = restype
     return fn, jobs
+
+
+def grad_wanted(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (a kernel then runs as an autograd Function)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def split_range(n: int, parts: int) -> list[tuple[int, int]]:
+    """[0, n) as up to `parts` contiguous, non-empty, nearly equal (begin, end) ranges."""
+    bounds = [n * t // parts for t in range(parts + 1)]
+    return [(bounds[t], bounds[t + 1]) for t in range(parts) if bounds[t] < bounds[t + 1]]
+
+
+def run_ranges(fn, jobs_fn, head: tuple, ranges: list[tuple[int, int]], tail: tuple = (), per_job: list | None = None):
+    """Run a kernel over (begin, end) ranges: its OpenMP twin `jobs_fn` once with the bounds (the ranges must
+    meet end to end), else `fn` once per range on the thread pool. per_job: one pointer per range (each job's
+    own output buffer), passed as an array to the twin or one by one to `fn`, after `tail`.
+    -> the return codes (one for the twin)."""
+    if not ranges:
+        return []
+    if jobs_fn is not None:
+        bounds = int64_array([a for a, _ in ranges] + [ranges[-1][1]])
+        extra = () if per_job is None else (pointer_array(per_job),)
+        return [jobs_fn(*head, bounds, len(ranges), *tail, *extra)]
+    return run_threads(fn, [head + (a, b) + tail + (() if per_job is None else (per_job[t],))
+                            for t, (a, b) in enumerate(ranges)])

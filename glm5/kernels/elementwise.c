@@ -183,10 +183,10 @@ void glm5_rmsnorm_forward_jobs(const float *x, const float *w, float eps, int64_
 }
 
 void glm5_rmsnorm_backward_jobs(const float *x, const float *w, const float *rstd, const float *dy, int64_t C,
-                                const int64_t *bounds, int64_t jobs, float *dx, float *dw_partials) {
+                                const int64_t *bounds, int64_t jobs, float *dx, float *const *dw_partials) {
 #pragma omp parallel for num_threads(jobs) schedule(static, 1)
     for (int64_t j = 0; j < jobs; j++)
-        glm5_rmsnorm_backward(x, w, rstd, dy, C, bounds[j], bounds[j + 1], dx, dw_partials + j * C);
+        glm5_rmsnorm_backward(x, w, rstd, dy, C, bounds[j], bounds[j + 1], dx, dw_partials[j]);
 }
 
 void glm5_swiglu_forward_jobs(const float *h, int64_t hs, int64_t I, const int64_t *bounds, int64_t jobs, float *out) {

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from glm5.kernels.build import bind, int64_array, load_library, run_threads
+from glm5.kernels.build import bind, grad_wanted, load_library, run_ranges, split_range
 
 MIN_ELEMENTS_PER_THREAD = 1 << 15  # below this a thread's start costs more than its share of the work
 _functions: dict[str, object] = {}
@@ -41,30 +41,17 @@ def _kernels():
 
 
 def _run(name: str, head: tuple, ranges: list[tuple[int, int]], tail: tuple, per_job: list | None = None) -> None:
-    """Call kernel `name` over row ranges: one OpenMP call with the bounds (per_job: the pointer of each job's
-    own buffer, laid out as consecutive [C] rows of one tensor), else one call per range on the thread pool."""
+    """Kernel `name` over row ranges (see `build.run_ranges`)."""
     kernels = _kernels()
-    jobs_fn = kernels.get(name + "_jobs")
-    if jobs_fn is not None:
-        bounds = int64_array([a for a, _ in ranges] + [ranges[-1][1]])
-        jobs_fn(*head, bounds, len(ranges), *tail)
-        return
-    calls = [head + (a, b) + (tail if per_job is None else tail[:-1] + (per_job[t],)) for t, (a, b) in enumerate(ranges)]
-    run_threads(kernels[name], calls)
+    run_ranges(kernels[name], kernels[name + "_jobs"], head, ranges, tail, per_job)
 
 
 def _row_ranges(rows: int, width: int) -> list[tuple[int, int]]:
-    parts = max(1, min(torch.get_num_threads(), rows, math.ceil(rows * width / MIN_ELEMENTS_PER_THREAD)))
-    bounds = [rows * t // parts for t in range(parts + 1)]
-    return [(bounds[t], bounds[t + 1]) for t in range(parts) if bounds[t] < bounds[t + 1]]
+    return split_range(rows, max(1, min(torch.get_num_threads(), rows, math.ceil(rows * width / MIN_ELEMENTS_PER_THREAD))))
 
 
 def _runs(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _kernels() is not None
-
-
-def _grad_wanted(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _rms_forward(x2, weight, eps, keep_rstd):
@@ -92,7 +79,7 @@ class _RMSNorm(torch.autograd.Function):
         ranges = _row_ranges(R, C)
         partials = torch.zeros(len(ranges), C, dtype=torch.float32)
         _run("rmsnorm_backward", (x2.data_ptr(), weight.data_ptr(), rstd.data_ptr(), dy.data_ptr(), C), ranges,
-             (dx.data_ptr(), partials.data_ptr()), per_job=[row.data_ptr() for row in partials])
+             (dx.data_ptr(),), per_job=[row.data_ptr() for row in partials])
         return dx, (partials.sum(0) if ctx.needs_input_grad[1] else None), None
 
 
@@ -102,7 +89,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     x2 = x.contiguous().view(-1, x.shape[-1])
     weight = weight.contiguous()
-    if _grad_wanted(x, weight):
+    if grad_wanted(x, weight):
         return _RMSNorm.apply(x2, weight, float(eps)).view(x.shape)
     return _rms_forward(x2, weight, float(eps), keep_rstd=False)[0].view(x.shape)
 
@@ -149,7 +136,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     if not _runs(h) or h.shape[-1] % 2 or h.numel() == 0:
         return None
     h2 = h.contiguous().view(-1, h.shape[-1])
-    out = _SwiGLU.apply(h2) if _grad_wanted(h) else _swiglu_forward(h2)
+    out = _SwiGLU.apply(h2) if grad_wanted(h) else _swiglu_forward(h2)
     return out.view(*h.shape[:-1], h.shape[-1] // 2)
 
 

@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from glm5.kernels.build import bind, int64_array, load_library, pointer_array, run_threads
+from glm5.kernels.build import bind, grad_wanted, load_library, run_ranges, split_range
 
 MAX_SELECTED = 4096  # the kernel's per-query buffers; GLM-5 selects 2048
 _functions: dict[str, object] = {}
@@ -37,27 +37,14 @@ def _kernel(name: str = "forward"):
     return _functions[name]
 
 
-def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
-    bounds = [n * t // parts for t in range(parts + 1)]
-    return [(bounds[t], bounds[t + 1]) for t in range(parts) if bounds[t] < bounds[t + 1]]
-
-
 def _forward(q, kv, rows, scale, latent_dim, keep_probs: bool = False):
     """-> out [N, H, latent_dim], and (keep_probs) the probabilities [N, H, K] the backward reads."""
     N, H, D = q.shape
     out = torch.empty(N, H, latent_dim, dtype=torch.float32)
     probs = torch.empty(N, H, rows.shape[1], dtype=torch.float32) if keep_probs else None
-    ranges = _ranges(N, max(1, torch.get_num_threads()))
     head = (q.data_ptr(), kv.data_ptr(), rows.data_ptr(), N, H, D, latent_dim, rows.shape[1], float(scale))
     tail = (out.data_ptr(), None if probs is None else probs.data_ptr())
-    if not ranges:
-        return out, probs
-    if _kernel("forward_jobs") is not None:
-        bounds = int64_array([a for a, _ in ranges] + [ranges[-1][1]])
-        failed = _kernel("forward_jobs")(*head, bounds, len(ranges), *tail)
-    else:
-        failed = any(run_threads(_kernel(), [head + (a, b) + tail for a, b in ranges]))
-    if failed:
+    if any(run_ranges(_kernel(), _kernel("forward_jobs"), head, split_range(N, max(1, torch.get_num_threads())), tail)):
         raise MemoryError("glm5.kernels.latent_attention: out of memory")
     return out, probs
 
@@ -80,27 +67,19 @@ class _LatentAttention(torch.autograd.Function):
         dout = dout.float().contiguous()
         dq = torch.empty_like(q)
         threads = max(1, min(torch.get_num_threads(), N))
-        fn = _kernel("backward")
         # queries of one sequence only read that sequence's rows: whole sequences per thread write disjoint
         # rows of dkv; with fewer sequences than threads, each thread adds into its own copy
         if ctx.sequences >= threads:
             per = N // ctx.sequences
-            parts = [(a * per, b * per) for a, b in _ranges(ctx.sequences, threads)]
+            parts = [(a * per, b * per) for a, b in split_range(ctx.sequences, threads)]
             buffers = [torch.zeros_like(kv)] * len(parts)  # one shared dkv, disjoint rows per thread
         else:
-            parts = _ranges(N, threads)
+            parts = split_range(N, threads)
             buffers = [torch.zeros_like(kv) for _ in parts]
         head = (q.data_ptr(), kv.data_ptr(), rows.data_ptr(), out.data_ptr(), probs.data_ptr(), dout.data_ptr(), N, H,
                 D, L, rows.shape[1], float(ctx.scale))
-        if _kernel("backward_jobs") is not None:
-            bounds = int64_array([a for a, _ in parts] + [parts[-1][1]])
-            # consecutive ranges must meet for the bounds array: sequence-aligned parts do, by construction
-            failed = _kernel("backward_jobs")(*head, bounds, len(parts), dq.data_ptr(),
-                                              pointer_array(buf.data_ptr() for buf in buffers))
-        else:
-            failed = any(run_threads(fn, [head + (a, b, dq.data_ptr(), buf.data_ptr())
-                                          for (a, b), buf in zip(parts, buffers)]))
-        if failed:
+        if any(run_ranges(_kernel("backward"), _kernel("backward_jobs"), head, parts, (dq.data_ptr(),),
+                          per_job=[buf.data_ptr() for buf in buffers])):
             raise MemoryError("glm5.kernels.latent_attention: out of memory in the backward")
         dkv = buffers[0]
         for extra in buffers[1:]:
@@ -131,6 +110,6 @@ def latent_attention(
     if sequences < 1 or N % sequences:
         sequences = 1
     q, kv, rows = q.contiguous(), kv.contiguous(), rows.to(torch.int64).contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+    if grad_wanted(q, kv):
         return _LatentAttention.apply(q, kv, rows, float(scale), latent_dim, sequences)
     return _forward(q, kv, rows, scale, latent_dim)[0]

@@ -13,6 +13,7 @@ from torch import nn
 
 from glm5.config import GLM5Config
 from glm5.kernels import rms_norm, swiglu, swiglu_runs
+from glm5.kernels.build import grad_wanted
 
 
 def no_autograd(*tensors: torch.Tensor) -> bool:
@@ -21,7 +22,7 @@ def no_autograd(*tensors: torch.Tensor) -> bool:
     Inference reuses memory this way: at 8K tokens a new [T, intermediate] tensor is a fresh mmap whose pages
     fault in on first touch (glibc hands blocks above 32 MB straight back to the OS), which made the
     out-of-place SwiGLU 1.6x slower than the same math in place (dev/LOG.md)."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return not grad_wanted(*tensors)
 
 
 class RMSNorm(nn.Module):
