@@ -42,8 +42,8 @@ def test_cache_tensors_are_latent_wide_not_per_head(model):
     llm = LLM(model, kv_cache_tokens=64, block_size=8)
     assert len(llm.cache.latent) == cfg.num_hidden_layers
     for latent, keys in zip(llm.cache.latent, llm.cache.index_keys):
-        assert latent.shape == (64, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        assert keys.shape == (64, cfg.index_head_dim)
+        assert latent.shape == (64 + 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # + the scratch slot
+        assert keys.shape == (64 + 1, cfg.index_head_dim)
 
 
 # ---------------------------------------------------------------------------------------- blocks

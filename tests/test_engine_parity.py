@@ -48,10 +48,13 @@ def model_and_twin():
     return model, transformers_twin(model, "eager")
 
 
-def test_greedy_matches_transformers_generate_per_prompt(model_and_twin):
+# cuda_graphs=True on a CPU: the static decode forward that CUDA graphs capture, run eagerly (padded batch and
+# context buckets, sync-free tie rule and MoE)
+@pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
+def test_greedy_matches_transformers_generate_per_prompt(model_and_twin, cuda_graphs):
     model, twin = model_and_twin
     prompts = _prompts()
-    ours = LLM(model, block_size=4, max_num_batched_tokens=32).generate(prompts, _greedy())
+    ours = LLM(model, block_size=4, max_num_batched_tokens=32, cuda_graphs=cuda_graphs).generate(prompts, _greedy())
     for prompt, completion in zip(prompts, ours):
         out = twin.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                             do_sample=False, pad_token_id=0)
@@ -61,7 +64,8 @@ def test_greedy_matches_transformers_generate_per_prompt(model_and_twin):
             f"{_first_difference(completion.token_ids, expected)}: ours {completion.token_ids} vs {expected}")
 
 
-def test_greedy_matches_transformers_on_a_left_padded_mixed_length_batch(model_and_twin):
+@pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
+def test_greedy_matches_transformers_on_a_left_padded_mixed_length_batch(model_and_twin, cuda_graphs):
     model, twin = model_and_twin
     prompts = _prompts(1)
     longest = max(map(len, prompts))
@@ -69,7 +73,7 @@ def test_greedy_matches_transformers_on_a_left_padded_mixed_length_batch(model_a
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
     out = twin.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                         do_sample=False, pad_token_id=0)
-    ours = LLM(model, block_size=8).generate(prompts, _greedy())
+    ours = LLM(model, block_size=8, cuda_graphs=cuda_graphs).generate(prompts, _greedy())
     for i, (prompt, completion) in enumerate(zip(prompts, ours)):
         expected = out[i, longest:].tolist()
         assert completion.token_ids == expected, f"prompt {i} ({len(prompt)} tokens): {completion.token_ids} vs {expected}"

@@ -4,8 +4,10 @@ Per layer and token slot: the normed latent (kv_lora_rank) and the roped shared 
 side by side, 576 values for GLM-5; and for layers with an indexer, the indexer's key (index_head_dim,
 128 for GLM-5). Layers after the main stack hold the MTP layers' caches (speculative decoding).
 
-    latent[layer]       [num_blocks * block_size, kv_lora_rank + qk_rope_head_dim]
-    index_keys[layer]   [num_blocks * block_size, index_head_dim]   (None for IndexShare "shared" layers)
+    latent[layer]       [num_blocks * block_size + 1, kv_lora_rank + qk_rope_head_dim]
+    index_keys[layer]   [num_blocks * block_size + 1, index_head_dim]   (None for IndexShare "shared" layers)
+
+The last slot is scratch (`scratch_slot`), outside every block.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class LatentKVCache:
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         num_slots = num_blocks * block_size
+        # one slot past the managed blocks, never handed out: the padding rows of a CUDA-graph decode step
+        # (glm5/engine/cuda_graphs.py) write there and read only it
+        self.scratch_slot = num_slots
+        num_slots += 1
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         n = cfg.num_hidden_layers + num_mtp_layers
         has_indexer = [cfg.has_indexer(i) for i in range(cfg.num_hidden_layers)] + [True] * num_mtp_layers

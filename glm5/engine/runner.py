@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.scheduler import ScheduledBatch
-from glm5.model.dsa import lowest_position_ties
+from glm5.model.dsa import lowest_position_ties, lowest_position_ties_static
 from glm5.model.mla import MLAttention
-from glm5.model.moe import MoE
+from glm5.model.moe import MoE, _grouped_mm_ok
 from glm5.model.transformer import GLM5ForCausalLM
 
 
@@ -52,6 +52,9 @@ class StepInputs:
     query_starts: list[int]  # per sequence, its first row in the packed tokens
     query_counts: list[int]
     rotation: torch.Tensor | None = None  # [N, R, R] RoPE matrices, built on first use
+    # no host sync and no data-dependent shape anywhere in the forward (a CUDA graph replays it; see
+    # glm5/engine/cuda_graphs.py): tie-breaking and the MoE take their sync-free forms
+    static: bool = False
 
 
 class ModelRunner:
@@ -134,11 +137,13 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             attn_out, topk = self.attention(layer.self_attn, i, _norm(layer.input_layernorm, x), cos, sin, inputs, topk)
             x = x + attn_out
-            x = x + self.mlp(layer.mlp, _norm(layer.post_attention_layernorm, x))
+            x = x + self.mlp(layer.mlp, _norm(layer.post_attention_layernorm, x), inputs.static)
         return _norm(model.norm, x)[0]
 
-    def mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, mlp, x: torch.Tensor, static: bool = False) -> torch.Tensor:
         """The layer's dense MLP or MoE on x [1, N, hidden]; a short path for MoE at decode batch sizes."""
+        if static and isinstance(mlp, MoE):
+            return moe_static(mlp, x[0]).unsqueeze(0)
         if not isinstance(mlp, MoE) or x.shape[1] > 4 or mlp.record_routing:
             return mlp(x)
         flat = x[0]
@@ -168,7 +173,7 @@ class ModelRunner:
         cache_layer = self.cfg.num_hidden_layers + depth
         attn_out, _ = self.attention(layer.self_attn, cache_layer, _norm(layer.input_layernorm, x), cos, sin, inputs, None)
         x = x + attn_out
-        x = x + self.mlp(layer.mlp, _norm(layer.post_attention_layernorm, x))
+        x = x + self.mlp(layer.mlp, _norm(layer.post_attention_layernorm, x), inputs.static)
         return _norm(layer.shared_head.norm, x)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,12 +186,21 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [1, N, hidden] (normed) -> attention output [1, N, hidden], and the top-k used ([S, Q, k] positions,
         -1 = empty; None on the dense path) for an IndexShare layer after it."""
-        fused = self.fused.get(id(attn))
-        if fused is None:
-            fused = self.fused[id(attn)] = FusedMLA(attn)
+        fused = self.fused_for(attn)
         rot = self._rotation(inputs, cos, sin)
         return fused(x[0], rot, self.cache.latent[cache_layer], self.cache.index_keys[cache_layer], inputs,
                      prev_topk, self.index_topk)
+
+    def fused_for(self, attn: MLAttention) -> FusedMLA:
+        fused = self.fused.get(id(attn))
+        if fused is None:
+            fused = self.fused[id(attn)] = FusedMLA(attn)
+        return fused
+
+    def build_fused(self) -> None:
+        """Make every layer's fused weights now (before a CUDA graph capture, which must not allocate them)."""
+        for layer in list(self.model.model.layers) + list(self.model.mtp):
+            self.fused_for(layer.self_attn)
 
     def _rotation(self, inputs: StepInputs, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Per-position RoPE as a matrix [N, R, R]: x @ rot rotates the interleaved pairs of x and writes them
@@ -207,6 +221,36 @@ class ModelRunner:
     def refresh_weights(self) -> None:
         """Rebuild the fused weights (after the model's weights changed)."""
         self.fused.clear()
+
+
+def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE on x [N, hidden] with no host sync (CUDA graphs): routed experts by `torch._grouped_mm` over
+    rows sorted by expert, offsets computed on the device (CUDA, bf16), else each (token, expert) pair's
+    weights gathered and one batched matmul (fine at decode batch sizes of small models; the grouped form is
+    the one for the released widths)."""
+    weights, indices = mlp.gate(x)[1:]
+    experts = mlp.experts
+    N, k = indices.shape
+    flat = indices.reshape(-1)
+    if _grouped_mm_ok(x):
+        order = flat.argsort(stable=True)
+        token_of = order // k
+        counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=x.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount syncs on CUDA
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        h = torch._grouped_mm(x.index_select(0, token_of), experts.gate_up_proj.transpose(1, 2), offs=offsets)
+        gate, up = h.chunk(2, dim=-1)
+        ys = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(1, 2), offs=offsets)
+        ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
+        routed = torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+    else:
+        rows = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, hidden]
+        h = torch.bmm(rows, experts.gate_up_proj.index_select(0, flat).transpose(1, 2))
+        gate, up = h.chunk(2, dim=-1)
+        ys = torch.bmm(F.silu(gate) * up, experts.down_proj.index_select(0, flat).transpose(1, 2)).squeeze(1)
+        ys = ys.float() * weights.reshape(-1, 1)
+        routed = ys.view(N, k, -1).sum(dim=1).to(x.dtype)
+    return routed + mlp.shared_experts(x)
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +351,10 @@ class FusedMLA:
                 scores = torch.relu_(scores).view(S, Q, self.index_heads, T)
                 scores = torch.matmul(w_idx.float().view(S, Q, 1, -1), scores).view(S, Q, T)
                 scores.masked_fill_(~inputs.visible, float("-inf"))
-                if T > index_topk:
+                if T > index_topk and inputs.static:
+                    values, topk = scores.topk(index_topk, dim=-1)
+                    topk = lowest_position_ties_static(scores, values, topk)
+                elif T > index_topk:
                     # one more than kept, sorted: only when the (k+1)-th equals the k-th can an exact tie cross
                     # the cut, and only then does the model's tie rule have work (one tiny comparison per step)
                     values, topk = scores.topk(index_topk + 1, dim=-1)

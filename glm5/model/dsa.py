@@ -129,6 +129,24 @@ def lowest_position_ties(scores: torch.Tensor, values: torch.Tensor, indices: to
     return indices
 
 
+
+def lowest_position_ties_static(scores: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`lowest_position_ties` without a host sync (no data-dependent branch or shape): the rule applied to every
+    row and kept where a tie crosses the cut, so a CUDA graph can capture it. Same indices in the same order
+    (ascending positions on rows it fixes, the top-k's own elsewhere)."""
+    n = values.shape[-1]
+    if n == 0:
+        return indices
+    kth = values.amin(dim=-1, keepdim=True)
+    greater = scores > kth
+    above = greater.sum(dim=-1, keepdim=True)
+    tied = scores == kth
+    fix = (tied.sum(dim=-1, keepdim=True) > n - above) & (kth > float("-inf"))
+    keep = greater | (tied & (tied.cumsum(dim=-1) <= n - above))
+    # kept positions first, in ascending order: a stable descending sort of the 0/1 mask
+    fixed = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]
+    return torch.where(fix, fixed.to(indices.dtype), indices)
+
 @torch.no_grad()
 def select_topk_reference(
     indexer: Indexer, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor,

@@ -1,0 +1,127 @@
+"""The static decode forward that CUDA graphs capture (glm5/engine/cuda_graphs.py), checked on the CPU, where
+`cuda_graphs=True` runs it uncaptured: sync-free tie rule and MoE against their ordinary forms, buckets, the
+padding rows' scratch slot, and the engine's tokens against the eager engine. (On CUDA: tests/test_gpu_engine.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from glm5 import GLM5ForCausalLM
+from glm5.engine import LLM, SamplingParams
+from glm5.engine.cuda_graphs import batch_buckets, context_bucket
+from glm5.engine.runner import moe_static
+from glm5.model.dsa import lowest_position_ties, lowest_position_ties_static
+from glm5.model.moe import MoE
+
+
+def _model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return randomize_(GLM5ForCausalLM(tiny_config(**overrides)), seed=seed).eval()
+
+
+def _prompts(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_static_tie_rule_equals_the_ordinary_one(seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 4, (5, 3, 40), generator=gen).float()  # integers: ties everywhere
+    scores[0, :, 10:] = float("-inf")  # fewer visible keys than k: left alone by both
+    scores[1, 1, 5:] = float("-inf")
+    k = 12
+    values, indices = scores.topk(k, dim=-1)
+    expected = lowest_position_ties(scores, values, indices)
+    got = lowest_position_ties_static(scores, values, indices)
+    assert torch.equal(got, expected)
+    assert not torch.equal(expected, indices)  # the rule had work to do
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_static_moe_equals_the_moe(n, groups):
+    model = _model(n_group=groups, topk_group=1)
+    moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE))
+    x = torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        expected = moe(x.unsqueeze(0))[0]
+        got = moe_static(moe, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(33) == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert [context_bucket(n) for n in (1, 16, 17, 64, 65, 1000)] == [16, 16, 32, 64, 128, 1024]
+
+
+def test_static_engine_equals_eager_as_sequences_leave_and_join():
+    # different max_tokens: the batch shrinks through the buckets (4 -> 2 -> 1); a late request joins mid-way
+    model = _model(index_n_heads=16)
+    prompts = _prompts((3, 17, 40, 9))
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (30, 12, 5, 22)]
+    eager = [c.token_ids for c in LLM(model, block_size=4).generate(prompts, params)]
+    llm = LLM(model, block_size=4, cuda_graphs=True)
+    static = [c.token_ids for c in llm.generate(prompts, params)]
+    assert static == eager
+    buckets = sorted(llm.graphs.entries)
+    assert {b for b, _ in buckets} >= {1, 2, 4} and {t for _, t in buckets} == {32, 64}
+    # a request added between steps of a running batch
+    late = LLM(model, block_size=4, cuda_graphs=True)
+    first = late.add_request(prompts[2], params[0])
+    for _ in range(6):
+        late.step()
+    second = late.add_request(prompts[1], params[1])
+    while late.has_unfinished():
+        late.step()
+    expected_first = LLM(model, block_size=4).generate([prompts[2]], params[0])[0].token_ids
+    assert first.output_token_ids == expected_first and second.output_token_ids == eager[1]
+
+
+def test_padding_rows_write_only_the_scratch_slot():
+    model = _model(index_n_heads=16)
+    llm = LLM(model, block_size=4, kv_cache_tokens=256, cuda_graphs=True)
+    seqs = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            for p in _prompts((5, 11, 20))]
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in seqs):
+        llm.step()  # prefill
+    before = [t.clone() for t in llm.cache.latent]
+    fed = [len(s.token_ids) - 1 for s in seqs]  # the position each decode feeds
+    llm.step()  # a decode step of 3 sequences in the bucket of 4
+    written = {s.block_table[p // 4] * 4 + p % 4 for s, p in zip(seqs, fed)}
+    assert (4, 32) in llm.graphs.entries
+    scratch = llm.cache.scratch_slot
+    for old, new in zip(before, llm.cache.latent):
+        changed = set((old != new).any(dim=-1).nonzero().flatten().tolist())
+        assert changed == written | {scratch}
+    assert scratch >= llm.block_manager.num_blocks * 4  # outside every block
+
+
+def test_which_steps_take_the_graph_path():
+    model = _model(index_n_heads=16, num_nextn_predict_layers=1)
+    assert LLM(model).graphs is None  # off on a CPU by default
+    assert LLM(model, num_speculative_tokens=2).graphs is None
+    llm = LLM(model, cuda_graphs=True, max_num_seqs=4)
+    seq = llm.add_request(_prompts((10,))[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    batch = llm.scheduler.schedule()
+    assert batch.is_prefill and not llm.graphs.handles(batch)
+    llm.scheduler.running.remove(seq)
+    llm.scheduler.waiting.appendleft(seq)
+    llm.block_manager.free(seq)
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.graphs.entries and seq.finish_reason == "length"
+
+
+def test_seeded_sampling_on_the_static_path_repeats():
+    model = _model(index_n_heads=16)
+    llm = LLM(model, cuda_graphs=True)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=7, ignore_eos=True)
+    a = llm.generate([[1, 2, 3]], params)[0].token_ids
+    b = llm.generate([[1, 2, 3]], params)[0].token_ids
+    assert a == b and len(a) == 12
