@@ -125,7 +125,6 @@ def main() -> int:
             times["transformers"].append(run_transformers(twin, prompts.to(device), args.new))
             for name, engine in engines.items():
                 times[name].append(run_glm5(engine, prompts.tolist(), args.new))
-        hf, ours = times["transformers"], times["glm5"]
 
         def summary(runs, batch=batch):
             ttft = statistics.median(r[0] for r in runs)
