@@ -135,7 +135,12 @@ def main() -> int:
         print("  runs (ttft, total):", {name: [tuple(round(x, 4) for x in r) for r in runs] for name, runs in times.items()})
         row = {name: summary(runs) for name, runs in times.items()}
         if capture_s is not None:
+            graphs = engines["glm5"].graphs
             row["graph_capture_s"] = capture_s
+            row["graph_replays"] = graphs.num_replays
+            row["graph_failure"] = graphs.failed
+            print(f"  glm5: {graphs.num_replays} decode steps replayed from {len(graphs.entries)} CUDA graphs"
+                  + (f"; capture FAILED: {graphs.failed}" if graphs.failed else ""), flush=True)
         if "glm5_eager" in row:
             row["speedup_decode_eager"] = row["glm5_eager"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
         row["speedup_decode"] = row["glm5"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]

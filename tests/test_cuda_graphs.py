@@ -125,3 +125,21 @@ def test_seeded_sampling_on_the_static_path_repeats():
     a = llm.generate([[1, 2, 3]], params)[0].token_ids
     b = llm.generate([[1, 2, 3]], params)[0].token_ids
     assert a == b and len(a) == 12
+
+
+def test_a_failed_capture_warns_and_decodes_eagerly(monkeypatch):
+    # a fast path must not take the engine down: capture is forced on (on a CPU) and made to fail
+    model = _model(index_n_heads=16)
+    prompts = _prompts((4, 19))
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    expected = [c.token_ids for c in LLM(model).generate(prompts, greedy)]
+    llm = LLM(model, cuda_graphs=True)
+    llm.graphs.capture = True
+
+    def fail(entry):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(llm.graphs, "_capture", fail)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        got = [c.token_ids for c in llm.generate(prompts, greedy)]
+    assert got == expected and llm.graphs.failed and not llm.graphs.entries

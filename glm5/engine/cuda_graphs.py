@@ -24,6 +24,7 @@ that is the fallback the tests compare with the ordinary eager engine, token for
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,11 @@ class DecodeGraphs:
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.pool = None
         self.num_replays = 0
+        self.failed: str | None = None  # why capture failed (then every step decodes eagerly)
 
     def handles(self, batch) -> bool:
         """A decode step with one new token per sequence, no drafts, and a bucket for its size."""
-        return (not batch.is_prefill and len(batch.seqs) <= self.buckets[-1]
+        return (self.failed is None and not batch.is_prefill and len(batch.seqs) <= self.buckets[-1]
                 and all(n == 1 for n in batch.num_new_tokens) and not any(batch.num_draft_tokens))
 
     # ------------------------------------------------------------------ one step
@@ -82,6 +84,9 @@ class DecodeGraphs:
         lengths = [s.num_computed_tokens + 1 for s in seqs]
         T = context_bucket(max(lengths))
         entry = self.entries.get((B, T)) or self._build(B, T)
+        if entry is None:  # capture failed just now: this step and the rest run eagerly
+            inputs = self.runner.prepare(seqs, [s.num_computed_tokens for s in seqs], [1] * n)
+            return inputs, self.runner.forward(inputs)
         entry.packed.copy_(self._host_inputs(seqs, lengths, B, T))
         if entry.graph is not None:
             entry.graph.replay()
@@ -109,7 +114,7 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ capture
     @torch.no_grad()
-    def _build(self, B: int, T: int) -> _Entry:
+    def _build(self, B: int, T: int) -> _Entry | None:
         runner = self.runner
         device = runner.device
         packed = torch.zeros(4 * B + B * T, dtype=torch.long, device=device)
@@ -134,20 +139,29 @@ class DecodeGraphs:
 
         entry = _Entry(B, T, packed, inputs, None, None, body)
         if self.capture:
-            runner.build_fused()  # the fused weights are made once, outside any graph
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):  # warm-up off the capture (lazy inits, cuBLAS workspaces)
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                entry.out = body()
-            self.pool = graph.pool()
-            entry.graph = graph
+            try:
+                self._capture(entry)
+            except RuntimeError as err:  # a fast path must never take the engine down: warn, decode eagerly
+                self.failed = f"{type(err).__name__}: {err}"
+                warnings.warn(f"CUDA graph capture failed, decoding without graphs: {self.failed}", stacklevel=2)
+                return None
         self.entries[(B, T)] = entry
         return entry
+
+    def _capture(self, entry: _Entry) -> None:
+        device, body = self.runner.device, entry.body
+        self.runner.build_fused()  # the fused weights are made once, outside any graph
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up off the capture (lazy inits, cuBLAS workspaces)
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            entry.out = body()
+        self.pool = graph.pool()
+        entry.graph = graph
 
     @torch.no_grad()
     def capture_all(self, max_context: int, batch_sizes: list[int] | None = None) -> int:
@@ -159,8 +173,9 @@ class DecodeGraphs:
             if T >= max_context:
                 break
             T *= 2
-        for B in batch_sizes or self.buckets:
+        for n in batch_sizes or self.buckets:
+            B = next(b for b in self.buckets if b >= n)
             for T in contexts:
-                if (B, T) not in self.entries:
-                    self._build(next(b for b in self.buckets if b >= B), T)
+                if (B, T) not in self.entries and self.failed is None:
+                    self._build(B, T)
         return len(self.entries)
