@@ -8,7 +8,7 @@ Both run greedy in fp32 (or --dtype) on the same GlmMoeDsaForCausalLM / GLM5ForC
 with sdpa attention and its default DynamicCache). Runs alternate (transformers, glm5, transformers, ...) so a
 busy machine slows both alike; medians are reported. Every repetition feeds fresh random prompts (the same to
 both), so the engine, built once per batch size, never reuses a cached prefix. On CUDA the engine's decode
-graphs are captured before timing (their capture time is reported as graph_capture_s), and the engine also
+graphs (the prefill's shape and every decode shape) are captured before timing (reported as graph_capture_s), and the engine also
 runs with cuda_graphs=False as "glm5_eager". Metrics, per batch size:
   ttft_s          time to the first new token (the prefill), median
   decode_tok_s    new tokens after the first / time after the first
@@ -112,9 +112,10 @@ def main() -> int:
         capture_s = None
         if engines["glm5"].graphs is not None:
             t = time.perf_counter()
-            n_graphs = engines["glm5"].graphs.capture_all(args.prompt + args.new, [batch])
+            engines["glm5"].graphs.capture(batch, args.prompt, args.prompt)  # the prefill step's shape
+            n_graphs = engines["glm5"].graphs.capture_decode(args.prompt + args.new, [batch])
             capture_s = time.perf_counter() - t
-            print(f"  captured {n_graphs} decode graphs in {capture_s:.2f} s", flush=True)
+            print(f"  captured {n_graphs} CUDA graphs (prefill and decode) in {capture_s:.2f} s", flush=True)
         warm = torch.randint(0, cfg.vocab_size, (batch, 8), generator=gen)
         run_transformers(twin, warm.to(device), 2)  # warm-up all
         for engine in engines.values():
@@ -139,7 +140,7 @@ def main() -> int:
             row["graph_capture_s"] = capture_s
             row["graph_replays"] = graphs.num_replays
             row["graph_failure"] = graphs.failed
-            print(f"  glm5: {graphs.num_replays} decode steps replayed from {len(graphs.entries)} CUDA graphs"
+            print(f"  glm5: {graphs.num_replays} steps replayed from {len(graphs.entries)} CUDA graphs"
                   + (f"; capture FAILED: {graphs.failed}" if graphs.failed else ""), flush=True)
         if "glm5_eager" in row:
             row["speedup_decode_eager"] = row["glm5_eager"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]

@@ -69,8 +69,10 @@ def test_static_engine_equals_eager_as_sequences_leave_and_join():
     llm = LLM(model, block_size=4, cuda_graphs=True)
     static = [c.token_ids for c in llm.generate(prompts, params)]
     assert static == eager
-    buckets = sorted(llm.graphs.entries)
-    assert {b for b, _ in buckets} >= {1, 2, 4} and {t for _, t in buckets} == {32, 64}
+    shapes = set(llm.graphs.entries)
+    assert (4, 64, 64) in shapes  # the prefill: 4 prompts of up to 40 tokens, padded to 64 each
+    decode = {shape for shape in shapes if shape[1] == 1}
+    assert {s for s, _, _ in decode} == {1, 2, 4} and {t for _, _, t in decode} == {32, 64}
     # a request added between steps of a running batch
     late = LLM(model, block_size=4, cuda_graphs=True)
     first = late.add_request(prompts[2], params[0])
@@ -90,12 +92,14 @@ def test_padding_rows_write_only_the_scratch_slot():
             for p in _prompts((5, 11, 20))]
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in seqs):
         llm.step()  # prefill
+    scratch = llm.cache.scratch_slot
+    for latent in llm.cache.latent:
+        latent[scratch] = 123.0  # a sentinel the padding row must overwrite
     before = [t.clone() for t in llm.cache.latent]
     fed = [len(s.token_ids) - 1 for s in seqs]  # the position each decode feeds
     llm.step()  # a decode step of 3 sequences in the bucket of 4
     written = {s.block_table[p // 4] * 4 + p % 4 for s, p in zip(seqs, fed)}
-    assert (4, 32) in llm.graphs.entries
-    scratch = llm.cache.scratch_slot
+    assert (4, 1, 32) in llm.graphs.entries
     for old, new in zip(before, llm.cache.latent):
         changed = set((old != new).any(dim=-1).nonzero().flatten().tolist())
         assert changed == written | {scratch}
@@ -106,16 +110,17 @@ def test_which_steps_take_the_graph_path():
     model = _model(index_n_heads=16, num_nextn_predict_layers=1)
     assert LLM(model).graphs is None  # off on a CPU by default
     assert LLM(model, num_speculative_tokens=2).graphs is None
-    llm = LLM(model, cuda_graphs=True, max_num_seqs=4)
-    seq = llm.add_request(_prompts((10,))[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    llm = LLM(model, cuda_graphs=True, max_num_seqs=4, cuda_graph_max_tokens=64)
+    llm.add_request(_prompts((10,))[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     batch = llm.scheduler.schedule()
-    assert batch.is_prefill and not llm.graphs.handles(batch)
-    llm.scheduler.running.remove(seq)
-    llm.scheduler.waiting.appendleft(seq)
-    llm.block_manager.free(seq)
-    while llm.has_unfinished():
-        llm.step()
-    assert llm.graphs.entries and seq.finish_reason == "length"
+    assert batch.is_prefill and llm.graphs.handles(batch)  # 10 tokens -> a shape of 1 x 16
+    batch.num_draft_tokens = [1]
+    assert not llm.graphs.handles(batch)  # drafts: eager
+    batch.num_draft_tokens, batch.num_new_tokens = [0], [65]
+    assert not llm.graphs.handles(batch)  # 128 padded tokens > cuda_graph_max_tokens
+    llm.graphs.max_graphs = 0
+    batch.num_new_tokens = [10]
+    assert not llm.graphs.handles(batch)  # no room for another graph
 
 
 def test_seeded_sampling_on_the_static_path_repeats():

@@ -64,11 +64,12 @@ def test_block_manager_shares_full_prefix_blocks_and_recycles_freed_ones():
     assert bm.match_prefix(c) == 8, "freed blocks keep their contents until reused"
 
 
-def test_prefix_reuse_skips_cached_tokens_and_keeps_output(model):
+@pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
+def test_prefix_reuse_skips_cached_tokens_and_keeps_output(model, cuda_graphs):
     shared = _prompts((40,), seed=5)[0]
     prompts = [shared + [1, 2, 3], shared + [7, 8]]
     fresh = [LLM(model, block_size=8).generate([p], greedy())[0].token_ids for p in prompts]
-    llm = LLM(model, block_size=8)
+    llm = LLM(model, block_size=8, cuda_graphs=cuda_graphs)
     first = llm.generate([prompts[0]], greedy())[0]
     second = llm.generate([prompts[1]], greedy())[0]
     assert first.num_cached_tokens == 0

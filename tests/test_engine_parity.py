@@ -79,12 +79,13 @@ def test_greedy_matches_transformers_on_a_left_padded_mixed_length_batch(model_a
         assert completion.token_ids == expected, f"prompt {i} ({len(prompt)} tokens): {completion.token_ids} vs {expected}"
 
 
+@pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
 @pytest.mark.parametrize("index_topk_freq", [1, 2])
-def test_greedy_matches_full_forward_with_chunked_prefill_and_small_blocks(index_topk_freq):
+def test_greedy_matches_full_forward_with_chunked_prefill_and_small_blocks(index_topk_freq, cuda_graphs):
     # freq 2: IndexShare layers reuse the previous layer's top-k; chunks of 7 tokens across blocks of 3
     model = _model(seed=3, index_topk_freq=index_topk_freq, index_skip_topk_offset=1, num_hidden_layers=4)
     prompts = _prompts(2)
-    ours = LLM(model, block_size=3, max_num_batched_tokens=7).generate(prompts, _greedy(12))
+    ours = LLM(model, block_size=3, max_num_batched_tokens=7, cuda_graphs=cuda_graphs).generate(prompts, _greedy(12))
     for prompt, completion in zip(prompts, ours):
         expected = _reference_greedy(model, prompt, 12)
         assert completion.token_ids == expected, f"{len(prompt)}-token prompt: {completion.token_ids} vs {expected}"

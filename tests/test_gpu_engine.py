@@ -41,11 +41,12 @@ def test_cuda_graphs_replay_decode_and_match_the_cpu_engine():
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (24, 9, 16)]
     cpu = [c.token_ids for c in LLM(_model()).generate(prompts, params)]
     llm = LLM(_model().cuda(), max_num_seqs=8)
-    captured = llm.graphs.capture_all(64)  # ahead of time: the run below captures nothing new
+    llm.graphs.capture(3, 64, 64)  # ahead of time (the prefill, and every decode shape below): the run
+    captured = llm.graphs.capture_decode(64)  # below captures nothing new
     gpu = [c.token_ids for c in llm.generate(prompts, params)]
     assert gpu == cpu
     assert len(llm.graphs.entries) == captured and all(e.graph is not None for e in llm.graphs.entries.values())
-    assert llm.graphs.num_replays >= 23  # every decode step (the batch shrinks 3 -> 2 -> 1 through buckets)
+    assert llm.graphs.num_replays >= 24  # the prefill and every decode step (the batch shrinks 3 -> 2 -> 1)
 
 
 def test_static_moe_grouped_mm_in_bf16_matches_the_moe():

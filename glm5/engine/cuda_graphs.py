@@ -1,25 +1,32 @@
-"""CUDA graphs for decode steps: one graph replay instead of hundreds of kernel launches per token.
+"""CUDA graphs for engine steps: one graph replay instead of hundreds of kernel launches.
 
-A decode step of a small model on a GPU is bound by launches and host work, not by the GPU: every layer is
-a few dozen tiny kernels. `DecodeGraphs` captures the runner's whole forward for a decode step (one new
-token per sequence, no drafts) once per (batch bucket, context bucket) and replays it:
+A step of a small model on a GPU is bound by launches and host work, not by the GPU: every layer is a few
+dozen tiny kernels. `StepGraphs` captures the runner's whole forward for a step's shape once and replays it:
 
-    batch buckets     1, 2, 4, 8, 16, 24, 32, ...: a step of n sequences runs the smallest bucket >= n;
-                      the padding rows write to the cache's scratch slot and read only it
-    context buckets   powers of two >= the longest context of the step (at least 16): every row's cache
-                      slots are padded to that width and masked by its own length
-    one copy in       ids, positions, slots, lengths and the padded slot table travel in one int64 tensor
+    shape             (sequences, tokens per sequence, context), each rounded up to a bucket:
+      sequences       1, 2, 4, 8, 16, 24, 32, ... (the padding sequences write to the cache's scratch slot
+                      and read only it)
+      tokens          powers of two >= the most new tokens of a sequence: 1 for decode steps, the prompt (or
+                      chunk) for prefill steps; a step of more than `max_tokens` padded tokens runs eagerly
+      context         powers of two >= the longest context (at least 16); each row's slots are padded to it
+                      and masked by its own positions
+    layout            padded in place: sequence i's token j is row i * tokens + j; padding rows write to the
+                      scratch slot and their outputs are never read
+    one copy in       ids, positions, slots and the padded slot table travel in one int64 tensor
 
-The captured forward is the runner's own with `StepInputs.static` set, its only two differences being
-sync-free: the top-k's tie rule (`lowest_position_ties_static`) and the MoE (`runner.moe_static`). Since the
-context is padded to its bucket, a step whose longest context is at most `index_topk` may take the sparse
-path, where all visible keys are selected: the same keys, the same softmax.
+The captured forward is the runner's own with `StepInputs.static` set, its only differences being sync-free:
+the top-k's tie rule (`lowest_position_ties_static`) and the MoE (`runner.moe_static`). Since the context is
+padded to its bucket, a step whose longest context is at most `index_topk` may take the sparse path, where all
+visible keys are selected: the same keys, the same softmax. Steps that feed MTP drafts (speculative decoding)
+run eagerly.
 
 On a device without CUDA graphs (the CPU), `capture=False` runs exactly the same static forward eagerly:
-that is the fallback the tests compare with the ordinary eager engine, token for token.
+that is the fallback the tests compare with the ordinary eager engine, token for token. A capture that fails
+warns once and leaves every later step to the eager path.
 
     llm = LLM(model.cuda())                  # graphs on by default on CUDA (cuda_graphs=False turns them off)
     llm = LLM(model, cuda_graphs=True)       # on a CPU: the static path without capture (tests)
+    llm.graphs.capture_decode(max_context=4096)         # capture ahead (else each new shape captures on use)
 """
 
 from __future__ import annotations
@@ -43,109 +50,124 @@ def batch_buckets(max_batch: int) -> list[int]:
     return out + [b]
 
 
+def pow2_bucket(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def context_bucket(length: int) -> int:
     """The smallest power of two >= length, at least MIN_CONTEXT_BUCKET."""
-    return max(MIN_CONTEXT_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+    return max(MIN_CONTEXT_BUCKET, pow2_bucket(length))
 
 
 @dataclass
 class _Entry:
-    batch: int
-    context: int
-    packed: torch.Tensor  # [4B + B*T] int64: ids | positions | slots | lengths | slot table
+    shape: tuple[int, int, int]  # (sequences, tokens per sequence, context)
+    packed: torch.Tensor  # [3N + S*T] int64: ids | positions | slots | slot table
     inputs: StepInputs
-    graph: object | None  # torch.cuda.CUDAGraph
-    out: torch.Tensor | None  # the captured forward's output [B, hidden]
     body: object  # the static forward (run eagerly when not captured)
+    graph: object | None = None  # torch.cuda.CUDAGraph
+    out: torch.Tensor | None = None  # the captured forward's output [N, hidden]
 
 
-class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, capture: bool) -> None:
+class StepGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, capture: bool,
+                 max_tokens: int = 1024, max_graphs: int = 64) -> None:
         self.runner = runner
         self.buckets = batch_buckets(max_batch)
         self.scratch_slot = scratch_slot
         self.capture = capture
-        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.max_tokens = max_tokens
+        self.max_graphs = max_graphs
+        self.entries: dict[tuple[int, int, int], _Entry] = {}
         self.pool = None
         self.num_replays = 0
-        self.failed: str | None = None  # why capture failed (then every step decodes eagerly)
+        self.failed: str | None = None  # why capture failed (then every step runs eagerly)
+
+    def shape(self, counts: list[int], contexts: list[int]) -> tuple[int, int, int]:
+        S = next((b for b in self.buckets if b >= len(counts)), len(counts))
+        return S, pow2_bucket(max(counts)), context_bucket(max(contexts))
 
     def handles(self, batch) -> bool:
-        """A decode step with one new token per sequence, no drafts, and a bucket for its size."""
-        return (self.failed is None and not batch.is_prefill and len(batch.seqs) <= self.buckets[-1]
-                and all(n == 1 for n in batch.num_new_tokens) and not any(batch.num_draft_tokens))
+        """No drafts, a bucket for its sequences, at most max_tokens padded tokens, and a graph for its shape
+        already made or room for one more."""
+        if self.failed is not None or any(batch.num_draft_tokens) or len(batch.seqs) > self.buckets[-1]:
+            return False
+        contexts = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        shape = self.shape(batch.num_new_tokens, contexts)
+        if shape[0] * shape[1] > self.max_tokens:
+            return False
+        return shape in self.entries or len(self.entries) < self.max_graphs
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
-    def run(self, seqs) -> tuple[StepInputs, torch.Tensor]:
-        """Feed each sequence's newest token -> (the step's inputs, final hidden states [n, hidden])."""
-        n = len(seqs)
-        B = next(b for b in self.buckets if b >= n)
-        lengths = [s.num_computed_tokens + 1 for s in seqs]
-        T = context_bucket(max(lengths))
-        entry = self.entries.get((B, T)) or self._build(B, T)
+    def run(self, seqs, counts: list[int] | None = None) -> tuple[StepInputs, torch.Tensor]:
+        """Feed tokens [num_computed, num_computed + counts[i]) of each sequence (default: its newest one)
+        -> (the step's inputs, final hidden states [S * Q, hidden] in the padded layout: row i * Q + j)."""
+        counts = counts or [1] * len(seqs)
+        starts = [s.num_computed_tokens for s in seqs]
+        shape = self.shape(counts, [a + n for a, n in zip(starts, counts)])
+        entry = self.entries.get(shape) or self._build(*shape)
         if entry is None:  # capture failed just now: this step and the rest run eagerly
-            inputs = self.runner.prepare(seqs, [s.num_computed_tokens for s in seqs], [1] * n)
+            inputs = self.runner.prepare(seqs, starts, counts)
             return inputs, self.runner.forward(inputs)
-        entry.packed.copy_(self._host_inputs(seqs, lengths, B, T))
+        entry.packed.copy_(self._host_inputs(seqs, starts, counts, *shape))
         if entry.graph is not None:
             entry.graph.replay()
             self.num_replays += 1
             out = entry.out
         else:
             out = entry.body()
-        return entry.inputs, out[:n]
+        return entry.inputs, out
 
-    def _host_inputs(self, seqs, lengths: list[int], B: int, T: int) -> torch.Tensor:
+    def _host_inputs(self, seqs, starts: list[int], counts: list[int], S: int, Q: int, T: int) -> torch.Tensor:
         bs = self.runner.block_size
-        n = len(seqs)
-        positions = [length - 1 for length in lengths]
-        ids = [s.token_ids[p] for s, p in zip(seqs, positions)]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        pad = B - n
-        head = torch.tensor(ids + [0] * pad + positions + [0] * pad + slots + [self.scratch_slot] * pad
-                            + lengths + [1] * pad, dtype=torch.long)
-        nb = T // bs if T % bs == 0 else -(-T // bs)
+        N = S * Q
+        ids, positions = [0] * N, [0] * N
+        slots = [self.scratch_slot] * N
+        for i, (seq, start, n) in enumerate(zip(seqs, starts, counts)):
+            table, row = seq.block_table, i * Q
+            ids[row : row + n] = seq.token_ids[start : start + n]
+            positions[row : row + Q] = [start + min(j, n - 1) for j in range(Q)]  # padding: the last query's
+            slots[row : row + n] = [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        nb = -(-T // bs)
         tables = torch.tensor([s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in seqs], dtype=torch.long)
         t = torch.arange(T)
-        table = torch.full((B, T), self.scratch_slot, dtype=torch.long)
-        table[:n] = tables[:, t // bs] * bs + t % bs  # beyond a row's length: masked, any slot will do
-        return torch.cat([head, table.view(-1)])
+        ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long)
+        ctx[: len(seqs)] = tables[:, t // bs] * bs + t % bs  # beyond a row's position: masked, any slot will do
+        return torch.cat([torch.tensor(ids + positions + slots, dtype=torch.long), ctx.view(-1)])
 
     # ------------------------------------------------------------------ capture
     @torch.no_grad()
-    def _build(self, B: int, T: int) -> _Entry | None:
+    def _build(self, S: int, Q: int, T: int) -> _Entry | None:
         runner = self.runner
         device = runner.device
-        packed = torch.zeros(4 * B + B * T, dtype=torch.long, device=device)
+        N = S * Q
+        packed = torch.zeros(3 * N + S * T, dtype=torch.long, device=device)
         # a valid step to warm up and capture on: every row writes and reads the scratch slot
-        dummy = torch.cat([torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long),
-                           torch.full((B,), self.scratch_slot), torch.ones(B, dtype=torch.long),
-                           torch.full((B * T,), self.scratch_slot)])
-        packed.copy_(dummy)
-        rows = torch.arange(B, device=device)
+        packed[2 * N :] = self.scratch_slot
+        rows = torch.arange(N, device=device)
+        positions = packed[N : 2 * N]
         inputs = StepInputs(
-            input_ids=packed[:B], positions=packed[B : 2 * B], slot_mapping=packed[2 * B : 3 * B],
-            pad_index=rows.view(B, 1), unpad_index=rows, ctx_slots=packed[4 * B :].view(B, T), visible=None,
-            sparse=T > runner.index_topk, query_starts=list(range(B)), query_counts=[1] * B, static=True,
+            input_ids=packed[:N], positions=positions, slot_mapping=packed[2 * N : 3 * N],
+            pad_index=rows.view(S, Q), unpad_index=rows, ctx_slots=packed[3 * N :].view(S, T), visible=None,
+            sparse=T > runner.index_topk, query_starts=[i * Q for i in range(S)], query_counts=[Q] * S, static=True,
         )
-        lengths = packed[3 * B : 4 * B].view(B, 1, 1)
         t = torch.arange(T, device=device).view(1, 1, T)
 
         def body() -> torch.Tensor:
-            inputs.visible = t < lengths  # computed inside the graph from the lengths copied in
+            inputs.visible = t <= positions.view(S, Q, 1)  # computed inside the graph from the positions
             inputs.rotation = None  # likewise the RoPE matrices (never a capture-time leftover)
             return runner.forward(inputs)
 
-        entry = _Entry(B, T, packed, inputs, None, None, body)
+        entry = _Entry((S, Q, T), packed, inputs, body)
         if self.capture:
             try:
                 self._capture(entry)
-            except RuntimeError as err:  # a fast path must never take the engine down: warn, decode eagerly
+            except RuntimeError as err:  # a fast path must never take the engine down: warn, run eagerly
                 self.failed = f"{type(err).__name__}: {err}"
-                warnings.warn(f"CUDA graph capture failed, decoding without graphs: {self.failed}", stacklevel=2)
+                warnings.warn(f"CUDA graph capture failed, running steps without graphs: {self.failed}", stacklevel=2)
                 return None
-        self.entries[(B, T)] = entry
+        self.entries[entry.shape] = entry
         return entry
 
     def _capture(self, entry: _Entry) -> None:
@@ -163,19 +185,21 @@ class DecodeGraphs:
         self.pool = graph.pool()
         entry.graph = graph
 
-    @torch.no_grad()
-    def capture_all(self, max_context: int, batch_sizes: list[int] | None = None) -> int:
-        """Capture ahead of time every bucket up to max_context (so no step pays for a capture). -> graphs."""
+    def capture(self, num_seqs: int, tokens_per_seq: int, context: int) -> bool:
+        """Make the graph for steps of this shape now (bucketed) instead of on first use. -> made or present."""
+        shape = self.shape([tokens_per_seq] * num_seqs, [context])
+        if shape not in self.entries and self.failed is None:
+            self._build(*shape)
+        return shape in self.entries
+
+    def capture_decode(self, max_context: int, batch_sizes: list[int] | None = None) -> int:
+        """Every decode shape up to max_context for these batch sizes (default: all buckets). -> graphs held."""
         T = MIN_CONTEXT_BUCKET
-        contexts = []
         while True:
-            contexts.append(T)
+            for n in batch_sizes or self.buckets:
+                self.capture(n, 1, T)
             if T >= max_context:
                 break
             T *= 2
-        for n in batch_sizes or self.buckets:
-            B = next(b for b in self.buckets if b >= n)
-            for T in contexts:
-                if (B, T) not in self.entries and self.failed is None:
-                    self._build(B, T)
         return len(self.entries)
+

@@ -23,7 +23,7 @@ import torch
 
 from glm5.config import GLM5Config
 from glm5.engine.block_manager import BlockManager
-from glm5.engine.cuda_graphs import DecodeGraphs
+from glm5.engine.cuda_graphs import StepGraphs
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.runner import ModelRunner
 from glm5.engine.sampler import Sampler
@@ -88,6 +88,7 @@ class LLMEngine:
         num_speculative_tokens: int = 0,
         eos_token_ids: list[int] | None = None,
         cuda_graphs: bool | None = None,
+        cuda_graph_max_tokens: int = 1024,
     ) -> None:
         cfg = model.config
         self.model = model.eval()
@@ -104,12 +105,14 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, num_speculative_tokens)
         self.runner = ModelRunner(model, self.cache, block_size)
-        # decode steps from captured CUDA graphs: on by default on CUDA without speculation (whose verify steps
-        # feed several tokens per sequence); True on another device runs the same static forward uncaptured
+        # steps of at most cuda_graph_max_tokens padded tokens replayed from captured CUDA graphs (see
+        # glm5/engine/cuda_graphs.py): on by default on CUDA without speculation (drafts feed steps eagerly);
+        # True on another device runs the same static forward uncaptured
         on_cuda = param.device.type == "cuda"
         if cuda_graphs is None:
             cuda_graphs = on_cuda and not num_speculative_tokens
-        self.graphs = DecodeGraphs(self.runner, max_num_seqs, self.cache.scratch_slot, capture=on_cuda) if cuda_graphs else None
+        self.graphs = (StepGraphs(self.runner, max_num_seqs, self.cache.scratch_slot, capture=on_cuda,
+                                  max_tokens=cuda_graph_max_tokens) if cuda_graphs else None)
         self.sampler = Sampler()
         self.drafter = MTPDrafter(self.runner, self.block_manager, num_speculative_tokens) if num_speculative_tokens else None
         self.eos_token_ids = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -195,7 +198,7 @@ class LLMEngine:
             return []
         self.stats.steps += 1
         if self.graphs is not None and self.graphs.handles(batch):
-            inputs, hidden = self.graphs.run(batch.seqs)
+            inputs, hidden = self.graphs.run(batch.seqs, batch.num_new_tokens)
         else:
             inputs = self.runner.prepare_batch(batch)
             hidden = self.runner.forward(inputs)

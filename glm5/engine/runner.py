@@ -224,18 +224,23 @@ class ModelRunner:
 
 
 def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The MoE on x [N, hidden] with no host sync (CUDA graphs): routed experts by `torch._grouped_mm` over
-    rows sorted by expert, offsets computed on the device (CUDA, bf16), else each (token, expert) pair's
-    weights gathered and one batched matmul (fine at decode batch sizes of small models; the grouped form is
-    the one for the released widths)."""
+    """The MoE on x [N, hidden] with no host sync (CUDA graphs). Routed experts, by what suits the sizes:
+      grouped   `torch._grouped_mm` over rows sorted by expert, offsets computed on the device (CUDA, bf16):
+                the form for the released widths
+      dense     every expert on every row, each row's output weighted by its (mostly zero) routing weights:
+                when the experts are few (E <= 2 N k), reading all of them once is cheaper than gathering
+                N k weight matrices
+      gathered  each (row, expert) pair's weights gathered, one batched matmul: small N
+    """
     weights, indices = mlp.gate(x)[1:]
     experts = mlp.experts
     N, k = indices.shape
+    E = experts.num_experts
     flat = indices.reshape(-1)
     if _grouped_mm_ok(x):
         order = flat.argsort(stable=True)
         token_of = order // k
-        counts = torch.zeros(experts.num_experts, dtype=torch.int32, device=x.device)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device)
         counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount syncs on CUDA
         offsets = counts.cumsum(0, dtype=torch.int32)
         h = torch._grouped_mm(x.index_select(0, token_of), experts.gate_up_proj.transpose(1, 2), offs=offsets)
@@ -243,6 +248,12 @@ def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
         ys = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(1, 2), offs=offsets)
         ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
         routed = torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+    elif E <= 2 * N * k:
+        h = torch.matmul(x, experts.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        ys = torch.bmm(F.silu(gate) * up, experts.down_proj.transpose(1, 2))  # [E, N, hidden]
+        dense = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, indices, weights.float())
+        routed = torch.einsum("ne,enh->nh", dense, ys.float()).to(x.dtype)
     else:
         rows = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, hidden]
         h = torch.bmm(rows, experts.gate_up_proj.index_select(0, flat).transpose(1, 2))
