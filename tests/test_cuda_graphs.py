@@ -139,7 +139,7 @@ def test_a_failed_capture_warns_and_decodes_eagerly(monkeypatch):
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     expected = [c.token_ids for c in LLM(model).generate(prompts, greedy)]
     llm = LLM(model, cuda_graphs=True)
-    llm.graphs.capture = True
+    llm.graphs.capture_enabled = True
 
     def fail(entry):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -148,3 +148,14 @@ def test_a_failed_capture_warns_and_decodes_eagerly(monkeypatch):
     with pytest.warns(UserWarning, match="CUDA graph capture failed"):
         got = [c.token_ids for c in llm.generate(prompts, greedy)]
     assert got == expected and llm.graphs.failed and not llm.graphs.entries
+
+
+def test_shapes_made_ahead_are_the_ones_steps_use():
+    model = _model(index_n_heads=16)
+    llm = LLM(model, cuda_graphs=True, max_num_seqs=8)
+    assert llm.graphs.capture(3, 40, 40)  # 3 prompts of <= 40 tokens: bucket (4, 64, 64)
+    made = llm.graphs.capture_decode(64, [3])  # decode of 3 sequences, contexts 16 .. 64
+    assert set(llm.graphs.entries) == {(4, 64, 64), (4, 1, 16), (4, 1, 32), (4, 1, 64)} and made == 4
+    prompts = _prompts((5, 12, 33))
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert len(llm.graphs.entries) == 4  # nothing new was needed

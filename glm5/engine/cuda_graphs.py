@@ -75,7 +75,7 @@ class StepGraphs:
         self.runner = runner
         self.buckets = batch_buckets(max_batch)
         self.scratch_slot = scratch_slot
-        self.capture = capture
+        self.capture_enabled = capture
         self.max_tokens = max_tokens
         self.max_graphs = max_graphs
         self.entries: dict[tuple[int, int, int], _Entry] = {}
@@ -160,7 +160,7 @@ class StepGraphs:
             return runner.forward(inputs)
 
         entry = _Entry((S, Q, T), packed, inputs, body)
-        if self.capture:
+        if self.capture_enabled:
             try:
                 self._capture(entry)
             except RuntimeError as err:  # a fast path must never take the engine down: warn, run eagerly
