@@ -34,6 +34,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from glm5.engine.runner import ModelRunner, StepInputs
@@ -120,21 +121,34 @@ class StepGraphs:
         return entry.inputs, out
 
     def _host_inputs(self, seqs, starts: list[int], counts: list[int], S: int, Q: int, T: int) -> torch.Tensor:
-        bs = self.runner.block_size
-        N = S * Q
-        ids, positions = [0] * N, [0] * N
-        slots = [self.scratch_slot] * N
-        for i, (seq, start, n) in enumerate(zip(seqs, starts, counts)):
-            table, row = seq.block_table, i * Q
-            ids[row : row + n] = seq.token_ids[start : start + n]
-            positions[row : row + Q] = [start + min(j, n - 1) for j in range(Q)]  # padding: the last query's
-            slots[row : row + n] = [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-        nb = -(-T // bs)
-        tables = torch.tensor([s.block_table[:nb] + [0] * (nb - len(s.block_table[:nb])) for s in seqs], dtype=torch.long)
-        t = torch.arange(T)
-        ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long)
-        ctx[: len(seqs)] = tables[:, t // bs] * bs + t % bs  # beyond a row's position: masked, any slot will do
-        return torch.cat([torch.tensor(ids + positions + slots, dtype=torch.long), ctx.view(-1)])
+        """The packed int64 inputs, built with numpy: per-token Python loops cost ~0.35 ms for a prefill of
+        8 x 128 tokens, a good part of a step that the GPU runs in about a millisecond."""
+        bs, scratch = self.runner.block_size, self.scratch_slot
+        n_seqs = len(seqs)
+        start = np.asarray(starts, dtype=np.int64)[:, None]
+        count = np.asarray(counts, dtype=np.int64)[:, None]
+        j = np.arange(Q, dtype=np.int64)[None, :]
+        real = j < count  # [n, Q]
+        positions = start + np.minimum(j, count - 1)  # padding rows: the last query's position
+        nb = max(-(-T // bs), int((positions.max() if positions.size else 0) // bs) + 1)
+        tables = np.zeros((n_seqs, nb), dtype=np.int64)
+        for i, seq in enumerate(seqs):
+            row = seq.block_table[:nb]
+            tables[i, : len(row)] = row
+        slots = np.where(real, np.take_along_axis(tables, positions // bs, 1) * bs + positions % bs, scratch)
+        ids = np.zeros((n_seqs, Q), dtype=np.int64)
+        for i, (seq, a, n) in enumerate(zip(seqs, starts, counts)):
+            ids[i, :n] = seq.token_ids[a : a + n]
+        t = np.arange(T, dtype=np.int64)
+        ctx = tables[:, t // bs] * bs + t % bs  # beyond a row's position: masked, any slot will do
+        packed = np.empty(3 * S * Q + S * T, dtype=np.int64)
+        fields = packed[: 3 * S * Q].reshape(3, S, Q)
+        fields[0], fields[1], fields[2] = 0, 0, scratch  # padding sequences: token 0 at position 0, scratch
+        fields[0, :n_seqs], fields[1, :n_seqs], fields[2, :n_seqs] = ids, positions, slots
+        table = packed[3 * S * Q :].reshape(S, T)
+        table[:] = scratch
+        table[:n_seqs] = ctx
+        return torch.from_numpy(packed)
 
     # ------------------------------------------------------------------ capture
     @torch.no_grad()
