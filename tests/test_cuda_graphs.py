@@ -159,3 +159,19 @@ def test_shapes_made_ahead_are_the_ones_steps_use():
     prompts = _prompts((5, 12, 33))
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert len(llm.graphs.entries) == 4  # nothing new was needed
+
+
+def test_zero_bias_linears_give_the_same_tokens(monkeypatch):
+    # the cuBLASLt detour for fp32 on CUDA (runner.linear), exercised on the CPU
+    from glm5.engine import runner
+
+    model = _model(index_n_heads=16)
+    prompts = _prompts((4, 19, 33))
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [c.token_ids for c in LLM(model).generate(prompts, greedy)]
+    x, w = torch.randn(8, 64), torch.randn(96, 64)
+    monkeypatch.setattr(runner, "ZERO_BIAS_DEVICES", ("cpu",))
+    assert torch.equal(runner.linear(x, w), torch.nn.functional.linear(x, w))
+    assert (96, torch.device("cpu")) in runner._zero_biases
+    for graphs in (None, True):
+        assert [c.token_ids for c in LLM(model, cuda_graphs=graphs).generate(prompts, greedy)] == expected

@@ -144,12 +144,14 @@ class ModelRunner:
         """The layer's dense MLP or MoE on x [1, N, hidden]; a short path for MoE at decode batch sizes."""
         if static and isinstance(mlp, MoE):
             return moe_static(mlp, x[0]).unsqueeze(0)
-        if not isinstance(mlp, MoE) or x.shape[1] > 4 or mlp.record_routing:
+        if not isinstance(mlp, MoE):
+            return dense_mlp(mlp, x[0]).unsqueeze(0)
+        if x.shape[1] > 4 or mlp.record_routing:
             return mlp(x)
         flat = x[0]
         _, weights, indices = mlp.gate(flat)
         experts = mlp.experts
-        out = mlp.shared_experts(flat)
+        out = dense_mlp(mlp.shared_experts, flat)
         w = weights.tolist()
         for n, row in enumerate(indices.tolist()):
             xn = flat[n : n + 1]
@@ -261,7 +263,30 @@ def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
         ys = torch.bmm(F.silu(gate) * up, experts.down_proj.index_select(0, flat).transpose(1, 2)).squeeze(1)
         ys = ys.float() * weights.reshape(-1, 1)
         routed = ys.view(N, k, -1).sum(dim=1).to(x.dtype)
-    return routed + mlp.shared_experts(x)
+    return routed + dense_mlp(mlp.shared_experts, x)
+
+
+# fp32 matmuls of a few rows on CUDA: cuBLAS's own kernel choice took ~30 us for [8, 256] x [256, 256] on an
+# H200, its cuBLASLt path (which PyTorch takes for a matmul with a bias) ~12 us (dev/gemm_small_m.py); so the
+# runner's linears get a zero bias there. Same products, one more add of zero.
+ZERO_BIAS_DEVICES = ("cuda",)
+_zero_biases: dict[tuple, torch.Tensor] = {}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with a zero bias for fp32 on ZERO_BIAS_DEVICES (see above)."""
+    if bias is None and x.dtype == torch.float32 and x.device.type in ZERO_BIAS_DEVICES and x.dim() == 2:
+        key = (weight.shape[0], x.device)
+        bias = _zero_biases.get(key)
+        if bias is None:
+            bias = _zero_biases[key] = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+    return F.linear(x, weight, bias)
+
+
+def dense_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    """An MLP (SwiGLU) on x [N, hidden] without autograd: `linear` for each projection, SwiGLU in place."""
+    gate, up = linear(x, mlp.gate_proj.weight), linear(x, mlp.up_proj.weight)
+    return linear(F.silu(gate, inplace=True).mul_(up), mlp.down_proj.weight)
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -329,7 +354,7 @@ class FusedMLA:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         N = x.shape[0]
         H, R, L = self.H, self.R, self.L
-        parts = F.linear(x, self.w_in, self.b_in).split(self.in_splits, dim=-1)
+        parts = linear(x, self.w_in, self.b_in).split(self.in_splits, dim=-1)
         q_resid = _rms_norm(parts[0], *self.q_norm)
         latent, k_rope = parts[1].split([L, R], dim=-1)
         k_rope = torch.bmm(k_rope.unsqueeze(1), rot).squeeze(1)  # [N, R]
@@ -339,7 +364,7 @@ class FusedMLA:
             k_idx = F.layer_norm(parts[2], (self.index_dim,), *self.k_norm)
             k_idx = torch.cat([torch.bmm(k_idx[:, None, :R], rot).squeeze(1), k_idx[:, R:]], -1)
             key_cache.index_copy_(0, inputs.slot_mapping, k_idx.to(key_cache.dtype))
-        q_parts = F.linear(q_resid, self.w_q).split(self.q_splits, dim=-1)
+        q_parts = linear(q_resid, self.w_q).split(self.q_splits, dim=-1)
         q_rope = torch.bmm(q_parts[1].view(N, H, R), rot)  # [N, H, R]
         q = torch.cat([q_parts[0].view(N, H, L), q_rope], dim=-1)  # [N, H, L + R], scale folded in
         decode = inputs.pad_index.shape[1] == 1
@@ -408,4 +433,4 @@ class FusedMLA:
         out = out.reshape(S * Q, H * L)
         if not decode:
             out = out[inputs.unpad_index]
-        return F.linear(out, self.w_o, self.b_o).unsqueeze(0), topk
+        return linear(out, self.w_o, self.b_o).unsqueeze(0), topk
