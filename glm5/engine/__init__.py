@@ -7,6 +7,7 @@
     runner.py         one forward over the paged cache (absorbed MLA, sparse DSA)
     sampler.py        greedy, temperature, top-k/p, min-p, penalties, seeds, logprobs
     speculative.py    MTP drafting and greedy verification
+    cuda_graphs.py    StepGraphs: steps replayed from captured CUDA graphs (bucketed shapes, static forward)
     llm.py            LLMEngine (alias LLM): generate() and the step-wise API
 """
 

@@ -28,6 +28,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int_at_least(1), default=None, help="context length (default: the model's)")
     parser.add_argument("--speculative-tokens", type=int_at_least(0), default=0, help="MTP draft tokens per step (0: off)")
     parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads for the engine")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs (on CUDA, steps of few tokens are replayed from captured graphs by default)")
 
 
 def register(subparsers) -> None:
@@ -78,6 +80,7 @@ def build_server(args):
         model, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         num_speculative_tokens=args.speculative_tokens, eos_token_ids=tokenizer.eos_token_ids,
+        cuda_graphs=False if getattr(args, "enforce_eager", False) else None,
     )
     config = ServerConfig(model_name=name, default_max_tokens=getattr(args, "default_max_tokens", 256))
     return AsyncEngine(engine, num_threads=args.threads).start(), tokenizer, config
