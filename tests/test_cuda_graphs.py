@@ -175,3 +175,19 @@ def test_zero_bias_linears_give_the_same_tokens(monkeypatch):
     assert (96, torch.device("cpu")) in runner._zero_biases
     for graphs in (None, True):
         assert [c.token_ids for c in LLM(model, cuda_graphs=graphs).generate(prompts, greedy)] == expected
+
+
+def test_refreshed_weights_drop_the_graphs_and_the_prefix_cache():
+    model = _model(index_n_heads=16)
+    prompts = _prompts((6, 21))
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(model, cuda_graphs=True)
+    llm.generate(prompts, greedy)
+    assert llm.graphs.entries
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # new weights: the fused copies and every graph reading them are stale
+    llm.refresh_weights()
+    assert not llm.graphs.entries and not llm.runner.fused and not llm.block_manager.hash_to_block
+    expected = [c.token_ids for c in LLM(model).generate(prompts, greedy)]
+    assert [c.token_ids for c in llm.generate(prompts, greedy)] == expected

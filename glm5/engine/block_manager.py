@@ -35,6 +35,13 @@ class BlockManager:
         self.prefix_hits = 0  # tokens served from the prefix cache
         self.prefix_queries = 0  # tokens of the admitted sequences
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: after the model's weights change, no cached latent matches them. Blocks
+        that running sequences hold stay theirs, but are no longer found by a prefix lookup."""
+        self.hash_to_block.clear()
+        self.block_hash = [None] * self.num_blocks
+        self.block_tokens = [None] * self.num_blocks
+
     # ------------------------------------------------------------------ accounting
     @property
     def num_free_blocks(self) -> int:

@@ -79,10 +79,15 @@ class StepGraphs:
         self.capture_enabled = capture
         self.max_tokens = max_tokens
         self.max_graphs = max_graphs
-        self.entries: dict[tuple[int, int, int], _Entry] = {}
-        self.pool = None
         self.num_replays = 0
         self.failed: str | None = None  # why capture failed (then every step runs eagerly)
+        self.reset()
+        runner.graphs = self
+
+    def reset(self) -> None:
+        """Drop every graph (they read the runner's fused weights: after `refresh_weights`, stale)."""
+        self.entries: dict[tuple[int, int, int], _Entry] = {}
+        self.pool = None
 
     def shape(self, counts: list[int], contexts: list[int]) -> tuple[int, int, int]:
         S = next((b for b in self.buckets if b >= len(counts)), len(counts))

@@ -166,6 +166,13 @@ class LLMEngine:
         seq.finish_reason = "abort"
         return True
 
+    def refresh_weights(self) -> None:
+        """After the model's weights changed in place (an RL update, a new checkpoint copied in): rebuild the
+        runner's fused weights, drop the CUDA graphs that read them, and forget the prefix cache, whose
+        latents the old weights computed."""
+        self.runner.refresh_weights()
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

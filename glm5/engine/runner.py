@@ -17,8 +17,8 @@ model's weights: one matmul for everything read from the layer input (q_a, kv_a,
 weights), one for everything read from the q residual (the absorbed per-head latent query with the softmax
 scale folded in, the rope query, the indexer query), and W_UV folded into o_proj. RoPE is one batched matmul
 with per-position rotation matrices built once per step. (For the released 744B widths the absorbed q and o
-weights are ~2x the originals: the trade a decode engine makes; call `refresh_weights()` after changing the
-model's weights.)
+weights are ~2x the originals: the trade a decode engine makes; call `LLMEngine.refresh_weights()` after
+changing the model's weights.)
 Pure PyTorch with no per-sequence or per-block Python loop inside the layers; runs wherever torch runs.
 """
 
@@ -67,6 +67,7 @@ class ModelRunner:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.index_topk = self.cfg.index_topk
         self.fused: dict[int, FusedMLA] = {}
+        self.graphs = None  # the StepGraphs replaying this runner's forward, if any
 
     # ------------------------------------------------------------------ inputs
     def prepare(
@@ -221,8 +222,11 @@ class ModelRunner:
         return rot
 
     def refresh_weights(self) -> None:
-        """Rebuild the fused weights (after the model's weights changed)."""
+        """Rebuild the fused weights (after the model's weights changed); captured CUDA graphs, which read the
+        old fused tensors, are dropped too (re-captured on use)."""
         self.fused.clear()
+        if self.graphs is not None:
+            self.graphs.reset()
 
 
 def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
