@@ -118,9 +118,11 @@ def test_which_steps_take_the_graph_path():
     assert not llm.graphs.handles(batch)  # drafts: eager
     batch.num_draft_tokens, batch.num_new_tokens = [0], [65]
     assert not llm.graphs.handles(batch)  # 128 padded tokens > cuda_graph_max_tokens
-    llm.graphs.max_graphs = 0
+    llm.graphs.max_prefill_graphs = 0
     batch.num_new_tokens = [10]
-    assert not llm.graphs.handles(batch)  # no room for another graph
+    assert not llm.graphs.handles(batch)  # no room for another prefill graph
+    batch.num_new_tokens, batch.is_prefill = [1], False
+    assert llm.graphs.handles(batch)  # decode shapes always get one
 
 
 def test_seeded_sampling_on_the_static_path_repeats():

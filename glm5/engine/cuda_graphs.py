@@ -72,13 +72,13 @@ class _Entry:
 
 class StepGraphs:
     def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, capture: bool,
-                 max_tokens: int = 1024, max_graphs: int = 64) -> None:
+                 max_tokens: int = 1024, max_prefill_graphs: int = 32) -> None:
         self.runner = runner
         self.buckets = batch_buckets(max_batch)
         self.scratch_slot = scratch_slot
         self.capture_enabled = capture
         self.max_tokens = max_tokens
-        self.max_graphs = max_graphs
+        self.max_prefill_graphs = max_prefill_graphs
         self.num_replays = 0
         self.failed: str | None = None  # why capture failed (then every step runs eagerly)
         self.reset()
@@ -95,14 +95,17 @@ class StepGraphs:
 
     def handles(self, batch) -> bool:
         """No drafts, a bucket for its sequences, at most max_tokens padded tokens, and a graph for its shape
-        already made or room for one more."""
+        already made or room for one more: decode shapes are few (batch buckets x log2 of the context) and
+        always get one; prefill shapes are many, and at most max_prefill_graphs are kept."""
         if self.failed is not None or any(batch.num_draft_tokens) or len(batch.seqs) > self.buckets[-1]:
             return False
         contexts = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
         shape = self.shape(batch.num_new_tokens, contexts)
         if shape[0] * shape[1] > self.max_tokens:
             return False
-        return shape in self.entries or len(self.entries) < self.max_graphs
+        if shape in self.entries or shape[1] == 1:
+            return True
+        return sum(q > 1 for _, q, _ in self.entries) < self.max_prefill_graphs
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
