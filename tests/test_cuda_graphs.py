@@ -161,6 +161,9 @@ def test_shapes_made_ahead_are_the_ones_steps_use():
     prompts = _prompts((5, 12, 33))
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert len(llm.graphs.entries) == 4  # nothing new was needed
+    assert not llm.graphs.capture(9, 1, 64)  # more sequences than max_num_seqs: no step would use it
+    assert not llm.graphs.capture(8, 256, 256)  # 2048 padded tokens > cuda_graph_max_tokens
+    assert len(llm.graphs.entries) == 4
 
 
 def test_zero_bias_linears_give_the_same_tokens(monkeypatch):
@@ -193,3 +196,21 @@ def test_refreshed_weights_drop_the_graphs_and_the_prefix_cache():
     assert not llm.graphs.entries and not llm.runner.fused and not llm.block_manager.hash_to_block
     expected = [c.token_ids for c in LLM(model).generate(prompts, greedy)]
     assert [c.token_ids for c in llm.generate(prompts, greedy)] == expected
+
+
+@pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
+def test_refresh_while_running_registers_no_cut_chain(cuda_graphs):
+    # review: after reset_prefix_cache a running sequence's hash chain restarted at None, so its block 2 was
+    # found as the first block of an unrelated prompt (latents of other positions and context)
+    model = _model(index_n_heads=16)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(model, block_size=4, cuda_graphs=cuda_graphs)
+    running = llm.add_request(list(range(10, 19)), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    llm.step()  # prefill: blocks 0 and 1 registered
+    llm.refresh_weights()
+    for _ in range(4):
+        llm.step()  # block 2 completes
+    prompt = running.token_ids[8:12] + [7]  # its first block holds the running sequence's block-2 tokens
+    got = llm.generate([prompt], greedy)[0]
+    assert got.num_cached_tokens == 0
+    assert got.token_ids == LLM(model, block_size=4).generate([prompt], greedy)[0].token_ids

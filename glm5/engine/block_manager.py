@@ -111,6 +111,12 @@ class BlockManager:
         bs = self.block_size
         full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         prev = self.block_hash[seq.block_table[seq.num_hashed_blocks - 1]] if seq.num_hashed_blocks else None
+        if seq.num_hashed_blocks and prev is None:
+            # reset_prefix_cache() cut this sequence's chain (a held block's hash is None only after one): a
+            # chain restarted at None would register its later blocks as a prompt's first ones, and their
+            # latents depend on the old weights; so this sequence registers nothing more
+            seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+            return
         for i in range(seq.num_hashed_blocks, full):
             block = seq.block_table[i]
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])

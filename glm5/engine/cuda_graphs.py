@@ -208,8 +208,13 @@ class StepGraphs:
         entry.graph = graph
 
     def capture(self, num_seqs: int, tokens_per_seq: int, context: int) -> bool:
-        """Make the graph for steps of this shape now (bucketed) instead of on first use. -> made or present."""
+        """Make the graph for steps of this shape now (bucketed) instead of on first use. -> made or present
+        (False for a shape no step would replay: more sequences than the last bucket, or over max_tokens)."""
+        if num_seqs > self.buckets[-1]:
+            return False
         shape = self.shape([tokens_per_seq] * num_seqs, [context])
+        if shape[0] * shape[1] > self.max_tokens:
+            return False
         if shape not in self.entries and self.failed is None:
             self._build(*shape)
         return shape in self.entries
