@@ -237,6 +237,8 @@ def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
                 when the experts are few (E <= 2 N k), reading all of them once is cheaper than gathering
                 N k weight matrices
       gathered  each (row, expert) pair's weights gathered, one batched matmul: small N
+    The last two are for small models (at the released widths in fp32 either would move gigabytes per step;
+    there the graphs want bf16 and the grouped form).
     """
     weights, indices = mlp.gate(x)[1:]
     experts = mlp.experts
