@@ -1,5 +1,5 @@
-/* Sparse MLA attention in absorbed (MQA) form over gathered latent rows, for CPUs:
- * glm5.kernels.sparse_latent_attention's fast path (inference only; training keeps PyTorch's autograd).
+/* Sparse MLA attention in absorbed (MQA) form over gathered latent rows, for CPUs, forward and backward:
+ * the fast path of glm5.kernels.latent_attention (glm5.model.dsa.sparse_latent_attention, the engine).
  *
  * For each query n and head h, over the K latent rows rows[n, 0..K) of kv (a row of -1 is skipped):
  *     p[h, j] = softmax_j(scale * q[n, h, :D] . kv[rows[n, j], :D])
@@ -84,7 +84,7 @@ static inline int64_t query_rows(const float *kv, const int64_t *rn, int64_t K, 
 }
 
 /* probs[h * stride + j] = softmax_j(scale * q_h . row_j[:D]) for j < m. The entries from m to the next
- * multiple of VL are scratch. The backward calls it again: the same probabilities, bit for bit. */
+ * multiple of VL are scratch. */
 static void attention_probs(const float *qn, const float **row, int64_t m, int64_t H, int64_t D, float scale,
                             float *probs, int64_t stride) {
     for (int64_t j = 0; j < m; j++) {
@@ -129,8 +129,10 @@ static void scratch_free(Scratch *s) {
     free(s->probs); free(s->ds); free(s->delta); free(s->row); free(s->index);
 }
 
-/* 0, or -1 (everything freed) when out of memory; with_grads: the backward's ds and delta too */
+/* 0, or -1 (nothing left allocated) for an unsupported size (the limits glm5.kernels.sparse_attention checks
+ * first) or no memory; with_grads: the backward's ds and delta too */
 static int scratch_alloc(Scratch *s, int64_t H, int64_t K, int with_grads) {
+    if (K > 4096 || H > 256) return -1;
     const int64_t stride = K + VL;
     s->probs = (float *)malloc(sizeof(float) * H * stride);
     s->row = (const float **)malloc(sizeof(float *) * (K + 1));
@@ -150,7 +152,6 @@ static int scratch_alloc(Scratch *s, int64_t H, int64_t K, int with_grads) {
 int glm5_sparse_latent_attention(const float *q, const float *kv, const int64_t *rows, int64_t N, int64_t H,
                                  int64_t D, int64_t L, int64_t K, float scale, int64_t n_begin, int64_t n_end,
                                  float *out, float *saved) {
-    if (K > 4096 || H > 256) return -1;
     (void)N;
     const int64_t stride = K + VL;
     Scratch scratch;
@@ -185,7 +186,6 @@ int glm5_sparse_latent_attention_backward(const float *q, const float *kv, const
                                           const float *saved, const float *dout, int64_t N, int64_t H, int64_t D,
                                           int64_t L, int64_t K, float scale, int64_t n_begin, int64_t n_end,
                                           float *dq, float *dkv) {
-    if (K > 4096 || H > 256) return -1;
     (void)N;
     const int64_t stride = K + VL;
     Scratch scratch;
