@@ -100,6 +100,23 @@ def causal_key_mask(
     return visible
 
 
+def _tie_cut(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For a top-k (values [..., n]) of scores [..., T]: (keys above the k-th value, how many, keys equal to
+    it, rows where more tie than fit, i.e. where the tie rule has work; never a row whose k-th is -inf)."""
+    n = values.shape[-1]
+    kth = values.amin(dim=-1, keepdim=True)
+    greater = scores > kth
+    above = greater.sum(dim=-1, keepdim=True)
+    tied = scores == kth
+    fix = (tied.sum(dim=-1, keepdim=True) > n - above) & (kth > float("-inf"))
+    return greater, above, tied, fix
+
+
+def _kept(greater: torch.Tensor, above: torch.Tensor, tied: torch.Tensor, n: int) -> torch.Tensor:
+    """The keys the rule keeps: all above the k-th value, then the lowest-positioned ties up to n."""
+    return greater | (tied & (tied.cumsum(dim=-1) <= n - above))
+
+
 def lowest_position_ties(scores: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Make a top-k deterministic: among keys whose score equals a row's k-th largest, keep the lowest
     positions. scores [..., T], values / indices [..., n] from a top-k of it -> indices (a copy if changed).
@@ -115,19 +132,14 @@ def lowest_position_ties(scores: torch.Tensor, values: torch.Tensor, indices: to
     n = values.shape[-1]
     if n == 0:
         return indices
-    kth = values.amin(dim=-1, keepdim=True)
-    above = (scores > kth).sum(dim=-1, keepdim=True)
-    tied = scores == kth
-    fix = (tied.sum(dim=-1, keepdim=True) > n - above) & (kth > float("-inf"))
+    greater, above, tied, fix = _tie_cut(scores, values)
     if not bool(fix.any()):
         return indices
     rows = fix.squeeze(-1).nonzero(as_tuple=True)
-    row_scores, row_kth, row_tied = scores[rows], kth[rows], tied[rows]
-    keep = (row_scores > row_kth) | (row_tied & (row_tied.cumsum(dim=-1) <= n - above[rows]))
+    keep = _kept(greater[rows], above[rows], tied[rows], n)
     indices = indices.clone()
     indices[rows] = keep.nonzero()[:, -1].view(-1, n).to(indices.dtype)
     return indices
-
 
 
 def lowest_position_ties_static(scores: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -137,15 +149,11 @@ def lowest_position_ties_static(scores: torch.Tensor, values: torch.Tensor, indi
     n = values.shape[-1]
     if n == 0:
         return indices
-    kth = values.amin(dim=-1, keepdim=True)
-    greater = scores > kth
-    above = greater.sum(dim=-1, keepdim=True)
-    tied = scores == kth
-    fix = (tied.sum(dim=-1, keepdim=True) > n - above) & (kth > float("-inf"))
-    keep = greater | (tied & (tied.cumsum(dim=-1) <= n - above))
+    greater, above, tied, fix = _tie_cut(scores, values)
     # kept positions first, in ascending order: a stable descending sort of the 0/1 mask
-    fixed = keep.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]
+    fixed = _kept(greater, above, tied, n).to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]
     return torch.where(fix, fixed.to(indices.dtype), indices)
+
 
 @torch.no_grad()
 def select_topk_reference(
