@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.scheduler import ScheduledBatch
+from glm5.model import moe as moe_module
 from glm5.model.dsa import lowest_position_ties, lowest_position_ties_static
 from glm5.model.mla import MLAttention
 from glm5.model.moe import MoE, _grouped_mm_ok
@@ -231,8 +232,8 @@ class ModelRunner:
 
 def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
     """The MoE on x [N, hidden] with no host sync (CUDA graphs). Routed experts, by what suits the sizes:
-      grouped   `torch._grouped_mm` over rows sorted by expert, offsets computed on the device (CUDA, bf16):
-                the form for the released widths
+      grouped   the model's own `Experts` forward, whose `torch._grouped_mm` path (CUDA, bf16) needs no host
+                sync: the form for the released widths
       dense     every expert on every row, each row's output weighted by its (mostly zero) routing weights:
                 when the experts are few (E <= 2 N k), reading all of them once is cheaper than gathering
                 N k weight matrices
@@ -245,17 +246,8 @@ def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
     N, k = indices.shape
     E = experts.num_experts
     flat = indices.reshape(-1)
-    if _grouped_mm_ok(x):
-        order = flat.argsort(stable=True)
-        token_of = order // k
-        counts = torch.zeros(E, dtype=torch.int32, device=x.device)
-        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount syncs on CUDA
-        offsets = counts.cumsum(0, dtype=torch.int32)
-        h = torch._grouped_mm(x.index_select(0, token_of), experts.gate_up_proj.transpose(1, 2), offs=offsets)
-        gate, up = h.chunk(2, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(1, 2), offs=offsets)
-        ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
-        routed = torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+    if moe_module.USE_GROUPED_MM and _grouped_mm_ok(x):
+        routed = experts(x, indices, weights)  # its grouped path has no host sync
     elif E <= 2 * N * k:
         h = torch.matmul(x, experts.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
         gate, up = h.chunk(2, dim=-1)

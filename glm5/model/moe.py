@@ -84,7 +84,10 @@ class Experts(nn.Module):
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)
         token_of = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # rows per expert, counted without a host sync (CUDA's bincount reads the max back), so the grouped
+        # path below is one a CUDA graph can capture (glm5.engine.runner.moe_static calls it)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
         row_weights = weights.reshape(-1)[order]
         if _pad_expert_rows(x):
             # oneDNN JIT-compiles a bf16 kernel per new matmul shape (~3 ms each, measured), and per-expert
