@@ -89,19 +89,25 @@ class StepGraphs:
         self.entries: dict[tuple[int, int, int], _Entry] = {}
         self.pool = None
 
-    def shape(self, counts: list[int], contexts: list[int]) -> tuple[int, int, int]:
-        S = next((b for b in self.buckets if b >= len(counts)), len(counts))
-        return S, pow2_bucket(max(counts)), context_bucket(max(contexts))
+    def shape(self, counts: list[int], contexts: list[int]) -> tuple[int, int, int] | None:
+        """The bucketed shape of a step feeding counts[i] tokens to sequence i, whose context then ends at
+        contexts[i]; None when no graph would replay it (more sequences than the last bucket, or over
+        max_tokens padded tokens)."""
+        S = next((b for b in self.buckets if b >= len(counts)), None)
+        Q = pow2_bucket(max(counts))
+        if S is None or S * Q > self.max_tokens:
+            return None
+        return S, Q, context_bucket(max(contexts))
 
     def handles(self, batch) -> bool:
         """No drafts, a bucket for its sequences, at most max_tokens padded tokens, and a graph for its shape
         already made or room for one more: decode shapes are few (batch buckets x log2 of the context) and
         always get one; prefill shapes are many, and at most max_prefill_graphs are kept."""
-        if self.failed is not None or any(batch.num_draft_tokens) or len(batch.seqs) > self.buckets[-1]:
+        if self.failed is not None or any(batch.num_draft_tokens):
             return False
         contexts = [s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens)]
         shape = self.shape(batch.num_new_tokens, contexts)
-        if shape[0] * shape[1] > self.max_tokens:
+        if shape is None:
             return False
         if shape in self.entries or shape[1] == 1:
             return True
@@ -115,8 +121,8 @@ class StepGraphs:
         counts = counts or [1] * len(seqs)
         starts = [s.num_computed_tokens for s in seqs]
         shape = self.shape(counts, [a + n for a, n in zip(starts, counts)])
-        entry = self.entries.get(shape) or self._build(*shape)
-        if entry is None:  # capture failed just now: this step and the rest run eagerly
+        entry = None if shape is None else self.entries.get(shape) or self._build(*shape)
+        if entry is None:  # no graph fits this step, or capture failed just now: it runs eagerly
             inputs = self.runner.prepare(seqs, starts, counts)
             return inputs, self.runner.forward(inputs)
         entry.packed.copy_(self._host_inputs(seqs, starts, counts, *shape))
@@ -138,7 +144,7 @@ class StepGraphs:
         j = np.arange(Q, dtype=np.int64)[None, :]
         real = j < count  # [n, Q]
         positions = start + np.minimum(j, count - 1)  # padding rows: the last query's position
-        nb = max(-(-T // bs), int((positions.max() if positions.size else 0) // bs) + 1)
+        nb = -(-T // bs)  # every position is below T, the context bucket
         tables = np.zeros((n_seqs, nb), dtype=np.int64)
         for i, seq in enumerate(seqs):
             row = seq.block_table[:nb]
@@ -210,10 +216,8 @@ class StepGraphs:
     def capture(self, num_seqs: int, tokens_per_seq: int, context: int) -> bool:
         """Make the graph for steps of this shape now (bucketed) instead of on first use. -> made or present
         (False for a shape no step would replay: more sequences than the last bucket, or over max_tokens)."""
-        if num_seqs > self.buckets[-1]:
-            return False
         shape = self.shape([tokens_per_seq] * num_seqs, [context])
-        if shape[0] * shape[1] > self.max_tokens:
+        if shape is None:
             return False
         if shape not in self.entries and self.failed is None:
             self._build(*shape)
