@@ -151,7 +151,8 @@ def test_the_server_socket_sends_small_chunks_at_once():
         accepted, _ = server.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        assert client
+            accepted.sendall(b"chunk")  # the accepted socket is the one that serves: it carries bytes
+            assert client.recv(5) == b"chunk"
 
 
 @pytest.mark.parametrize("flags, expected", [([], None), (["--enforce-eager"], False)])

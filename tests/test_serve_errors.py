@@ -151,8 +151,11 @@ def test_serve_model_dir_written_by_us_or_by_transformers(tmp_path):
     model = GLM5ForCausalLM(GLM5Config.from_preset("nano")).eval()
     model.save_pretrained(tmp_path / "ours")
     transformers_twin(model).save_pretrained(tmp_path / "theirs")
-    ours = _serve_and_ask(["--model", str(tmp_path / "ours")], "ours")
-    theirs = _serve_and_ask(["--model", str(tmp_path / "theirs")], "theirs")
+    from glm5.tokenizer import default_tokenizer
+
+    tokenizer = default_tokenizer().save(tmp_path / "tok") / "tokenizer.json"  # neither folder has one of its own
+    ours = _serve_and_ask(["--model", str(tmp_path / "ours"), "--tokenizer", str(tokenizer)], "ours")
+    theirs = _serve_and_ask(["--model", str(tmp_path / "theirs"), "--tokenizer", str(tokenizer)], "theirs")
     assert ours == theirs, "same weights, same greedy text"
 
 
@@ -181,11 +184,14 @@ def test_glm5_serve_preset_nano_from_the_command_line():
 
 
 def test_a_speculating_server_reports_the_accept_length():
-    with running_server(["--preset", "nano", "--speculative-tokens", "2"]) as (base, _):
+    with running_server(["--preset", "nano", "--speculative-tokens", "2"]) as (base, app):
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
         reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=12, temperature=0)
         assert reply.usage.completion_tokens == 12
         metrics = httpx.get(base + "/metrics").text
         line = next(x for x in metrics.splitlines() if x.startswith("glm5_spec_decode_mean_accept_length"))
-        assert float(line.split()[-1]) >= 1.0
+        stats = app.state.server.llm.stats
+        assert stats.verify_steps > 0, "greedy decoding with --speculative-tokens 2 verified no drafts"
+        assert float(line.split()[-1]) == pytest.approx(stats.mean_accept_length)
+        assert 1.0 <= stats.mean_accept_length <= 3.0  # 1 + accepted drafts, at most k = 2

@@ -60,6 +60,8 @@ def quantize_checkpoint_fp8(
     """Write the FP8 twin of `in_dir` to `out_dir`; return a summary (counts and bytes before / after)."""
     from safetensors.torch import save_file
 
+    from glm5.config import GLM5Config
+
     in_dir, out_dir = os.path.abspath(in_dir), os.path.abspath(out_dir)
     config_path = os.path.join(in_dir, "config.json")
     if not os.path.isdir(in_dir) or not os.path.exists(config_path):
@@ -71,6 +73,10 @@ def quantize_checkpoint_fp8(
         raise ValueError(f"{config_path}: not valid JSON ({err})") from err
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: a config.json must hold a JSON object")
+    try:  # a config the model cannot be built from is refused before anything is written
+        GLM5Config.from_dict(dict(config))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config_path}: {err}") from None
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise ValueError(f"{in_dir}: already quantized (quantization_config.quant_method={method!r})")

@@ -378,11 +378,13 @@ def quantize_model_fp8(model: nn.Module, modules_to_not_convert: list[str] | Non
 
 
 def load_fp8_model(directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   compute: str = "dequant", attn_impl: str = "sparse") -> nn.Module:
+                   compute: str = "dequant", attn_impl: str = "sparse", dequantize: bool = False) -> nn.Module:
     """A GLM5ForCausalLM from an FP8 directory (`glm5 quantize fp8` output, or a GLM-5-FP8-style checkpoint).
 
     Which modules are FP8 is read from the file (a `weight_scale_inv` beside the weight), not assumed. The
-    model is built on the meta device and allocated once; weights stream in tensor by tensor.
+    model is built on the meta device and allocated once; weights stream in tensor by tensor. With
+    `dequantize=True` every FP8 weight is dequantized into a plain `dtype` model as it streams in (what the
+    engine serves: its runner fuses and absorbs the attention weights itself).
     """
     from glm5.checkpoint import CheckpointError, empty_model_for, iter_checkpoint_tensors, route_hub_key
     from glm5.config import GLM5Config
@@ -395,6 +397,8 @@ def load_fp8_model(directory: str, device: str | torch.device = "cpu", dtype: to
 
     def swap_in_fp8_modules(model: nn.Module, keys: list[str]) -> None:
         # which modules are FP8 is read from the file (a weight_scale_inv beside the weight), not assumed
+        if dequantize:
+            return
         scaled = {k.removesuffix(".weight_scale_inv") for k in keys if k.endswith(".weight_scale_inv")}
         for name, module in list(model.named_modules()):
             hub = _hub_module_name(name, model.config)
@@ -419,6 +423,15 @@ def load_fp8_model(directory: str, device: str | torch.device = "cpu", dtype: to
         name, spec = routed
         if spec is not None:  # one expert's gate / up / down of a fused experts module
             expert, proj = spec
+            if name in params and params[name].dtype != FP8_DTYPE and (is_scale or tensor.dtype == FP8_DTYPE):
+                # plain experts (dequantize=True): wait for the weight and its scale, then dequantize
+                parts = pending.setdefault(f"{name}[{expert}].{proj}", {})
+                parts["scale" if is_scale else "weight"] = tensor
+                if len(parts) < 2:
+                    continue
+                tensor = dequantize_fp8_blockwise(parts["weight"], parts["scale"], dtype=params[name].dtype)
+                del pending[f"{name}[{expert}].{proj}"]
+                is_scale = False
             target_name = name + "_scale_inv" if is_scale else name
             if target_name not in params:
                 raise CheckpointError(f"{key}: the model has no {target_name}")

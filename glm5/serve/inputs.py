@@ -4,6 +4,7 @@ Every API's routes go through the same four steps (openai_chat.py, openai_comple
 
     body = await read_json(request, state)                       # size-capped, valid UTF-8, no lone surrogates
     req = parse_request(ChatCompletionRequest, body, state)      # pydantic -> 400 naming the field; model name
+    text = render_chat(state, messages, tools, enable_thinking=True, clear_thinking=True)  # the served template
     ids = await prompt_ids(state, prompt_text, param="messages") # length bound first, tokenized off the loop
     params = sampling_params(state, req, len(ids), index=i)      # request fields -> SamplingParams (or a 400)
 
@@ -22,12 +23,16 @@ import re
 from fastapi import Request
 from pydantic import ValidationError
 
+from glm5.chat import render_messages
+from glm5.chat.template import render_jinja_template
 from glm5.engine.sequence import SamplingParams
 from glm5.serve.errors import APIError, validation_error
 from glm5.serve.json_mode import LogitBias
 from glm5.serve.state import ServerState
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only bodies with one are walked for lone surrogates
+# a surrogate as a JSON escape, or as raw UTF-8-style bytes (json.loads decodes bytes with surrogatepass): only
+# bodies with one are walked for lone surrogates
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 OFF_LOOP_BYTES = 16 << 10  # prompts longer than this are tokenized on a worker thread
 
 
@@ -47,7 +52,7 @@ async def read_json(request: Request, state: ServerState) -> dict:
         raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    if _SURROGATE_ESCAPE.search(raw):
+    if _SURROGATE.search(raw):
         where = lone_surrogate_path(body)
         if where is not None:
             raise APIError(400, f"{where or 'the body'}: a lone UTF-16 surrogate (e.g. \\ud800) is not valid text",
@@ -79,6 +84,18 @@ def lone_surrogate_path(value, path: str = "") -> str | None:
     return None
 
 
+def render_chat(state: ServerState, messages, tools, *, enable_thinking: bool, clear_thinking: bool) -> str:
+    """The prompt text of a conversation: the served chat template (the checkpoint's or --chat-template) when
+    there is one, else GLM-5's format (glm5.chat.render_messages). Messages that cannot be rendered are a 422."""
+    try:
+        if state.config.chat_template is not None:
+            return render_jinja_template(state.config.chat_template, messages, tools, enable_thinking=enable_thinking,
+                                         clear_thinking=clear_thinking)
+        return render_messages(messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking)
+    except (ValueError, TypeError, KeyError) as err:
+        raise APIError(422, f"messages cannot be rendered: {err}", param="messages", code="invalid_messages") from None
+
+
 def parse_request(model_cls, body: dict, state: ServerState):
     """The pydantic request (400 naming the first bad field); 404 for a model this server does not serve."""
     try:
@@ -105,11 +122,13 @@ async def prompt_ids(state: ServerState, text: str, param: str) -> list[int]:
         raise APIError(400, f"the prompt has {size} bytes, over {limit} tokens of at most {state.max_token_bytes} "
                             f"bytes each; this model's context allows at most {limit} prompt tokens", param=param,
                        code="context_length_exceeded")
-    encode = state.tokenizer.encode
-    if size > OFF_LOOP_BYTES:
-        ids = await asyncio.to_thread(encode, text, allow_special=True)
+    tokenizer = state.tokenizer
+    if size > OFF_LOOP_BYTES and hasattr(tokenizer, "encode_batch"):
+        # on a worker thread, through encode_batch: the Rust tokenizer releases the GIL there (its single
+        # encode holds it, which would stall the event loop just the same from another thread)
+        ids = (await asyncio.to_thread(tokenizer.encode_batch, [text], allow_special=True))[0]
     else:
-        ids = encode(text, allow_special=True)
+        ids = tokenizer.encode(text, allow_special=True)
     check_prompt(state, ids, param)
     return ids
 

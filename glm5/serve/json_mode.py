@@ -4,7 +4,12 @@ A logits processor (the engine calls it with the ids generated so far and the ne
 candidates from the most likely down and keeps those whose text leaves the output a valid prefix of compact
 JSON (no whitespace outside strings, so a model cannot pad forever); once the object is complete only the
 end-of-text token remains. The check is a small character-level JSON state machine, advanced incrementally.
-`json_schema` is served the same way: the output is a JSON object, the schema itself is not enforced.
+
+The object is also finished within `max_tokens`: `closing(state)` is the shortest text that completes the
+JSON from a state (`{"a":"x` -> `"}`, `{"a":[1,` -> `null]}`), and a candidate is kept only if, after it, the
+tokens left still hold its closing (one token per character at worst: a byte-level vocabulary has every
+ASCII character) and the end-of-text token. So with max_tokens >= 3 the answer always ends as a complete
+object with finish_reason "stop". (`json_schema` is refused by the server: this enforces no schema.)
 `ToolNameProcessor` does the same for tool_choice "required" with several tools: the name must be one of them.
 """
 
@@ -99,14 +104,42 @@ def is_complete(state) -> bool:
     return state is not None and state[1] == "after" and not state[0]
 
 
-class JSONPrefixProcessor:
-    """Keeps one sequence's output a JSON object. Call with (output token ids, logits [V]) -> logits."""
+def closing(state) -> str:
+    """The shortest text that completes the JSON object from `state` (each character of it, fed in turn, leaves
+    a state whose closing is the rest)."""
+    stack, mode, buf = state
+    closers = "".join("}" if c == "{" else "]" for c in reversed(stack))
+    if mode == "start":
+        return "{}"
+    if mode in ("string", "key"):
+        escape = "0" * (6 - len(buf)) if buf.startswith("\\u") else ("n" if buf == "\\" else "")
+        return escape + ('":null' if mode == "key" else '"') + closers
+    if mode == "number":
+        return ("0" if buf in ("-", "") or buf.endswith(("e", "E", "+", "-", ".")) else "") + closers
+    if mode == "literal":
+        word = next(w for w in _LITERALS if w.startswith(buf))
+        return word[len(buf):] + closers
+    if mode in ("value", "colon"):
+        return (":" if mode == "colon" else "") + "null" + closers
+    if mode == "value_or_end":
+        return closers
+    if mode == "key_or_end":
+        return closers
+    if mode == "key_start":
+        return '"":null' + closers
+    return closers  # after
 
-    def __init__(self, tokenizer, end_ids: set[int], candidates: int = 64) -> None:
+
+class JSONPrefixProcessor:
+    """Keeps one sequence's output a JSON object, complete within `max_tokens` (None: no budget).
+    Call with (output token ids, logits [V]) -> logits."""
+
+    def __init__(self, tokenizer, end_ids: set[int], candidates: int = 64, max_tokens: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.end_id = min(end_ids) if end_ids else None
         self.end_ids = end_ids
         self.candidates = candidates
+        self.max_tokens = max_tokens
         self.state = ((), "start", "")
         self.seen = 0
         self._texts: dict[int, str] = {}
@@ -126,18 +159,24 @@ class JSONPrefixProcessor:
         if is_complete(self.state) and self.end_id is not None:
             masked[self.end_id] = 0.0
             return masked
+        # after this token, the tokens left must hold the closing text (a token per character at worst) + the end
+        left = None if self.max_tokens is None else self.max_tokens - len(output_ids) - 1
         order = torch.argsort(logits, descending=True).tolist()
         allowed = []
         for token_id in order:
             if token_id in self.end_ids:
                 continue
             text = self._text(token_id)
-            if text and "\ufffd" not in text and advance_text(self.state, text) is not None:
-                allowed.append(token_id)
-                if len(allowed) >= self.candidates:
-                    break
+            if not text or "\ufffd" in text:
+                continue
+            after = advance_text(self.state, text)
+            if after is None or (left is not None and len(closing(after)) + 1 > left):
+                continue
+            allowed.append(token_id)
+            if len(allowed) >= self.candidates:
+                break
         if not allowed:
-            return logits  # nothing fits (should not happen with a byte-level vocabulary): leave it be
+            return logits  # nothing fits (a vocabulary without single ASCII characters; max_tokens < 3): leave it be
         index = torch.tensor(allowed, device=logits.device)
         masked[index] = logits[index]
         return masked

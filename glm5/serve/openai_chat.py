@@ -2,7 +2,7 @@
 
     curl localhost:8000/v1/chat/completions -d '{"model": "nano", "messages": [{"role": "user", "content": "hi"}]}'
 
-Messages -> GLM-5 prompt (glm5.chat.render_messages) -> ids -> one engine request per choice (n) -> text through
+Messages -> prompt (the served chat template, else glm5.chat.render_messages) -> ids -> one engine request per choice (n) -> text through
 ChoiceText (incremental detokenization, stop strings, the reasoning / tool-call parser) -> `reasoning_content` /
 `reasoning`, `content`, `tool_calls`. tool_choice "required" / named opens the assistant turn with the call (held
 to the tool names by ToolNameProcessor); response_format json_object keeps the output a JSON object
@@ -16,10 +16,10 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart, render_messages
+from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart
 from glm5.serve.errors import APIError
 from glm5.serve.generation import Choice, engine_failure, finish_reason, generate, unless_disconnected
-from glm5.serve.inputs import parse_request, prompt_ids, read_json, sampling_params
+from glm5.serve.inputs import parse_request, prompt_ids, read_json, render_chat, sampling_params
 from glm5.serve.json_mode import JSONPrefixProcessor, ToolNameProcessor
 from glm5.serve.protocol import ChatCompletionRequest, NamedToolChoice, new_id, now, usage
 from glm5.serve.sse import DONE, event_stream, sse_event
@@ -68,12 +68,14 @@ async def chat_completions(request: Request):
                             "use {\"type\": \"json_object\"} and describe the schema in the prompt",
                        param="response_format", code="unsupported_value")
     json_mode = req.response_format is not None and req.response_format.type == "json_object"
+    if json_mode and req.stop:
+        raise APIError(400, "stop sequences cannot be combined with response_format json_object (a stop would cut "
+                            "the object short)", param="stop", code="unsupported_value")
     thinking = req.enable_thinking and not json_mode  # the JSON is the answer: close the think block first
-    try:
-        prompt = render_messages(req.messages, tools if choice_mode != "none" else None,
-                                 enable_thinking=thinking, clear_thinking=req.clear_thinking)
-    except (ValueError, TypeError, KeyError) as err:
-        raise APIError(422, f"messages cannot be rendered: {err}", param="messages", code="invalid_messages") from None
+    prompt = render_chat(state, req.messages, tools if choice_mode != "none" else None, enable_thinking=thinking,
+                         clear_thinking=req.clear_thinking)
+    # the reply opens inside a think block only if the prompt opened one (a checkpoint's template may not)
+    thinking = thinking and prompt.endswith("<think>")
     forced, name_choices = forced_opening(req, tools, choice_mode, tokenizer)
     if forced and thinking:
         forced = "</think>" + forced
@@ -83,10 +85,13 @@ async def chat_completions(request: Request):
     created, completion_id = now(), new_id("chatcmpl")
     choices = []
     for i in range(req.n):
-        processors = [JSONPrefixProcessor(tokenizer, state.hidden_ids)] if json_mode else []
+        json_object = JSONPrefixProcessor(tokenizer, state.hidden_ids) if json_mode else None
+        processors = [json_object] if json_object else []
         if name_choices:
             processors.append(ToolNameProcessor(tokenizer, name_choices))
         params = sampling_params(state, req, len(ids), i, logprobs, processors)
+        if json_object:
+            json_object.max_tokens = params.max_tokens  # the object is closed within the choice's budget
         text = ChoiceText(tokenizer, parse_tools, thinking and not forced, req.stop, state.hidden_ids,
                           forced=forced.removeprefix("</think>") if forced else "")
         choices.append(Choice(i, f"{completion_id}-{i}-{uuid.uuid4().hex[:8]}", params, text))

@@ -24,6 +24,7 @@ class ServerConfig:
     model_name: str = "glm5"
     default_max_tokens: int = 256
     max_body_bytes: int = MAX_BODY_BYTES
+    chat_template: str | None = None  # a Jinja chat template (the checkpoint's); None: glm5.chat.render_messages
 
 
 class Metrics:

@@ -15,7 +15,7 @@ PATHS = ("/health", "/v1/models", "/metrics")
 START_TIME = now()
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # (HEAD: what some load balancers probe with)
 async def health(request: Request):
     state = server_state(request)
     if not state.engine.alive:
@@ -23,14 +23,14 @@ async def health(request: Request):
     return {"status": "ok", "running": state.llm.num_running, "waiting": state.llm.num_waiting}
 
 
-@router.get("/v1/models")
+@router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def models(request: Request):
     state = server_state(request)
     return {"object": "list", "data": [{"id": state.config.model_name, "object": "model", "created": START_TIME,
                                         "owned_by": "glm5", "max_model_len": state.llm.max_model_len}]}
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"])
 async def prometheus(request: Request):
     state = server_state(request)
     state.metrics.update_gauges(state.llm)  # the engine now, not at its last step (an idle engine takes none)

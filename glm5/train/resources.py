@@ -10,27 +10,7 @@ orders of magnitude too big (a 744B model on a laptop) with a clear message inst
 
 from __future__ import annotations
 
-import os
-
-
-def available_memory_bytes(device=None) -> int:
-    """Free memory of a CUDA device (`device` cuda / cuda:N); else the host's: MemAvailable from /proc/meminfo,
-    else physical memory, else 8 GiB."""
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+from glm5.common import available_memory_bytes  # noqa: F401  (its home is glm5.common: serving uses it too)
 
 
 def estimate_training_bytes(cfg, batch_size: int, seq_len: int) -> int:
