@@ -38,7 +38,8 @@ CONTENT_TYPES = ["application/json", "text/plain", "application/x-www-form-urlen
 HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.strip)  # (h11 sends no edge spaces)
 
 text = st.one_of(
-    st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=30),  # surrogates included
+    # any character, lone surrogates included (st.characters leaves category Cs out unless asked for it)
+    st.text(alphabet=st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=30),
     st.sampled_from(SPECIALS),
     st.lists(st.sampled_from(SPECIALS + ["a", " ", '"', "\\"]), max_size=8).map("".join),
 )
@@ -58,8 +59,17 @@ def encode(body, ascii_only: bool) -> bytes:
 
 @st.composite
 def hostile_body(draw, path: str) -> bytes:
-    kind = draw(st.sampled_from(["replace", "replace", "replace", "drop", "messages", "random", "flip", "raw"]))
+    kind = draw(st.sampled_from(["replace", "replace", "replace", "drop", "messages", "surrogate", "random", "flip",
+                                 "raw"]))
     valid = dict(VALID[path])
+    if kind == "surrogate":  # a lone surrogate in the text that is tokenized (escaped, or as raw bytes)
+        lone = draw(st.characters(categories=["Cs"]))
+        where = draw(st.text(max_size=10)) + lone + draw(st.text(max_size=10))
+        if "messages" in valid:
+            valid["messages"] = [{"role": "user", "content": where}]
+        else:
+            valid["prompt"] = draw(st.sampled_from([where, [where], ["ok", where]]))
+        return encode(valid, draw(st.booleans()))
     if kind in ("replace", "drop"):
         field = draw(st.one_of(st.sampled_from(FIELDS[path]), text))
         if kind == "drop":
