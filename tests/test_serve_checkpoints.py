@@ -44,13 +44,16 @@ def copy_with(checkpoint, tmp_path, name, template=None, drop_tokenizer=False):
     return directory
 
 
-def served_prompt(argv, messages) -> str:
-    """The prompt text the server built for a chat request (the engine is scripted to answer 'ok')."""
+def served_prompt(argv, messages, reply: list | None = None) -> str:
+    """The prompt text the server built for a chat request (the engine is scripted to answer 'ok'); the reply's
+    message is appended to `reply`."""
     prompts: list[list[int]] = []
     with running_server(argv, script=["ok"], prompts=prompts) as (base, app):
         r = httpx.post(base + "/v1/chat/completions", json={"model": app.state.config.model_name, "messages": messages},
                        timeout=60)
         assert r.status_code == 200, r.text
+        if reply is not None:
+            reply.append(r.json()["choices"][0]["message"])
         return app.state.tokenizer.decode(prompts[0])
 
 
@@ -77,14 +80,18 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused(checkpoint, tmp_pat
 def test_the_checkpoint_s_own_chat_template_renders_the_prompt_and_chat_template_overrides_it(checkpoint, tmp_path):
     own = copy_with(checkpoint, tmp_path, "own", template=CUSTOM_TEMPLATE)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    assert served_prompt(["--model", str(own)], messages) == "[SYSTEM]Be brief.[USER]hi<|assistant|>"
+    reply: list = []
+    assert served_prompt(["--model", str(own)], messages, reply) == "[SYSTEM]Be brief.[USER]hi<|assistant|>"
+    # this template opens no <think> block: the reply is content, not reasoning
+    assert reply[0]["content"] == "ok" and reply[0].get("reasoning_content") is None, reply
     override = tmp_path / "override.jinja"
     override.write_text("{%- for m in messages -%}<{{ m.role }}>{{ m.content }}{%- endfor -%}<|assistant|>")
     assert served_prompt(["--model", str(own), "--chat-template", str(override)], messages) == \
         "<system>Be brief.<user>hi<|assistant|>"
     # the GLM-5 template itself (what Tokenizer.save writes) is rendered by glm5.chat, the same text
-    assert served_prompt(["--model", str(checkpoint)], messages) == \
+    assert served_prompt(["--model", str(checkpoint)], messages, reply) == \
         "[gMASK]<sop><|system|>Be brief.<|user|>hi<|assistant|><think>"
+    assert reply[1]["reasoning_content"] == "ok", reply  # GLM-5's prompt opens the think block
 
 
 def test_a_chat_template_that_cannot_render_is_refused_at_start(checkpoint, tmp_path, capsys):
