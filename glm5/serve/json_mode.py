@@ -150,6 +150,8 @@ class ToolNameProcessor:
     tool. `names` maps each name to the id of the tag that must follow it (`<arg_key>`, or `</tool_call>`
     for a tool without parameters)."""
 
+    stateless = True  # a function of the output ids alone: MTP speculation may run it on drafts
+
     def __init__(self, tokenizer, names: dict[str, int]) -> None:
         self.tokenizer = tokenizer
         self.names = names
@@ -178,6 +180,8 @@ class ToolNameProcessor:
 
 class LogitBias:
     """OpenAI's logit_bias: add a fixed bias to the logits of some token ids."""
+
+    stateless = True
 
     def __init__(self, bias: dict[int, float]) -> None:
         self.ids = torch.tensor(list(bias), dtype=torch.long)
