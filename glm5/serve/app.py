@@ -31,6 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart, render_messages
 from glm5.engine.sequence import SamplingParams
+from glm5.serve import anthropic
+from glm5.serve.anthropic_protocol import error_body as anthropic_error_body
 from glm5.serve.async_engine import AsyncEngine, EngineError
 from glm5.serve.json_mode import JSONPrefixProcessor, LogitBias, ToolNameProcessor
 from glm5.serve.protocol import (
@@ -177,34 +179,43 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
     engine.on_step = on_step
 
     # ------------------------------------------------------------------ errors
-    def error_response(err: APIError) -> JSONResponse:
+    def error_response(err: APIError, path: str = "") -> JSONResponse:
+        """The error in the body of the API the path belongs to (Anthropic's under /v1/messages, else OpenAI's)."""
+        if path.startswith(anthropic.ROUTES[0]):
+            return JSONResponse(anthropic_error_body(err.status, err.message), status_code=err.status)
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return error_response(err)
+        return error_response(err, request.url.path)
+
+    @app.exception_handler(anthropic.AnthropicError)
+    async def _anthropic_error(request: Request, err: anthropic.AnthropicError):
+        return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         if err.status_code == 404:
             return error_response(APIError(404, f"no route {request.method} {request.url.path}", "not_found_error",
-                                           code="unknown_route"))
-        return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"))
+                                           code="unknown_route"), request.url.path)
+        return error_response(APIError(err.status_code, str(err.detail), "invalid_request_error"), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
-        return error_response(APIError(422, str(err.errors()[:1]), "invalid_request_error", code="unprocessable"))
+        return error_response(APIError(422, str(err.errors()[:1]), "invalid_request_error", code="unprocessable"),
+                              request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception):
         log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(err).__name__}", "server_error"))
+        return error_response(APIError(500, f"internal error: {type(err).__name__}", "server_error"), request.url.path)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            response = error_response(APIError(413, f"request body over {cfg.max_body_bytes} bytes", code="too_large"))
+            response = error_response(APIError(413, f"request body over {cfg.max_body_bytes} bytes", code="too_large"),
+                                      request.url.path)
         else:
             response = await call_next(request)
         route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
@@ -605,6 +616,7 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         return {"id": completion_id, "object": "text_completion", "created": created, "model": cfg.model_name,
                 "choices": sorted(result, key=lambda c: c["index"]), "usage": usage(total_prompt, completion_tokens)}
 
+    app.include_router(anthropic.router())
     return app
 
 
@@ -623,4 +635,4 @@ def _byte_decoder() -> dict[str, int]:
 
 BYTE_DECODER = _byte_decoder()
 START_TIME = now()
-KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", *anthropic.ROUTES}

@@ -178,6 +178,23 @@ class ToolNameProcessor:
         return masked
 
 
+class ThinkingBudget:
+    """Anthropic's thinking budget_tokens: after `budget` reasoning tokens without `</think>`, `</think>` is the only
+    choice. A function of the output ids alone (stateless), so MTP speculation stays on."""
+
+    stateless = True
+
+    def __init__(self, close_id: int, budget: int) -> None:
+        self.close_id, self.budget = close_id, budget
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output_ids) < self.budget or self.close_id in output_ids:
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced[self.close_id] = 0.0
+        return forced
+
+
 class LogitBias:
     """OpenAI's logit_bias: add a fixed bias to the logits of some token ids."""
 
