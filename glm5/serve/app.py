@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart, render_messages
 from glm5.engine.sequence import SamplingParams
-from glm5.serve import anthropic
+from glm5.serve import anthropic, responses
 from glm5.serve.anthropic_protocol import error_body as anthropic_error_body
 from glm5.serve.async_engine import AsyncEngine, EngineError
 from glm5.serve.json_mode import JSONPrefixProcessor, LogitBias, ToolNameProcessor
@@ -45,6 +45,7 @@ from glm5.serve.protocol import (
     usage,
     validation_error,
 )
+from glm5.serve.responses_protocol import ResponseStore
 from glm5.serve.text import ChoiceText, TextStream
 
 log = logging.getLogger("glm5.serve")
@@ -56,6 +57,8 @@ class ServerConfig:
     model_name: str = "glm5"
     default_max_tokens: int = 256
     max_body_bytes: int = MAX_BODY_BYTES
+    responses_store_items: int = 1024  # stored Responses API responses (previous_response_id) at most
+    responses_store_bytes: int = 64 << 20  # and their JSON at most; least recently used evicted first
 
 
 class Metrics:
@@ -616,7 +619,9 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
         return {"id": completion_id, "object": "text_completion", "created": created, "model": cfg.model_name,
                 "choices": sorted(result, key=lambda c: c["index"]), "usage": usage(total_prompt, completion_tokens)}
 
+    app.state.responses_store = ResponseStore(cfg.responses_store_items, cfg.responses_store_bytes)
     app.include_router(anthropic.router())
+    app.include_router(responses.router())
     return app
 
 
@@ -635,4 +640,4 @@ def _byte_decoder() -> dict[str, int]:
 
 BYTE_DECODER = _byte_decoder()
 START_TIME = now()
-KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", *anthropic.ROUTES}
+KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", *anthropic.ROUTES, *responses.ROUTES}

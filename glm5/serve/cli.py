@@ -40,6 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int_at_least(0, 65535), default=8000, help="port to bind (0-65535)")
     parser.add_argument("--default-max-tokens", type=int_at_least(1), default=256, help="max_tokens when a request gives none")
+    parser.add_argument("--responses-store-items", type=int_at_least(0), default=1024,
+                        help="Responses API: stored responses kept for previous_response_id (LRU; default 1024)")
+    parser.add_argument("--responses-store-mib", type=int_at_least(1), default=64,
+                        help="Responses API: their size at most in MiB (LRU; default 64)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="uvicorn log level (default warning)")
     parser.set_defaults(func=_serve)
@@ -82,7 +86,9 @@ def build_server(args):
         num_speculative_tokens=args.speculative_tokens, eos_token_ids=tokenizer.eos_token_ids,
         cuda_graphs=False if getattr(args, "enforce_eager", False) else None,
     )
-    config = ServerConfig(model_name=name, default_max_tokens=getattr(args, "default_max_tokens", 256))
+    config = ServerConfig(model_name=name, default_max_tokens=getattr(args, "default_max_tokens", 256),
+                          responses_store_items=getattr(args, "responses_store_items", 1024),
+                          responses_store_bytes=getattr(args, "responses_store_mib", 64) << 20)
     return AsyncEngine(engine, num_threads=args.threads).start(), tokenizer, config
 
 
