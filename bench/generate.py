@@ -28,6 +28,8 @@ import time
 import torch
 from results_io import write_results  # bench/ is on sys.path when a bench runs
 
+from glm5.engine.config import EngineConfig
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
@@ -78,13 +80,14 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per sequence")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (median reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--device", default="cpu", help="cpu / cuda (both models on it)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype of both")
+    # the engine's flags (--device, --dtype, --threads, --block-size, --enforce-eager, ...): both models on
+    # --device in --dtype; cache and batch sizes are set per batch below
+    EngineConfig.add_arguments(parser, device="cpu", dtype="float32", threads=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "generate.json"))
     args = parser.parse_args()
     from conftest import transformers_twin  # (sets 2 threads on import: set ours after it)
 
+    engine_config = EngineConfig.from_args(args)
     torch.set_num_threads(args.threads)
 
     from glm5 import GLM5Config, GLM5ForCausalLM
@@ -102,9 +105,12 @@ def main() -> int:
     for batch in args.batch:
         gen = torch.Generator().manual_seed(batch)
 
-        def make_engine(batch=batch, **kwargs):
-            return LLMEngine(model, max_num_seqs=max(8, batch), max_num_batched_tokens=max(512, batch * args.prompt),
-                             kv_cache_tokens=(args.reps + 2) * batch * (args.prompt + args.new) + 256, **kwargs)
+        batch_config = engine_config.replace(
+            max_num_seqs=max(8, batch), max_num_batched_tokens=max(512, batch * args.prompt),
+            kv_cache_tokens=(args.reps + 2) * batch * (args.prompt + args.new) + 256)
+
+        def make_engine(batch_config=batch_config, **changes):
+            return LLMEngine(model, batch_config.replace(**changes))
 
         engines = {"glm5": make_engine()}
         if device.type == "cuda":

@@ -21,6 +21,8 @@ import time
 import torch
 from results_io import write_results  # bench/ is on sys.path when a bench runs
 
+from glm5.engine.config import EngineConfig
+
 MESSAGES = [
     [{"role": "user", "content": "What is the weather in Paris?"}],
     [{"role": "user", "content": "Write a Python function that adds two numbers."}],
@@ -41,9 +43,10 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts decoded together")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (median time)")
-    parser.add_argument("--threads", type=int, default=2)
+    EngineConfig.add_arguments(parser, kv_cache_tokens=8192, threads=2)  # the engine's flags; k is set per row
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speculative.json"))
     args = parser.parse_args()
+    engine_config = EngineConfig.from_args(args)
     torch.set_num_threads(args.threads)
 
     from glm5 import GLM5Config, GLM5ForCausalLM
@@ -73,7 +76,7 @@ def main() -> int:
     def timed(k: int, prompts):
         times, engine, outs = [], None, None
         for _ in range(args.reps):
-            engine = LLMEngine(model, num_speculative_tokens=k, kv_cache_tokens=8192)
+            engine = LLMEngine(model, engine_config.replace(num_speculative_tokens=k))
             start = time.perf_counter()
             outs = engine.generate(prompts, params)
             times.append(time.perf_counter() - start)

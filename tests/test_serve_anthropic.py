@@ -244,8 +244,6 @@ def test_two_hundred_malformed_requests_get_anthropic_4xx_errors_and_the_server_
         assert http.get("/health").json()["status"] == "ok"
         big = http.post("/v1/messages", content=b"x" * (5 << 20), headers={"content-type": "application/json"})
         assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
-        gone = http.post("/v1/messages/nope", json={})
-        assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="claude-3-opus", max_tokens=4, messages=USER)
     with pytest.raises(anthropic.BadRequestError):

@@ -23,6 +23,7 @@ import torch
 
 from glm5.config import GLM5Config
 from glm5.engine.block_manager import BlockManager
+from glm5.engine.config import EngineConfig
 from glm5.engine.cuda_graphs import StepGraphs
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.runner import ModelRunner
@@ -76,45 +77,42 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(
-        self,
-        model: GLM5ForCausalLM,
-        *,
-        block_size: int = 16,
-        kv_cache_tokens: int = 32768,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 512,
-        max_model_len: int | None = None,
-        num_speculative_tokens: int = 0,
-        eos_token_ids: list[int] | None = None,
-        cuda_graphs: bool | None = None,
-        cuda_graph_max_tokens: int = 1024,
-    ) -> None:
+    """The engine over one model. Its knobs are an `EngineConfig` (glm5/engine/config.py); keyword arguments
+    with the config's field names still work and override it: `LLMEngine(model, kv_cache_tokens=8192)`."""
+
+    def __init__(self, model: GLM5ForCausalLM, config: EngineConfig | None = None, **options) -> None:
+        engine_config = (config or EngineConfig()).replace(**options) if options else (config or EngineConfig())
+        self.engine_config = engine_config
         cfg = model.config
         self.model = model.eval()
         self.config = cfg
+        num_speculative_tokens = engine_config.num_speculative_tokens
         if num_speculative_tokens and not len(model.mtp):
             raise ValueError("num_speculative_tokens > 0 needs a model with an MTP layer (num_nextn_predict_layers)")
         self.num_speculative_tokens = num_speculative_tokens
-        self.block_size = block_size
-        num_blocks = max(1, -(-kv_cache_tokens // block_size))
+        block_size = self.block_size = engine_config.block_size
+        num_blocks = engine_config.num_blocks
+        max_model_len = engine_config.max_model_len
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         param = next(model.parameters())
         num_mtp = 1 if num_speculative_tokens else 0
         self.cache = LatentKVCache(cfg, num_blocks, block_size, model.model.embed_tokens.weight.dtype, param.device, num_mtp)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, num_speculative_tokens)
+        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, engine_config.max_num_batched_tokens,
+                                   num_speculative_tokens)
         self.runner = ModelRunner(model, self.cache, block_size)
         # steps of at most cuda_graph_max_tokens padded tokens replayed from captured CUDA graphs (see
         # glm5/engine/cuda_graphs.py): on by default on CUDA without speculation (drafts feed steps eagerly);
         # True on another device runs the same static forward uncaptured
         on_cuda = param.device.type == "cuda"
+        cuda_graphs = engine_config.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = on_cuda and not num_speculative_tokens
-        self.graphs = (StepGraphs(self.runner, max_num_seqs, self.cache.scratch_slot, capture=on_cuda,
-                                  max_tokens=cuda_graph_max_tokens) if cuda_graphs else None)
+        self.graphs = (StepGraphs(self.runner, engine_config.max_num_seqs, self.cache.scratch_slot, capture=on_cuda,
+                                  max_tokens=engine_config.cuda_graph_max_tokens) if cuda_graphs else None)
         self.sampler = Sampler()
         self.drafter = MTPDrafter(self.runner, self.block_manager, num_speculative_tokens) if num_speculative_tokens else None
+        eos_token_ids = engine_config.eos_token_ids
         self.eos_token_ids = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
         # a sequence never needs more than the whole cache (minus room for drafts)
         self.capacity_tokens = num_blocks * block_size - 2 * num_speculative_tokens - 1
@@ -123,15 +121,24 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                        **kwargs) -> LLMEngine:
-        return cls(GLM5ForCausalLM.from_pretrained(directory, device=device, dtype=dtype), **kwargs)
+    def from_pretrained(cls, directory: str | os.PathLike, config: EngineConfig | None = None, *,
+                        device: str | None = None, dtype: torch.dtype | str | None = None, **options) -> LLMEngine:
+        """Load a checkpoint onto `device` (default: the config's, else the CPU) in `dtype` (default: the config's)."""
+        config = (config or EngineConfig()).replace(**options)
+        device = device or config.device or "cpu"
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or config.torch_dtype())
+        return cls(GLM5ForCausalLM.from_pretrained(directory, device=device, dtype=dtype), config)
 
     @classmethod
-    def from_preset(cls, name: str, *, seed: int = 0, device: str = "cpu", **kwargs) -> LLMEngine:
+    def from_preset(cls, name: str, config: EngineConfig | None = None, *, seed: int = 0, device: str | None = None,
+                    **options) -> LLMEngine:
         """Random weights (for smoke tests and benchmarks)."""
+        config = (config or EngineConfig()).replace(**options)
         torch.manual_seed(seed)
-        return cls(GLM5ForCausalLM(GLM5Config.from_preset(name)).to(device), **kwargs)
+        model = GLM5ForCausalLM(GLM5Config.from_preset(name)).to(device or config.device or "cpu")
+        if config.dtype:
+            model = model.to(config.torch_dtype())
+        return cls(model, config)
 
     # ------------------------------------------------------------------ requests
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:

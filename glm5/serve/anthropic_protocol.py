@@ -22,7 +22,6 @@ Mapping (GLM-5 chat format <- Anthropic):
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -357,8 +356,3 @@ class MessageBuilder:
         self.open = None
         self.partial_json = []
         return out + [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
-
-
-def sse(event: dict) -> str:
-    """One server-sent event as Anthropic writes them: the event's type as the SSE event name."""
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"

@@ -12,24 +12,15 @@ import argparse
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    from glm5.cli import int_at_least
+    """The model source and the engine's flags (EngineConfig.add_arguments: dest = the config's field names)."""
+    from glm5.engine.config import EngineConfig
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="checkpoint directory (config.json + safetensors, tokenizer.json optional)")
     source.add_argument("--preset", default=None, help="serve random weights of a preset (e.g. nano); default nano")
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: preset or dir name)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights with --preset")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    parser.add_argument("--device", default=None, help="cpu / cuda / mps (default: best available)")
-    parser.add_argument("--max-num-seqs", type=int_at_least(1), default=32, help="sequences in the running batch at most")
-    parser.add_argument("--max-num-batched-tokens", type=int_at_least(1), default=512, help="tokens per prefill step (chunking)")
-    parser.add_argument("--kv-cache-tokens", type=int_at_least(1), default=32768, help="latent KV cache size in tokens")
-    parser.add_argument("--block-size", type=int_at_least(1), default=16, help="tokens per KV cache block")
-    parser.add_argument("--max-model-len", type=int_at_least(1), default=None, help="context length (default: the model's)")
-    parser.add_argument("--speculative-tokens", type=int_at_least(0), default=0, help="MTP draft tokens per step (0: off)")
-    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads for the engine")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="no CUDA graphs (on CUDA, steps of few tokens are replayed from captured graphs by default)")
+    EngineConfig.add_arguments(parser)
 
 
 def register(subparsers) -> None:
@@ -55,16 +46,18 @@ def build_server(args):
 
     import torch
 
+    import glm5.engine
     from glm5.common import pick_device
     from glm5.config import GLM5Config
-    from glm5.engine import LLMEngine
+    from glm5.engine.config import EngineConfig
     from glm5.model import GLM5ForCausalLM
-    from glm5.serve.app import ServerConfig
     from glm5.serve.async_engine import AsyncEngine
+    from glm5.serve.state import ServerConfig
     from glm5.tokenizer import Tokenizer, default_tokenizer
 
-    device = str(pick_device(args.device))
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine_config = EngineConfig.from_args(args)
+    device = str(pick_device(engine_config.device))
+    dtype = engine_config.torch_dtype()
     if args.model:
         model = GLM5ForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
         has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer.json"))
@@ -80,16 +73,11 @@ def build_server(args):
         name = args.served_model_name or preset
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
-    engine = LLMEngine(
-        model, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        num_speculative_tokens=args.speculative_tokens, eos_token_ids=tokenizer.eos_token_ids,
-        cuda_graphs=False if getattr(args, "enforce_eager", False) else None,
-    )
+    engine = glm5.engine.LLMEngine(model, engine_config.replace(eos_token_ids=tokenizer.eos_token_ids))
     config = ServerConfig(model_name=name, default_max_tokens=getattr(args, "default_max_tokens", 256),
                           responses_store_items=getattr(args, "responses_store_items", 1024),
                           responses_store_bytes=getattr(args, "responses_store_mib", 64) << 20)
-    return AsyncEngine(engine, num_threads=args.threads).start(), tokenizer, config
+    return AsyncEngine(engine, num_threads=engine_config.threads).start(), tokenizer, config
 
 
 def listen(host: str, port: int):

@@ -2,7 +2,7 @@
 
 Requests are pydantic models; a field that fails validation becomes a 400 `invalid_request_error` naming the
 field (`param`). Unknown fields are ignored, as vLLM and SGLang do (clients send vendor extensions).
-Responses are plain dicts built by the server (see app.py); the helpers here give their common pieces.
+Responses are plain dicts built by the routes (openai_chat.py, openai_completions.py); the helpers here give their common pieces.
 """
 
 from __future__ import annotations
@@ -14,31 +14,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from glm5.serve.errors import APIError, validation_error  # noqa: F401  (re-exported: the routes' errors)
+
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 MAX_N = 8
 MAX_STOP = 4
-
-
-class APIError(Exception):
-    """An error returned as OpenAI does: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def validation_error(err) -> APIError:
-    """A pydantic ValidationError -> 400 naming the first bad field."""
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    message = first.get("msg", "invalid request")
-    if param:
-        message = f"{param}: {message}"
-    return APIError(400, message, param=param, code="invalid_value")
 
 
 class _Request(BaseModel):

@@ -12,18 +12,20 @@ the default) live in a bounded LRU (`--responses-store-items`, `--responses-stor
 
 from __future__ import annotations
 
-import json
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 
-from glm5.serve.chat_run import ChatOptions, ChatRequestError, ChatRun
-from glm5.serve.protocol import APIError, validation_error
-from glm5.serve.responses_protocol import ResponseBuilder, ResponsesRequest, new_id, output_to_messages, sse
+from glm5.serve.chat_run import ChatOptions, ChatRun
+from glm5.serve.errors import APIError
+from glm5.serve.generation import unless_disconnected
+from glm5.serve.inputs import parse_request, read_json
+from glm5.serve.responses_protocol import ResponseBuilder, ResponsesRequest, new_id, output_to_messages
+from glm5.serve.sse import event_stream, sse_event
+from glm5.serve.state import server_state
 
-ROUTES = ("/v1/responses",)
+router = APIRouter()
+PATHS = ("/v1/responses",)
 
 
 def _usage(run: ChatRun, reasoning_tokens: int) -> dict:
@@ -33,7 +35,7 @@ def _usage(run: ChatRun, reasoning_tokens: int) -> dict:
             "total_tokens": prompt + run.output_tokens}
 
 
-def _skeleton(req: ResponsesRequest, model: str, max_tokens: int) -> dict:
+def _skeleton(req: ResponsesRequest, model: str) -> dict:
     choice = req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()
     return {
         "id": new_id("resp"), "object": "response", "created_at": int(time.time()), "model": model,
@@ -47,101 +49,74 @@ def _skeleton(req: ResponsesRequest, model: str, max_tokens: int) -> dict:
     }
 
 
-def router() -> APIRouter:
-    api = APIRouter()
+def _not_found(response_id: str, param: str) -> APIError:
+    return APIError(404, f"no stored response {response_id!r} (never stored, or evicted)", "not_found_error",
+                    param, "response_not_found")
 
-    @api.post("/v1/responses")
-    async def create(request: Request):
-        state = request.app.state
-        cfg, store = state.config, state.responses_store
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object", code="invalid_json")
-        try:
-            req = ResponsesRequest.model_validate(body)
-        except ValidationError as err:
-            raise validation_error(err) from None
-        except RecursionError:
-            raise APIError(400, "the request is nested too deeply") from None
-        if req.model != cfg.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {cfg.model_name!r}",
-                           "not_found_error", "model", "model_not_found")
-        conversation: list[dict] = []
-        if req.previous_response_id:
-            previous = store.get(req.previous_response_id)
-            if previous is None:
-                raise APIError(404, f"no stored response {req.previous_response_id!r} (never stored, or evicted)",
-                               "not_found_error", "previous_response_id", "response_not_found")
-            response, before = previous
-            conversation = before + output_to_messages(response["output"])
-        conversation = conversation + req.input_messages()
-        messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
-        options = ChatOptions(max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
-                              tool_choice=req.chat_tool_choice, parallel_tool_calls=req.parallel_tool_calls,
-                              thinking=req.thinking)
-        try:
-            run = ChatRun.start(state, messages, req.chat_tools(), options, prefix="resp")
-        except ChatRequestError as err:
-            raise APIError(err.status, str(err)) from None
-        state.metrics.prompt_tokens.inc(len(run.prompt_ids))
-        builder = ResponseBuilder(_skeleton(req, cfg.model_name, run.params.max_tokens))
-        tokenizer = state.tokenizer
 
-        def finish() -> list[dict]:
-            reasoning = run.result.reasoning or ""
-            events = builder.finish(run.finish_reason, _usage(run, len(tokenizer.encode(reasoning)) if reasoning else 0))
-            if req.store:
-                store.put(builder.response, conversation)
-            return events
+@router.post("/v1/responses")
+async def create(request: Request):
+    state = server_state(request)
+    store = request.app.state.responses_store
+    req: ResponsesRequest = parse_request(ResponsesRequest, await read_json(request, state), state)
+    conversation: list[dict] = []
+    if req.previous_response_id:
+        previous = store.get(req.previous_response_id)
+        if previous is None:
+            raise _not_found(req.previous_response_id, "previous_response_id")
+        response, before = previous
+        conversation = before + output_to_messages(response["output"])
+    conversation = conversation + req.input_messages()
+    messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
+    options = ChatOptions(max_new_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
+                          tool_choice=req.chat_tool_choice, parallel_tool_calls=req.parallel_tool_calls,
+                          thinking=req.thinking)
+    run = await ChatRun.start(state, messages, req.chat_tools(), options, prefix="resp")
+    builder = ResponseBuilder(_skeleton(req, state.config.model_name))
 
-        if req.stream:
-            async def events():
-                for event in builder.start():
-                    yield sse(event)
-                try:
-                    async for parsed, _ in run.steps():
-                        for event in parsed:
-                            for out in builder.feed(event):
-                                yield sse(out)
-                except ChatRequestError as err:
-                    builder.response.update(status="failed", error={"code": "server_error", "message": str(err)})
-                    yield sse(builder._event("response.failed", response=builder.response))
-                    return
-                for event in finish():
-                    yield sse(event)
+    def finish() -> list[dict]:
+        reasoning = run.result.reasoning or ""
+        reasoning_tokens = len(state.tokenizer.encode(reasoning)) if reasoning else 0
+        events = builder.finish(run.finish_reason, _usage(run, reasoning_tokens))
+        if req.store:
+            store.put(builder.response, conversation)
+        return events
 
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if req.stream:
+        async def events():
+            for event in builder.start():
+                yield sse_event(event, event=event["type"])
+            try:
+                async for parsed, _ in run.steps():
+                    for event in parsed:
+                        for out in builder.feed(event):
+                            yield sse_event(out, event=out["type"])
+            except APIError as err:
+                failed = builder.fail(err.message)
+                yield sse_event(failed, event=failed["type"])
+                return
+            for event in finish():
+                yield sse_event(event, event=event["type"])
 
-        from glm5.serve.app import unless_disconnected  # the app module imports this one
+        return event_stream(events())
 
-        try:
-            async for parsed, _ in unless_disconnected(request, run.steps()):
-                for event in parsed:
-                    builder.feed(event)
-        except ChatRequestError as err:
-            raise APIError(err.status, str(err), "server_error" if err.status >= 500 else "invalid_request_error") \
-                from None
-        finish()
-        return builder.response
+    async for parsed, _ in unless_disconnected(request, run.steps()):
+        for event in parsed:
+            builder.feed(event)
+    finish()
+    return builder.response
 
-    @api.get("/v1/responses/{response_id}")
-    async def retrieve(request: Request, response_id: str):
-        entry = request.app.state.responses_store.get(response_id)
-        if entry is None:
-            raise APIError(404, f"no stored response {response_id!r} (never stored, or evicted)", "not_found_error",
-                           "response_id", "response_not_found")
-        return entry[0]
 
-    @api.delete("/v1/responses/{response_id}")
-    async def delete(request: Request, response_id: str):
-        if not request.app.state.responses_store.delete(response_id):
-            raise APIError(404, f"no stored response {response_id!r}", "not_found_error", "response_id",
-                           "response_not_found")
-        return {"id": response_id, "object": "response.deleted", "deleted": True}
+@router.get("/v1/responses/{response_id}")
+async def retrieve(request: Request, response_id: str):
+    entry = request.app.state.responses_store.get(response_id)
+    if entry is None:
+        raise _not_found(response_id, "response_id")
+    return entry[0]
 
-    return api
+
+@router.delete("/v1/responses/{response_id}")
+async def delete(request: Request, response_id: str):
+    if not request.app.state.responses_store.delete(response_id):
+        raise _not_found(response_id, "response_id")
+    return {"id": response_id, "object": "response.deleted", "deleted": True}

@@ -329,6 +329,11 @@ class ResponseBuilder:
         kind = "response.incomplete" if incomplete else "response.completed"
         return out + [self._event(kind, response=json.loads(json.dumps(self.response)))]
 
+    def fail(self, message: str) -> dict:
+        """The `response.failed` event of a stream that broke off (an engine failure)."""
+        self.response.update(status="failed", error={"code": "server_error", "message": message})
+        return self._event("response.failed", response=json.loads(json.dumps(self.response)))
+
     # ---- items --------------------------------------------------------------------------------------------
     def _begin(self, kind: str, item: dict, part: dict | None, new: bool = False) -> list[dict]:
         if self.open == kind and not new:
@@ -372,10 +377,6 @@ class ResponseBuilder:
         out.append(self._event("response.output_item.done", output_index=index, item=json.loads(json.dumps(item))))
         self.open = None
         return out
-
-
-def sse(event: dict) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 # ---- the store ----------------------------------------------------------------------------------------------
