@@ -118,4 +118,9 @@ class ChatRun:
 
     @property
     def finish_reason(self) -> str:
-        return finish_reason(self.choice, self.engine_finish, tool_calls=bool(self.result.tool_calls))
+        """generation.finish_reason's, except that a tool call cut off by max tokens is "length": an agent must
+        not run a call whose arguments were never finished."""
+        calls = self.result.tool_calls
+        if self.engine_finish == "length" and calls and (calls[-1].error or "").startswith("unclosed"):
+            return "length"
+        return finish_reason(self.choice, self.engine_finish, tool_calls=bool(calls))
