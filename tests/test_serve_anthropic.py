@@ -249,3 +249,38 @@ def test_two_hundred_malformed_requests_get_anthropic_4xx_errors_and_the_server_
     with pytest.raises(anthropic.BadRequestError):
         client.messages.create(model=MODEL, max_tokens=4, messages=[])
     assert client.messages.create(model=MODEL, max_tokens=4, messages=USER).usage.output_tokens >= 1
+
+
+def test_parallel_tool_use_off_keeps_the_first_call_and_a_named_tool_is_forced(server, client):
+    FORCED.append("</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value></tool_call>"
+                  "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Rome</arg_value></tool_call>")
+    one = client.messages.create(model=MODEL, max_tokens=60, messages=USER, tools=TOOLS, extra_body=GREEDY,
+                                 tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+                                 thinking={"type": "enabled", "budget_tokens": 50})
+    assert [(b.type, getattr(b, "input", None)) for b in one.content] == [("tool_use", {"city": "Oslo"})]
+    named = client.messages.create(model=MODEL, max_tokens=10, messages=USER, tools=TOOLS, extra_body=GREEDY,
+                                   tool_choice={"type": "tool", "name": "get_weather"})
+    assert named.content[-1].type == "tool_use" and named.content[-1].name == "get_weather"
+    assert last_prompt(server[1]).endswith("<|assistant|></think><tool_call>get_weather<arg_key>")
+
+
+def test_an_engine_failure_is_an_api_error_body_or_an_error_event(server, client):
+    llm = server[1].state.engine.engine
+    step = llm.step
+
+    def broken():
+        raise RuntimeError("boom")
+
+    llm.step = broken
+    try:
+        with pytest.raises(anthropic.InternalServerError) as failure:
+            client.messages.create(model=MODEL, max_tokens=4, messages=USER)
+        assert failure.value.status_code == 500 and failure.value.body["error"]["type"] == "api_error"
+        body = {"model": MODEL, "max_tokens": 4, "messages": USER, "stream": True}
+        with httpx.stream("POST", server[0] + "/v1/messages", json=body, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        last = json.loads(lines[-1].removeprefix("data: "))
+        assert last == {"type": "error", "error": {"type": "api_error", "message": "engine error: RuntimeError"}}
+    finally:
+        llm.step = step
+    assert client.messages.create(model=MODEL, max_tokens=3, messages=USER).usage.output_tokens >= 1

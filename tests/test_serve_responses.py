@@ -173,3 +173,22 @@ def test_bad_requests_get_openai_errors(server):
         assert http.post("/v1/responses", json={"model": "other", "input": "x"}).status_code == 404
         assert http.get("/v1/responses/resp_nope").status_code == 404
         assert http.get("/health").json()["status"] == "ok"
+
+
+def test_an_engine_failure_is_a_500_or_a_failed_event(server, client):
+    llm = server[1].state.engine.engine
+    step = llm.step
+
+    def broken():
+        raise RuntimeError("boom")
+
+    llm.step = broken
+    try:
+        with pytest.raises(openai.InternalServerError):
+            client.responses.create(model=MODEL, input="x", max_output_tokens=4)
+        with client.responses.create(model=MODEL, input="x", max_output_tokens=4, stream=True) as events:
+            kinds = [e.type for e in events]
+        assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.failed"
+    finally:
+        llm.step = step
+    assert client.responses.create(model=MODEL, input="x", max_output_tokens=2).status == "incomplete"
