@@ -1,4 +1,4 @@
-"""`glm5 serve`: the OpenAI-compatible server on one model.
+"""`glm5 serve`: the server on one model: OpenAI chat / completions / Responses, Anthropic Messages, a chat page at /.
 
     glm5 serve --preset nano --port 8000              # random weights + the default tokenizer, nothing else needed
     glm5 serve --model runs/demo/model --port 8000    # config.json + safetensors (+ tokenizer.json if present)
@@ -26,7 +26,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     from glm5.cli import int_at_least
 
-    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
+    parser = subparsers.add_parser("serve", help="HTTP server: OpenAI chat/completions/Responses, Anthropic Messages, metrics, a chat page at /")
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int_at_least(0, 65535), default=8000, help="port to bind (0-65535)")
