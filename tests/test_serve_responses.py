@@ -161,7 +161,7 @@ def test_max_output_tokens_gives_an_incomplete_response(client):
 def test_bad_requests_get_openai_errors(server):
     with httpx.Client(base_url=server[0], timeout=60) as http:
         for body in ({}, {"model": MODEL}, {"model": MODEL, "input": []}, {"model": MODEL, "input": 5},
-                     {"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]},
+                     {"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "bad name"}]},
                      {"model": MODEL, "input": [{"type": "function_call", "call_id": "c", "name": "f",
                                                  "arguments": "not json"}]},
                      {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
@@ -171,6 +171,10 @@ def test_bad_requests_get_openai_errors(server):
             assert r.status_code == 400, (body, r.text)
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert http.post("/v1/responses", json={"model": "other", "input": "x"}).status_code == 404
+        # built-in tools a client sends with every request are ignored, not refused
+        ok = http.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": 2,
+                                              "tools": [{"type": "web_search"}, {"type": "local_shell"}, TOOLS[0]]})
+        assert ok.status_code == 200 and [t["name"] for t in ok.json()["tools"]] == ["get_weather"]
         assert http.get("/v1/responses/resp_nope").status_code == 404
         assert http.get("/health").json()["status"] == "ok"
 

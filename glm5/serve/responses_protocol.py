@@ -11,7 +11,9 @@ Input items: messages (user / system / developer / assistant, text as a string o
 parts), `function_call` (call_id, name, arguments as JSON text), `function_call_output` (call_id, output),
 `reasoning` (its reasoning_text content, else its summary). Consecutive reasoning, assistant message and
 function_call items are one assistant turn (reasoning, content, tool calls), as GLM-5's template writes it.
-Output items: `reasoning` (content [reasoning_text]; GLM-5 writes no summary), `message` ([output_text]),
+Tools: function tools; built-in ones (web_search, local_shell, ...) are ignored, since clients such as Codex
+may send them with every request. Output items: `reasoning` (content [reasoning_text]; GLM-5 writes no
+summary), `message` ([output_text]),
 `function_call` per tool call. The non-streamed response is folded from the same events as the stream.
 """
 
@@ -177,6 +179,9 @@ class ResponsesRequest(_Model):
             data = {k: v for k, v in data.items() if v is not None}  # null means the default, as OpenAI
             if "input" in data:
                 data["input"] = _default_message_type(data["input"])
+            if isinstance(data.get("tools"), list):  # built-in tools (web_search, local_shell, ...) are not
+                data["tools"] = [t for t in data["tools"]  # served: ignored, as a client may always send them
+                                 if not (isinstance(t, dict) and t.get("type") not in (None, "function"))]
         return data
 
     @model_validator(mode="after")
