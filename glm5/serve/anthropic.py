@@ -45,7 +45,8 @@ def _options(req: MessagesRequest) -> ChatOptions:
         max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         stop=req.stop_sequences, tool_choice=req.chat_tool_choice,
         parallel_tool_calls=not (choice is not None and choice.disable_parallel_tool_use),
-        thinking=req.thinking_enabled, thinking_budget=req.thinking.budget_tokens if req.thinking_enabled else None)
+        thinking=req.thinking_enabled, thinking_budget=req.thinking.budget_tokens if req.thinking_enabled else None,
+        prefill=req.prefill)
 
 
 def _event(event: dict) -> str:
@@ -98,7 +99,7 @@ async def count_tokens(request: Request):
     req: CountTokensRequest = parse_request(CountTokensRequest, await read_json(request, state), state)
     tools = req.chat_tools() if req.chat_tool_choice != "none" else None
     try:
-        prompt = render_messages(req.chat_messages(), tools, enable_thinking=req.thinking_enabled)
+        prompt = render_messages(req.chat_messages(), tools, enable_thinking=req.thinking_enabled) + req.prefill
     except (ValueError, TypeError, KeyError) as err:
         raise APIError(400, f"messages cannot be rendered: {err}", param="messages") from None
     return {"input_tokens": len(state.tokenizer.encode(prompt, allow_special=True))}

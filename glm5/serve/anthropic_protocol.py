@@ -192,6 +192,8 @@ class CountTokensRequest(_Model):
             raise ValueError("tool_choice 'any' needs at least one tool")
         if self.messages[0].role != "user":
             raise ValueError("the first message must use the user role")
+        if self.prefill != self.prefill.rstrip():
+            raise ValueError("final assistant content cannot end with trailing whitespace")
         return self
 
     @property
@@ -212,13 +214,28 @@ class CountTokensRequest(_Model):
             return "auto" if self.tools else "none"
         return {"any": "required", "none": "none"}.get(choice.type, choice.name)
 
+    @property
+    def prefill(self) -> str:
+        """The text of a final assistant message: the start of the answer, which the model continues (only the
+        continuation is returned, as Anthropic does); '' when the conversation ends on a user turn."""
+        last = self.messages[-1]
+        if last.role != "assistant":
+            return ""
+        if isinstance(last.content, str):
+            return last.content
+        if any(b.type != "text" for b in last.content):
+            raise ValueError("a final assistant message (prefill) may only hold text blocks")
+        return "".join(b.text for b in last.content)
+
     def chat_messages(self) -> list[dict]:
-        """The conversation as glm5 chat messages (see the module docstring for the mapping)."""
+        """The conversation as glm5 chat messages (see the module docstring for the mapping); a final assistant
+        message is left out (it is the prefill)."""
         out: list[dict] = []
         if self.system:
             system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
             out.append({"role": "system", "content": system})
-        for message in self.messages:
+        messages = self.messages[:-1] if self.messages[-1].role == "assistant" else self.messages
+        for message in messages:
             blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) \
                 else message.content
             if message.role == "user":

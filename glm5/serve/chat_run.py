@@ -43,6 +43,7 @@ class ChatOptions:
     parallel_tool_calls: bool = True
     thinking: bool = True
     thinking_budget: int | None = None  # reasoning tokens at most; then `</think>` is forced
+    prefill: str = ""  # the start of the assistant's answer, given by the client (Anthropic's prefill): continued
 
 
 @dataclass
@@ -70,7 +71,10 @@ class ChatRun:
         forced, name_choices = forced_opening(offered, options.tool_choice, state.tokenizer)
         if forced and options.thinking:
             forced = "</think>" + forced  # GLM-5 does not call tools while thinking
-        ids = await prompt_ids(state, prompt + forced, param="messages")
+        if options.prefill and (forced or options.thinking):
+            raise APIError(400, "a final assistant message (prefill) cannot be combined with thinking or a forced "
+                                "tool_choice", param="messages")
+        ids = await prompt_ids(state, prompt + forced + options.prefill, param="messages")
         room = state.max_prompt_tokens + 1 - len(ids)
         options = dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens or state.config.default_max_tokens, room))
         thinking = options.thinking and not forced
