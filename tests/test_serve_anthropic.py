@@ -66,6 +66,8 @@ def test_streamed_events_follow_anthropics_sequence_and_add_up_to_the_plain_repl
                                    thinking={"type": "enabled", "budget_tokens": 4})
     assert [b.model_dump() for b in streamed.content] == [b.model_dump() for b in plain.content]
     assert (streamed.stop_reason, streamed.usage.output_tokens) == (plain.stop_reason, plain.usage.output_tokens)
+    total = [m.usage.input_tokens + m.usage.cache_read_input_tokens for m in (streamed, plain)]
+    assert total[0] == total[1] == len(PROMPTS[-1]), total
 
 
 def test_raw_stream_has_ping_and_thinking_signature(server):

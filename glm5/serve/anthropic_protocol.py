@@ -341,8 +341,10 @@ class MessageBuilder:
         self.stop_reason, self.stop_sequence = stop_reason, stop_sequence
         self.usage["output_tokens"] = output_tokens
         return [*self._close(),
+                # the whole usage, as Anthropic's message_delta now carries it: prefix-cache hits are only known
+                # once the engine ran, after message_start
                 {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                 "usage": {"output_tokens": output_tokens}},
+                 "usage": dict(self.usage)},
                 {"type": "message_stop"}]
 
     def message(self) -> dict:
