@@ -295,7 +295,10 @@ def test_a_final_assistant_message_is_a_prefill_the_model_continues(server, clie
                 {"role": "assistant", "content": "The answer is"}]
     reply = client.messages.create(model=MODEL, max_tokens=20, messages=messages, extra_body=GREEDY)
     assert last_prompt(server[1]).endswith("<|user|>What is six times seven?<|assistant|></think>The answer is")
-    assert [b.text for b in reply.content] == ["forty-two."]  # only the continuation comes back
+    assert [b.text for b in reply.content] == [" forty-two."]  # only the continuation comes back, as written
+    FORCED.append(" forty-two.")
+    with client.messages.stream(model=MODEL, max_tokens=20, messages=messages, extra_body=GREEDY) as stream:
+        assert "".join(stream.text_stream) == " forty-two."
     counted = client.messages.count_tokens(model=MODEL, messages=messages)
     assert counted.input_tokens == len(PROMPTS[-1])
     with pytest.raises(anthropic.BadRequestError):

@@ -20,7 +20,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
-from glm5.chat import render_messages
+from glm5.chat import ContentDelta, render_messages
 from glm5.serve.errors import APIError
 from glm5.serve.generation import Choice, engine_failure, finish_reason, generate
 from glm5.serve.inputs import forced_opening, prompt_ids, sampling_params
@@ -57,6 +57,10 @@ class ChatRun:
     output_tokens: int = 0
     cached_tokens: int = 0
     engine_finish: str | None = None
+    prefill_length: int = 0  # leading content characters that are the client's prefill, not returned
+
+    def __post_init__(self) -> None:
+        self._skip = self.prefill_length  # of them, not yet taken out of the streamed content
 
     @classmethod
     async def start(cls, state: ServerState, messages: list[dict], tools: list[dict] | None, options: ChatOptions,
@@ -83,9 +87,11 @@ class ChatRun:
             processors.append(ThinkingBudget(state.tokenizer.special_token_id("</think>"), options.thinking_budget))
         params = sampling_params(state, options, len(ids), processors=processors)
         text = ChoiceText(state.tokenizer, offered, thinking, options.stop, state.hidden_ids,
-                          forced=forced.removeprefix("</think>"))
+                          forced=forced.removeprefix("</think>") + options.prefill)
         choice = Choice(0, f"{prefix}-{uuid.uuid4().hex}", params, text)
-        return cls(state, ids, choice, options.parallel_tool_calls)
+        # the parser reads the prefill with the continuation (a space between them is inner text, a call begun in
+        # the prefill is parsed whole); the prefill's own characters are then left out of what is returned
+        return cls(state, ids, choice, options.parallel_tool_calls, prefill_length=len(options.prefill.lstrip()))
 
     async def steps(self):
         """Run the request; yield (parser events, StepOutput) per engine step. A stop string ends it early, and so
@@ -102,15 +108,29 @@ class ChatRun:
                     return
 
     def keep(self, events: list) -> list:
-        """Events of tool calls the request does not take (parallel_tool_calls off: calls after the first) dropped."""
-        if self.parallel_tool_calls:
-            return events
-        return [e for e in events if getattr(e, "index", 0) == 0]
+        """Events of tool calls the request does not take (parallel_tool_calls off: calls after the first) dropped,
+        and the prefill's text taken out of the content."""
+        if not self.parallel_tool_calls:
+            events = [e for e in events if getattr(e, "index", 0) == 0]
+        if self._skip:
+            kept = []
+            for event in events:
+                if isinstance(event, ContentDelta) and self._skip:
+                    cut = min(self._skip, len(event.text))
+                    self._skip -= cut
+                    event = ContentDelta(event.text[cut:])
+                    if not event.text:
+                        continue
+                kept.append(event)
+            events = kept
+        return events
 
     @property
     def result(self):
         """The parse of the whole output (reasoning, content, tool calls), after `steps` ended."""
         parsed = self.choice.text.finish()
+        if self.prefill_length:
+            parsed = dataclasses.replace(parsed, content=parsed.content[self.prefill_length:])
         if not self.parallel_tool_calls:
             parsed = dataclasses.replace(parsed, tool_calls=parsed.tool_calls[:1])
         return parsed
