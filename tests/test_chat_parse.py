@@ -337,7 +337,7 @@ def test_the_official_glm5_template_is_detected_as_glm5():
     assert detect_chat_format("{{ '/nothink' }}<|assistant|>\n") == "glm45"
 
 
-# ---- recovered slips: what GLM models are seen to write (vLLM's glm47 parser issues) ----------------
+# ---- recovered slips: what GLM models are seen to write (vllm-project/vllm #47190, #49248) ----------
 _ONE_PARAM = [{"type": "function", "function": {"name": "run_in_terminal", "parameters": {
     "type": "object", "properties": {"command": {"type": "string"}}}}},
     {"type": "function", "function": {"name": "run", "parameters": {

@@ -80,7 +80,8 @@ class ChatRun:
                                 "tool_choice", param="messages")
         ids = await prompt_ids(state, prompt + forced + options.prefill, param="messages")
         room = state.max_prompt_tokens + 1 - len(ids)
-        options = dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens or state.config.default_max_tokens, room))
+        wanted = options.max_new_tokens or state.config.default_max_tokens
+        options = dataclasses.replace(options, max_new_tokens=min(wanted, room))
         thinking = options.thinking and not forced
         processors = [ToolNameProcessor(state.tokenizer, name_choices)] if name_choices else []
         if thinking and options.thinking_budget is not None and options.thinking_budget < options.max_new_tokens:
