@@ -71,8 +71,9 @@ def test_streamed_events_follow_anthropics_sequence_and_add_up_to_the_plain_repl
 
 
 def test_raw_stream_has_ping_and_thinking_signature(server):
-    body = {"model": MODEL, "max_tokens": 8, "messages": USER, "stream": True, "temperature": 0,
-            "thinking": {"type": "enabled", "budget_tokens": 3}}
+    FORCED.append("Hmm, a greeting.</think>Hi.")
+    body = {"model": MODEL, "max_tokens": 30, "messages": USER, "stream": True, "temperature": 0,
+            "thinking": {"type": "enabled", "budget_tokens": 20}}
     with httpx.stream("POST", server[0] + "/v1/messages", json=body,
                       headers={"x-api-key": "k", "anthropic-version": "2023-06-01"}, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -83,11 +84,14 @@ def test_raw_stream_has_ping_and_thinking_signature(server):
     assert names[:2] == ["message_start", "ping"]
     deltas = [d["delta"]["type"] for d in datas if d["type"] == "content_block_delta"]
     assert "thinking_delta" in deltas and "signature_delta" in deltas
-    # the budget of 3 reasoning tokens forced </think>: a text block follows the thinking block
     starts = [d["content_block"]["type"] for d in datas if d["type"] == "content_block_start"]
-    assert starts[0] == "thinking"
+    assert starts == ["thinking", "text"]
+    thinking = "".join(d["delta"].get("thinking", "") for d in datas if d["type"] == "content_block_delta")
+    signature = next(d["delta"]["signature"] for d in datas
+                     if d["type"] == "content_block_delta" and d["delta"]["type"] == "signature_delta")
+    assert thinking == "Hmm, a greeting." and len(signature) == 64
     final = next(d for d in datas if d["type"] == "message_delta")
-    assert final["usage"]["output_tokens"] <= 8
+    assert final["delta"]["stop_reason"] == "end_turn" and final["usage"]["output_tokens"] > 0
 
 
 def test_thinking_budget_closes_the_reasoning(client):
