@@ -92,6 +92,12 @@ def test_chat_page_streams_reasoning_tool_calls_stops_and_exports(server, browse
     assert reply.locator(".reasoning-text").is_visible()
     assert reply.locator(".reasoning-text").text_content() == "The user wants the weather, so I check it first."
     page.screenshot(path=str(tmp_path / "3-reasoning-open.png"))
+    # and by keyboard: the summary takes focus and Enter toggles it
+    reasoning.locator("summary").focus()
+    page.keyboard.press("Enter")
+    assert reasoning.get_attribute("open") is None and not reply.locator(".reasoning-text").is_visible()
+    page.keyboard.press("Enter")
+    assert reply.locator(".reasoning-text").is_visible()
 
     # a long answer, stopped with Esc: the stream ends early and the server aborts the request
     FORCED.append("</think>" + LONG)
