@@ -42,11 +42,48 @@ def script_engine(engine, tokenizer, script: list[str], prompts: list[list[int]]
     engine.generate = generate
 
 
+class ForcedTokens:
+    """A logits processor that makes the engine write `ids` and then `end_id`: every other token gets -inf.
+    A function of the output ids alone (stateless), so MTP speculation drafts and verifies through it."""
+
+    stateless = True
+
+    def __init__(self, ids: list[int], end_id: int) -> None:
+        self.ids, self.end_id = ids, end_id
+
+    def __call__(self, output_ids, logits):
+        import torch
+
+        n = len(output_ids)
+        forced = torch.full_like(logits, float("-inf"))
+        forced[self.ids[n] if n < len(self.ids) else self.end_id] = 0.0
+        return forced
+
+
+def force_engine(engine, tokenizer, script: list[str], prompts: list[list[int]] | None = None) -> None:
+    """Make the real engine write the texts of `script` (first in, first out), each then `<|endoftext|>`: the
+    model runs, the sampler (or MTP drafting and verification) picks the forced ids, and the server detokenizes
+    and parses them as any output. An empty script leaves the model alone."""
+    real_generate = engine.generate
+    end_id = tokenizer.special_token_id("<|endoftext|>")
+
+    def generate(prompt_ids, params, request_id):
+        if prompts is not None:
+            prompts.append(list(prompt_ids))
+        if script:
+            ids = tokenizer.encode(script.pop(0), allow_special=True)
+            params.logits_processors = [*params.logits_processors, ForcedTokens(ids, end_id)]
+        return real_generate(prompt_ids, params, request_id)
+
+    engine.generate = generate
+
+
 @contextlib.contextmanager
 def running_server(argv: list[str], script: list[str] | None = None, prompts: list[list[int]] | None = None,
-                   tokens_per_step: int = 1):
+                   tokens_per_step: int = 1, forced: list[str] | None = None):
     """Start `glm5 serve <argv>` in-process (uvicorn in a thread); yield (base_url, app); shut down after.
-    With `script`, the engine answers with those texts (see `script_engine`)."""
+    With `script`, the engine answers with those texts (see `script_engine`); with `forced`, the real engine is
+    made to write them (see `force_engine`)."""
     import uvicorn
 
     from glm5.cli import build_parser
@@ -57,6 +94,8 @@ def running_server(argv: list[str], script: list[str] | None = None, prompts: li
     engine, tokenizer, config = build_server(args)
     if script is not None:
         script_engine(engine, tokenizer, script, prompts if prompts is not None else [], tokens_per_step)
+    if forced is not None:
+        force_engine(engine, tokenizer, forced, prompts)
     app = create_app(engine, tokenizer, config)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))

@@ -335,3 +335,41 @@ def test_the_official_glm5_template_is_detected_as_glm5():
     assert detect_chat_format(official_style) == "glm5"
     assert detect_chat_format(GLM5_CHAT_TEMPLATE) == "glm5"
     assert detect_chat_format("{{ '/nothink' }}<|assistant|>\n") == "glm45"
+
+
+# ---- recovered slips: what GLM models are seen to write (vllm-project/vllm #47190, #49248) ----------
+_ONE_PARAM = [{"type": "function", "function": {"name": "run_in_terminal", "parameters": {
+    "type": "object", "properties": {"command": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "run", "parameters": {
+        "type": "object", "properties": {"cmd": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("text, name, arguments", [
+    # the first <arg_key> left out: the name runs into the key; split at the longest known tool name
+    ("</think><tool_call>get_weathercity</arg_key><arg_value>Oslo</arg_value></tool_call>",
+     "get_weather", {"city": "Oslo"}),
+    ("</think><tool_call>run_in_terminal command</arg_key><arg_value>ls -l</arg_value></tool_call>",
+     "run_in_terminal", {"command": "ls -l"}),
+    # 'run' is a prefix of 'run_in_terminal' too: the split whose rest is a parameter wins
+    ("</think><tool_call>run_in_terminalcommand</arg_key><arg_value>ls</arg_value></tool_call>",
+     "run_in_terminal", {"command": "ls"}),
+    # the <arg_value> left out: the text after </arg_key> is the value
+    ("</think><tool_call>get_weather<arg_key>city</arg_key>Oslo</arg_value><arg_key>days</arg_key>3</arg_value>"
+     "</tool_call>", "get_weather", {"city": "Oslo", "days": 3}),
+    # the <arg_key> left out where only one parameter is unset
+    ("</think><tool_call>run_in_terminal<arg_value>pwd</arg_value></tool_call>", "run_in_terminal",
+     {"command": "pwd"}),
+])
+def test_a_left_out_tag_is_recovered_when_the_intent_is_unambiguous(text, name, arguments):
+    tools = TOOLS + _ONE_PARAM
+    result = parse_output(text, tools)
+    [call] = result.tool_calls
+    assert (call.name, call.arguments, call.error) == (name, arguments, None)
+    check_stream_agrees(text, range(1, len(text)), tools)
+    check_stream_agrees(text, range(3, len(text), 7), tools)
+
+
+def test_a_name_running_into_a_key_without_a_known_tool_stays_flagged():
+    text = "</think><tool_call>get_weathercity</arg_key><arg_value>Oslo</arg_value></tool_call>"
+    [call] = parse_output(text, None).tool_calls
+    assert not call.valid and call.name == "get_weathercity"

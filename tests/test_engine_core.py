@@ -219,6 +219,52 @@ def test_logits_processors_constrain_the_choice(model):
     assert all(t % 2 == 0 for t in out.token_ids), out.token_ids
 
 
+class _Forced:
+    """A stateless processor that writes a fixed script: the token after output o is script[len(o)]."""
+
+    stateless = True
+
+    def __init__(self, script):
+        self.script = script
+
+    def __call__(self, output_ids, logits):
+        forced = torch.full_like(logits, float("-inf"))
+        forced[self.script[min(len(output_ids), len(self.script) - 1)]] = 0.0
+        return forced
+
+
+def test_stateless_processors_keep_speculating_and_constrain_drafts_and_verification(model):
+    script = [7, 3, 3, 200, 11, 7, 9, 9, 9, 1, 5, 250, 4]  # 1 from the prefill + 3 steps of 1 + 3 drafts
+    llm = LLM(model, num_speculative_tokens=3)
+    out = llm.generate([_prompts((9,))[0]], greedy(len(script), logits_processors=[_Forced(script)]))[0]
+    assert out.token_ids == script
+    # the drafts were constrained too, so every one was accepted: 4 tokens per verifying step
+    assert llm.stats.verify_steps > 0 and llm.stats.accepted == llm.stats.drafted, llm.stats
+
+
+def test_a_stateless_bias_under_speculation_gives_the_plain_greedy_tokens(model):
+    from glm5.serve.json_mode import LogitBias
+
+    prompts = _prompts()
+    bias = LogitBias({5: 8.0, 17: 6.0, 100: 5.0})
+    plain = [c.token_ids for c in LLM(model).generate(prompts, greedy(16, logits_processors=[bias]))]
+    llm = LLM(model, num_speculative_tokens=2)
+    spec = [c.token_ids for c in llm.generate(prompts, greedy(16, logits_processors=[bias]))]
+    assert spec == plain and llm.stats.verify_steps > 0
+
+
+def test_a_stateful_processor_turns_speculation_off_for_its_sequence(model):
+    calls = []
+
+    def stateful(output_ids, logits):
+        calls.append(len(output_ids))
+        return logits
+
+    llm = LLM(model, num_speculative_tokens=2)
+    llm.generate([_prompts((9,))[0]], greedy(6, logits_processors=[stateful]))
+    assert llm.stats.verify_steps == 0 and calls == list(range(6))
+
+
 def test_engine_mtp_layer_matches_the_models_mtp_logits(model, monkeypatch):
     """The drafter runs the MTP layer on the engine's fast paths (fused attention, norms, short MoE path);
     over a prompt its logits must be the model's own MTP logits."""

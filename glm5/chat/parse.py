@@ -23,6 +23,10 @@ Malformed output never raises. Every decision is one a streaming client can alre
 - a stray `<think>`/`</think>` later on, text after a tool call: content;
 - an unclosed `<tool_call>`, an unknown tool, a key not in the schema, a value that is not valid JSON
   for a non-string type, a missing required argument: a ToolCall with valid=False and `error` saying why.
+Three slips GLM models make are recovered, since the intent is unambiguous: the first `<arg_key>` left out
+(`<tool_call>get_weathercity</arg_key>...`: split at the longest known tool name), an `<arg_value>` left out
+(`<arg_key>city</arg_key>Oslo</arg_value>`), and an `<arg_key>` left out where the tool has one parameter
+still unset (`<tool_call>get_time<arg_value>UTC</arg_value>`).
 Argument values are typed by the tool's JSON schema: `string` raw, other types through json.loads with
 the raw string as the fallback; with no schema, JSON that decodes to a non-string is used, else the raw text.
 """
@@ -355,12 +359,40 @@ class StreamingParser:
                 self._end_call()
         else:
             if state == NAME:
+                if tag == KEY_CLOSE and self._split_name_and_key():
+                    return
                 self._end_name()
             self._call_tag(tag)
+
+    def _split_name_and_key(self) -> bool:
+        """`<tool_call>get_weathercity</arg_key>`: the model left out the first `<arg_key>`, so the name runs into
+        the key. When the text starts with a known tool's name (the longest, preferring one whose rest is one of
+        its parameters), split it there; the name is not streamed before this, so no client saw the wrong one."""
+        call, text = self.call, self.call.name_text.strip()
+        candidates = []
+        for name, schema in (self.schemas or {}).items():
+            rest = text[len(name):].strip()
+            if text.startswith(name) and rest:
+                properties = schema.get("properties") if isinstance(schema, Mapping) else None
+                candidates.append((isinstance(properties, Mapping) and rest in properties, len(name), name, rest))
+        if not candidates:
+            return False
+        _, _, name, rest = max(candidates)
+        call.name_text = name
+        self._end_name()
+        call.key = rest
+        self.state = AFTER_KEY
+        return True
 
     def _call_tag(self, tag: str) -> None:
         """A tag inside a tool call, after its name: what it means depends on what came before."""
         call, state = self.call, self.state
+        if tag == VALUE_CLOSE and state == AFTER_KEY and call.stray.strip():
+            # `<arg_key>k</arg_key>v</arg_value>`: the `<arg_value>` was left out; the text before the close is the value
+            call.value_text, call.streaming_value, call.stray = call.stray.strip(), False, ""
+            self._end_argument()
+            self.state = BETWEEN
+            return
         if call.stray.strip():
             call.flag(f"unexpected text in tool call: {call.stray.strip()[:40]!r}")
         call.stray = ""
@@ -390,8 +422,12 @@ class StreamingParser:
                 call.flag("unclosed <arg_key>")
                 call.key = call.key_text.strip()
             elif state == BETWEEN:
-                call.flag("<arg_value> without an <arg_key>")
-                call.key = None  # the value is read and dropped
+                unset = [k for k in self._properties() if k not in call.arguments]
+                if len(unset) == 1:  # `<arg_key>` left out where only one parameter can be meant: that one
+                    call.key = unset[0]
+                else:
+                    call.flag("<arg_value> without an <arg_key>")
+                    call.key = None  # the value is read and dropped
             self._begin_value()
         else:  # VALUE_CLOSE outside a value
             call.flag("</arg_value> without <arg_value>")
@@ -413,6 +449,11 @@ class StreamingParser:
                 call.flag(f"unknown tool {call.name!r}")
         self.state = BETWEEN
         self.events.append(ToolCallStart(call.index, call.name))
+
+    def _properties(self) -> list[str]:
+        schema = self.call.schema
+        properties = schema.get("properties") if isinstance(schema, Mapping) else None
+        return list(properties) if isinstance(properties, Mapping) else []
 
     def _property_schema(self, key: str) -> Any:
         schema = self.call.schema

@@ -27,7 +27,7 @@ from glm5.engine.config import EngineConfig
 from glm5.engine.cuda_graphs import StepGraphs
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.runner import ModelRunner
-from glm5.engine.sampler import Sampler
+from glm5.engine.sampler import Sampler, apply_processors
 from glm5.engine.scheduler import Scheduler
 from glm5.engine.sequence import SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from glm5.engine.speculative import MTPDrafter, accept_drafts
@@ -245,7 +245,13 @@ class LLMEngine:
                     self.stats.decode_tokens += 1
         if verify:  # one lm_head and one max over every verified row of the batch
             flat_rows = [r for _, seq_rows in verify for r in seq_rows]
-            targets = self.runner.logits(hidden[torch.tensor(flat_rows, device=hidden.device)]).max(-1).indices.tolist()
+            logits = self.runner.logits(hidden[torch.tensor(flat_rows, device=hidden.device)])
+            row_seqs = [seq for seq, seq_rows in verify for _ in seq_rows]
+            if any(seq.params.logits_processors for seq in row_seqs):  # stateless ones (can_speculate): row j
+                prefixes = [seq.output_token_ids + seq.draft_token_ids[:j]  # follows the output and j drafts
+                            for seq, seq_rows in verify for j in range(len(seq_rows))]
+                logits = apply_processors(logits, row_seqs, prefixes)
+            targets = logits.max(-1).indices.tolist()
         offset = 0
         for seq, seq_rows in verify:
             drafts = seq.draft_token_ids

@@ -33,6 +33,21 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def apply_processors(logits: torch.Tensor, seqs: list[Sequence], prefixes: list[list[int]] | None = None) -> torch.Tensor:
+    """logits [S, V] -> the same after each row's sequence's logits processors (a copy when any has some).
+
+    Row i is processed as the next token after `prefixes[i]` (default: the sequence's output so far); speculative
+    decoding passes an output extended by the drafts before that row."""
+    if not any(s.params.logits_processors for s in seqs):
+        return logits
+    logits = logits.clone()
+    for i, seq in enumerate(seqs):
+        prefix = seq.output_token_ids if prefixes is None else prefixes[i]
+        for processor in seq.params.logits_processors:
+            logits[i] = processor(prefix, logits[i])
+    return logits
+
+
 def processed_probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """One row's sampling distribution after temperature, top-k, top-p and min-p. logits [V] -> probs [V]."""
     p = seq.params
@@ -55,11 +70,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [S, V] fp32, one row per sequence -> the next token of each, and its logprobs if asked."""
         raw = logits
-        if any(s.params.logits_processors for s in seqs):
-            logits = logits.clone()
-            for i, seq in enumerate(seqs):
-                for processor in seq.params.logits_processors:
-                    logits[i] = processor(seq.output_token_ids, logits[i])
+        logits = apply_processors(logits, seqs)
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits.clone(), seqs)
         tokens = logits.max(dim=-1).indices.tolist()  # greedy rows keep this (max is ~4x faster than argmax on CPU)

@@ -28,7 +28,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
-    # callables (output token ids, logits [V]) -> logits, applied first (constrained decoding, e.g. JSON mode)
+    # callables (output token ids, logits [V]) -> logits, applied first (constrained decoding, e.g. JSON mode);
+    # one with `stateless = True` (a pure function of its arguments) lets a greedy sequence still speculate
     logits_processors: list = field(default_factory=list)
 
     def __post_init__(self) -> None:

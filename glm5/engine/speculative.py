@@ -9,7 +9,10 @@ drafts the token after the newly sampled one. With k > 1 the MTP layer is chaine
 next k - 1 drafts. The next decode step feeds [last token, drafts] to the main model at once; drafts are
 accepted while they equal the main model's greedy choice, and the first mismatch is replaced by that choice,
 so greedy output is exactly what decoding without speculation gives. Only greedy sequences without
-penalties or logprobs speculate; the others decode one token per step in the same batch.
+penalties or logprobs speculate; the others decode one token per step in the same batch. Logits processors
+marked `stateless = True` (a pure function of the output ids and the logits, e.g. logit_bias) do not stop a
+sequence from speculating: they are applied to each draft and each verified row with the output extended by
+the drafts before it, so the accepted tokens are still exactly the processed greedy choices.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from glm5.engine.block_manager import BlockManager
+from glm5.engine.sampler import apply_processors
 
 
 def verify_greedy(logits: torch.Tensor, drafts: list[int]) -> tuple[int, list[int]]:
@@ -36,7 +40,8 @@ def accept_drafts(targets: list[int], drafts: list[int]) -> tuple[int, list[int]
 
 def can_speculate(seq) -> bool:
     p = seq.params
-    return p.greedy and not p.has_penalties and p.logprobs is None and not p.logits_processors
+    return (p.greedy and not p.has_penalties and p.logprobs is None
+            and all(getattr(processor, "stateless", False) for processor in p.logits_processors))
 
 
 class MTPDrafter:
@@ -81,7 +86,9 @@ class MTPDrafter:
         for seq in chain:
             seq.draft_token_ids = []
         for depth in range(self.k):
-            drafts = self.runner.logits(h).max(dim=-1).indices.tolist()
+            logits = apply_processors(self.runner.logits(h), chain,
+                                      [seq.output_token_ids + seq.draft_token_ids for seq in chain])
+            drafts = logits.max(dim=-1).indices.tolist()
             for seq, d in zip(chain, drafts):
                 seq.draft_token_ids.append(d)
             if depth + 1 == self.k:

@@ -5,10 +5,13 @@
     app = create_app(engine, tokenizer, ServerConfig(model_name="nano"))   # in-process (tests, benchmarks)
 
 Routes, a module each: openai_chat.py (POST /v1/chat/completions), openai_completions.py (POST /v1/completions),
-status.py (GET /health, /v1/models, /metrics). They share, through `ServerState` on app.state (state.py): the
-engine on its thread (async_engine.py), the tokenizer, metrics; and the pieces in inputs.py (body, request,
-prompt ids, SamplingParams), generation.py (choices on the engine, finish_reason, abort on disconnect),
-text.py (detokenization, stop strings, the chat parser), sse.py (event framing).
+anthropic.py (POST /v1/messages, /v1/messages/count_tokens), responses.py (POST /v1/responses, GET / DELETE
+/v1/responses/{id}), status.py (GET /health, /v1/models, /metrics), chat_page.py (the chat page at /). They
+share, through `ServerState` on app.state (state.py): the engine on its thread (async_engine.py), the tokenizer,
+metrics; and the pieces in inputs.py (body, request, prompt ids, SamplingParams, tool_choice forcing),
+generation.py (choices on the engine, finish_reason, abort on disconnect), text.py (detokenization, stop
+strings, the chat parser), sse.py (event framing). The Anthropic and Responses routes run one chat generation
+through chat_run.py.
 
 A new API is a router module with its request models: `include_api(app, router, paths, error_body)` mounts it
 and answers its errors in its own shape. Every error is that shape with its status (400 bad field or too long a
@@ -25,9 +28,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from glm5.serve import openai_chat, openai_completions, status
+from glm5.serve import anthropic, chat_page, openai_chat, openai_completions, responses, status
 from glm5.serve.async_engine import AsyncEngine
 from glm5.serve.errors import APIError, ErrorBody, openai_error_body
+from glm5.serve.responses_protocol import ResponseStore
 from glm5.serve.state import MAX_BODY_BYTES, ServerConfig, ServerState  # noqa: F401  (ServerConfig: public here)
 
 log = logging.getLogger("glm5.serve")
@@ -57,6 +61,10 @@ def create_app(engine: AsyncEngine, tokenizer, config: ServerConfig | None = Non
     include_api(app, status.router, status.PATHS)
     include_api(app, openai_chat.router, openai_chat.PATHS)
     include_api(app, openai_completions.router, openai_completions.PATHS)
+    include_api(app, anthropic.router, anthropic.PATHS, anthropic.anthropic_error_body)
+    app.state.responses_store = ResponseStore(state.config.responses_store_items, state.config.responses_store_bytes)
+    include_api(app, responses.router, responses.PATHS)
+    include_api(app, chat_page.router, chat_page.PATHS)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):

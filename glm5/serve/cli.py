@@ -1,4 +1,4 @@
-"""`glm5 serve`: the OpenAI-compatible server on one model.
+"""`glm5 serve`: the server on one model: OpenAI chat / completions / Responses, Anthropic Messages, a chat page at /.
 
     glm5 serve --preset nano --port 8000              # random weights + the default tokenizer, nothing else needed
     glm5 serve --model runs/demo/model --port 8000    # config.json + safetensors + tokenizer.json (or --tokenizer)
@@ -33,11 +33,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     from glm5.cli import int_at_least
 
-    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, metrics)")
+    parser = subparsers.add_parser("serve", help="HTTP server: OpenAI chat/completions/Responses, Anthropic Messages, metrics, a chat page at /")
     add_engine_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--port", type=int_at_least(0, 65535), default=8000, help="port to bind (0-65535)")
     parser.add_argument("--default-max-tokens", type=int_at_least(1), default=256, help="max_tokens when a request gives none")
+    parser.add_argument("--responses-store-items", type=int_at_least(0), default=1024,
+                        help="Responses API: stored responses kept for previous_response_id (LRU; default 1024)")
+    parser.add_argument("--responses-store-mib", type=int_at_least(1), default=64,
+                        help="Responses API: their size at most in MiB (LRU; default 64)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="uvicorn log level (default warning)")
     parser.set_defaults(func=_serve)
@@ -144,7 +148,8 @@ def build_server(args):
     print(f"glm5 serve: chat template: {template_source}", flush=True)
     engine = glm5.engine.LLMEngine(model, engine_config.replace(eos_token_ids=tokenizer.eos_token_ids))
     config = ServerConfig(model_name=name, default_max_tokens=getattr(args, "default_max_tokens", 256),
-                          chat_template=template)
+                          chat_template=template, responses_store_items=getattr(args, "responses_store_items", 1024),
+                          responses_store_bytes=getattr(args, "responses_store_mib", 64) << 20)
     return AsyncEngine(engine, num_threads=engine_config.threads).start(), tokenizer, config
 
 

@@ -84,16 +84,18 @@ def lone_surrogate_path(value, path: str = "") -> str | None:
     return None
 
 
-def render_chat(state: ServerState, messages, tools, *, enable_thinking: bool, clear_thinking: bool) -> str:
+def render_chat(state: ServerState, messages, tools, *, enable_thinking: bool, clear_thinking: bool = True,
+                status: int = 422) -> str:
     """The prompt text of a conversation: the served chat template (the checkpoint's or --chat-template) when
-    there is one, else GLM-5's format (glm5.chat.render_messages). Messages that cannot be rendered are a 422."""
+    there is one, else GLM-5's format (glm5.chat.render_messages). Messages that cannot be rendered are a 422
+    (`status`: Anthropic's API answers them 400)."""
     try:
         if state.config.chat_template is not None:
             return render_jinja_template(state.config.chat_template, messages, tools, enable_thinking=enable_thinking,
                                          clear_thinking=clear_thinking)
         return render_messages(messages, tools, enable_thinking=enable_thinking, clear_thinking=clear_thinking)
     except (ValueError, TypeError, KeyError) as err:
-        raise APIError(422, f"messages cannot be rendered: {err}", param="messages", code="invalid_messages") from None
+        raise APIError(status, f"messages cannot be rendered: {err}", param="messages", code="invalid_messages") from None
 
 
 def parse_request(model_cls, body: dict, state: ServerState):
@@ -173,3 +175,24 @@ def sampling_params(state: ServerState, req, prompt_len: int, index: int = 0, lo
                               **fields)
     except ValueError as err:
         raise APIError(400, str(err)) from None
+
+
+def forced_opening(tools: list[dict] | None, tool_choice, tokenizer) -> tuple[str, dict | None]:
+    """tool_choice "required" or a named tool (a NamedToolChoice or the name itself): the text the assistant turn
+    is made to open with, and for "required" with several tools the name -> closing tag id table that
+    ToolNameProcessor holds the name to. ("", None) for "auto" / "none" / no tools."""
+    if not tools or tool_choice in ("auto", "none", None):
+        return "", None
+    forced_name = getattr(getattr(tool_choice, "function", None), "name", None)
+    if forced_name is None and tool_choice != "required":
+        forced_name = tool_choice  # a tool's name, as the Anthropic and Responses routes pass it
+    elif tool_choice == "required" and len(tools) == 1:
+        forced_name = tools[0]["function"]["name"]
+    if forced_name is not None:
+        # the name is complete once the first argument key (or the end of the call) follows it
+        schema = next(t["function"].get("parameters") or {} for t in tools if t["function"]["name"] == forced_name)
+        return f"<tool_call>{forced_name}" + ("<arg_key>" if schema.get("properties") else "</tool_call>"), None
+    # "required" with several tools: the model picks the name, held to one of them
+    return "<tool_call>", {t["function"]["name"]: tokenizer.special_token_id(
+        "<arg_key>" if (t["function"].get("parameters") or {}).get("properties") else "</tool_call>")
+        for t in tools}

@@ -189,6 +189,8 @@ class ToolNameProcessor:
     tool. `names` maps each name to the id of the tag that must follow it (`<arg_key>`, or `</tool_call>`
     for a tool without parameters)."""
 
+    stateless = True  # a function of the output ids alone: MTP speculation may run it on drafts
+
     def __init__(self, tokenizer, names: dict[str, int]) -> None:
         self.tokenizer = tokenizer
         self.names = names
@@ -215,8 +217,27 @@ class ToolNameProcessor:
         return masked
 
 
+class ThinkingBudget:
+    """Anthropic's thinking budget_tokens: after `budget` reasoning tokens without `</think>`, `</think>` is the only
+    choice. A function of the output ids alone (stateless), so MTP speculation stays on."""
+
+    stateless = True
+
+    def __init__(self, close_id: int, budget: int) -> None:
+        self.close_id, self.budget = close_id, budget
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output_ids) < self.budget or self.close_id in output_ids:
+            return logits
+        forced = torch.full_like(logits, float("-inf"))
+        forced[self.close_id] = 0.0
+        return forced
+
+
 class LogitBias:
     """OpenAI's logit_bias: add a fixed bias to the logits of some token ids."""
+
+    stateless = True
 
     def __init__(self, bias: dict[int, float]) -> None:
         self.ids = torch.tensor(list(bias), dtype=torch.long)

@@ -19,9 +19,9 @@ from fastapi import APIRouter, Request
 from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallStart
 from glm5.serve.errors import APIError
 from glm5.serve.generation import Choice, engine_failure, finish_reason, generate, unless_disconnected
-from glm5.serve.inputs import parse_request, prompt_ids, read_json, render_chat, sampling_params
+from glm5.serve.inputs import forced_opening, parse_request, prompt_ids, read_json, render_chat, sampling_params
 from glm5.serve.json_mode import JSONPrefixProcessor, ToolNameProcessor
-from glm5.serve.protocol import ChatCompletionRequest, NamedToolChoice, new_id, now, usage
+from glm5.serve.protocol import ChatCompletionRequest, new_id, now, usage
 from glm5.serve.sse import DONE, event_stream, sse_event
 from glm5.serve.state import ServerState, server_state
 from glm5.serve.text import ChoiceText
@@ -34,26 +34,6 @@ def chat_logprobs(state: ServerState, entries) -> list[dict]:
     return [{"token": state.token_text(lp.token_id), "logprob": lp.logprob, "bytes": state.token_bytes(lp.token_id),
              "top_logprobs": [{"token": state.token_text(t), "logprob": v, "bytes": state.token_bytes(t)}
                               for t, v in lp.top]} for lp in entries]
-
-
-def forced_opening(req: ChatCompletionRequest, tools, choice_mode, tokenizer) -> tuple[str, dict | None]:
-    """tool_choice required / named: the text the assistant turn is made to open with, and for "required" with
-    several tools the name -> closing tag id table ToolNameProcessor holds the name to."""
-    forced_name = None
-    if isinstance(choice_mode, NamedToolChoice):
-        forced_name = choice_mode.function.name
-    elif choice_mode == "required" and len(tools) == 1:
-        forced_name = tools[0]["function"]["name"]
-    if forced_name is not None:
-        # the name is complete once the first argument key (or the end of the call) follows it
-        schema = next(t["function"].get("parameters") or {} for t in tools if t["function"]["name"] == forced_name)
-        return f"<tool_call>{forced_name}" + ("<arg_key>" if schema.get("properties") else "</tool_call>"), None
-    if choice_mode == "required":
-        # several tools: the model picks the name, held to one of them
-        return "<tool_call>", {t["function"]["name"]: tokenizer.special_token_id(
-            "<arg_key>" if (t["function"].get("parameters") or {}).get("properties") else "</tool_call>")
-            for t in tools}
-    return "", None
 
 
 @router.post("/v1/chat/completions")
@@ -76,7 +56,7 @@ async def chat_completions(request: Request):
                          clear_thinking=req.clear_thinking)
     # the reply opens inside a think block only if the prompt opened one (a checkpoint's template may not)
     thinking = thinking and prompt.endswith("<think>")
-    forced, name_choices = forced_opening(req, tools, choice_mode, tokenizer)
+    forced, name_choices = forced_opening(tools, choice_mode, tokenizer)
     if forced and thinking:
         forced = "</think>" + forced
     ids = await prompt_ids(state, prompt + forced, param="messages")

@@ -25,6 +25,8 @@ class ServerConfig:
     default_max_tokens: int = 256
     max_body_bytes: int = MAX_BODY_BYTES
     chat_template: str | None = None  # a Jinja chat template (the checkpoint's); None: glm5.chat.render_messages
+    responses_store_items: int = 1024  # stored Responses API responses (previous_response_id) at most
+    responses_store_bytes: int = 64 << 20  # and their JSON at most; least recently used evicted first
 
 
 class Metrics:

@@ -48,6 +48,7 @@ class TextStream:
         self.prefix_len = len(prefix)
         self.sent = 0
         self.stopped = False  # a stop string ended the text
+        self.stop_string: str | None = None  # the one that did
         self.used = 0  # of the last push's ids, how many the text used (all, or up to the one completing a stop)
 
     def push(self, ids: list[int], finished: bool) -> str:
@@ -63,6 +64,7 @@ class TextStream:
                 hits = [(i, i + len(s)) for i, s in ((self.text.find(s, search_from), s) for s in self.stop) if i >= 0]
                 if hits:
                     cut, end = min(hits)
+                    self.stop_string = self.text[cut:end]
                     if len(ids) > 1:  # several tokens at once (MTP speculation): those after the stop's last
                         self.used = self._ids_until(ids, end)  # one were never part of the text
                     self.text = self.text[:cut]
