@@ -86,7 +86,7 @@ def _plots(results: dict, out: Path) -> list[str]:
     by_task: dict[str, list[dict]] = {}
     for r in results["runs"]:
         by_task.setdefault(r["task"], []).append(r)
-    for i, (task, runs) in enumerate(by_task.items()):
+    for i, runs in enumerate(by_task.values()):
         colors = ["#4caf50" if r["passed"] else "#e53935" for r in runs]
         a1.scatter([i] * len(runs), [r["tokens"] for r in runs], c=colors, s=18)
         a2.scatter([i] * len(runs), [r["seconds"] for r in runs], c=colors, s=18)
