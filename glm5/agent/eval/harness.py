@@ -63,8 +63,10 @@ def run_once(task: Task, run_dir: Path, client: ChatClient, defaults: AgentConfi
         failure = classify(errors, verdict_kind, calls_ok)
         first = next((e for e in errors if classify([e], None, calls_ok) == failure), None)
         first_error = first["message"] if first else detail
-    if task.unanswerable or any(v["type"] == "abstain" for v in task.verify):
+    if any(v["type"] == "abstain" for v in task.verify):  # SimpleQA grades: answer-or-abstain tasks only
         grade = grade or ("not_attempted" if result.abstained else "incorrect")
+    else:
+        grade = None
     return {
         "task": task.id, "category": task.category, "run": int(run_dir.name), "passed": verdict_passed,
         "failure": failure, "first_error": first_error, "detail": detail, "grade": grade, "status": result.status,
