@@ -40,6 +40,19 @@ def resolve_inside(workdir: Path, path: str, *, must_exist: bool = False) -> Pat
     return target
 
 
+def deliverable_path(ctx: ToolContext, filename: str, suffixes: tuple[str, ...]) -> tuple[str, Path]:
+    """(relative, absolute) path of a deliverable: under outputs/ unless the name already says where."""
+    if not any(filename.lower().endswith(s) for s in suffixes):
+        raise ToolArgumentError(f"filename {filename!r} must end with {' or '.join(suffixes)}")
+    if "/" not in filename.replace("\\", "/"):
+        filename = f"outputs/{filename}"
+    target = resolve_inside(ctx.workdir, filename)
+    if target.is_dir():
+        raise ToolArgumentError(f"{filename!r} is a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.relative_to(os.path.realpath(ctx.workdir)).as_posix(), target
+
+
 def relative(workdir: Path, path: Path) -> str:
     return Path(os.path.realpath(path)).relative_to(os.path.realpath(workdir)).as_posix()
 
