@@ -125,7 +125,7 @@ def _run(args) -> int:
         if not args.task:
             raise ValueError("give a TASK (or --resume DIR)")
         workdir = Path(args.workdir or f"runs/agent/{time.strftime('%Y%m%d-%H%M%S')}")
-        config = _config(args, mode=args.mode, docs_dir=args.docs)
+        config = _config(args, mode=args.mode, docs_dir=str(Path(args.docs).resolve()) if args.docs else None)
         if args.docs and not Path(args.docs).is_dir():
             raise ValueError(f"--docs {args.docs}: not a folder")
     try:
