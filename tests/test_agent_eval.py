@@ -48,7 +48,7 @@ def test_function_calling_report_with_repeats(tmp_path):
     o = results["overall"]
     assert o["runs"] == 30 and o["pass@1"] == o["pass@k"] == o["pass^k"] == 1.0 and o["pass^j"] == [1.0] * 3
     report = (tmp_path / "report.md").read_text() if (tmp_path / "report.md").exists() else write_report(results, tmp_path).read_text()
-    assert "| 100.0% | 100.0% | 100.0% | 30 / 30 |" in report
+    assert "| pass@1 | pass@3 | pass^3 |" in report and "| 100.0% | 100.0% | 100.0% | 30 / 30 |" in report
     for png in ("reliability.png", "failures.png", "cost.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -192,3 +192,17 @@ def test_suite_errors(tmp_path):
 def test_failure_classes_are_the_documented_ones():
     assert FAILURE_CLASSES[:9] == ("malformed_call", "unknown_tool", "bad_arguments", "tool_error_unrecovered",
                                    "step_limit", "wrong_answer", "fabricated", "wrong_abstention", "timeout")
+
+
+def test_code_task_without_the_fix_fails_its_hidden_tests(tmp_path):
+    if not {"shell", "read_file"} <= tool_names():
+        pytest.skip("needs the shell tool")
+    suite = load_suite("code")
+    task = next(t for t in suite.tasks if t.id == "fix-median")
+    unfixed = [turn for turn in task.reference if not any(c["name"] == "write_file" for c in turn.get("tool_calls", []))]
+    with ScriptedEndpoint({task.prompt: unfixed}) as endpoint:
+        results = run_suite(suite, ChatClient(endpoint.base_url), tmp_path, 1, AgentConfig(timeout_s=120), progress=False,
+                            tasks=["fix-median"])
+    run = results["runs"][0]
+    assert (run["passed"], run["failure"]) == (False, "wrong_answer")
+    assert run["detail"].startswith("hidden tests failed") and "failed" in run["detail"]

@@ -58,6 +58,10 @@ MODE_GUIDANCE = {
 }
 
 
+SINGLE_TURN_PROMPT = ("You are GLM-5. Call the functions the user's request needs, several at once when it needs "
+                      "several, with arguments taken from the request. If no function fits, answer in plain text.")
+
+
 def system_prompt(mode: str, files: Sequence[str], outputs_hint: str = "outputs/") -> str:
     lines = [
         "You are GLM-5 in Agent Mode: you complete the user's task by calling tools, then give a final answer.",
@@ -316,7 +320,7 @@ def run_agent(task: str, workdir: Path, client: ChatClient, config: AgentConfig,
     if tools is None:
         tools = [] if config.single_turn else make_tools(config, workdir)
     run = _Run(workdir, client, config, tools, list(declared_tools))
-    system = {"role": "system", "content": system_prompt(config.mode, names)}
+    system = {"role": "system", "content": SINGLE_TURN_PROMPT if config.single_turn else system_prompt(config.mode, names)}
     user = {"role": "user", "content": task}
     run.messages = [system, user]
     run.trace.write("start", task=task, model=client.model, base_url=client.base_url, config=asdict(config),

@@ -119,7 +119,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"{results.get('started')}. Limits per run: {results['config']['max_steps']} model calls, "
         f"{results['config']['max_tokens']} tokens per call, {results['config']['timeout_s']:.0f} s.",
         "",
-        "| pass@1 | pass@k | pass^k | runs passed | mean tokens / run | mean steps / run | mean s / run |",
+        f"| pass@1 | pass@{k} | pass^{k} | runs passed | mean tokens / run | mean steps / run | mean s / run |",
         "|---|---|---|---|---|---|---|",
         f"| {_pct(o['pass@1'])} | {_pct(o['pass@k'])} | {_pct(o['pass^k'])} | {o['passed_runs']} / {o['runs']} | "
         f"{o['mean_tokens']:,.0f} | {o['mean_steps']:.1f} | {o['mean_seconds']:.1f} |",
@@ -136,7 +136,7 @@ def write_report(results: dict, out: Path) -> Path:
                      f"{o['runs'] - o['passed_runs']} failed runs): {WHAT_IT_MEANS.get(worst, '')}.")
     lines += ["", "![reliability](reliability.png)", ""]
     if len(results["categories"]) > 1:
-        lines += ["## By category", "", "| category | tasks | pass@1 | pass@k | pass^k | failures |", "|---|---|---|---|---|---|"]
+        lines += ["## By category", "", f"| category | tasks | pass@1 | pass@{k} | pass^{k} | failures |", "|---|---|---|---|---|---|"]
         for name, c in results["categories"].items():
             fails = ", ".join(f"{f} {v}" for f, v in c["failures"].items()) or "–"
             lines.append(f"| {name} | {c['tasks']} | {_pct(c['pass@1'])} | {_pct(c['pass@k'])} | {_pct(c['pass^k'])} | {fails} |")
@@ -160,7 +160,7 @@ def write_report(results: dict, out: Path) -> Path:
                   f"{_pct(s['correct_given_attempted'])} | {_pct(s['f_score'])} |", "",
                   "A model that declines where the documents are silent and answers where they speak scores high on "
                   "both; `fabricated` counts confident answers to unanswerable questions.", ""]
-    lines += ["## Per task", "", "| task | category | passed | pass@1 | pass@k | pass^k | failures | tokens | steps | s |",
+    lines += ["## Per task", "", f"| task | category | passed | pass@1 | pass@{k} | pass^{k} | failures | tokens | steps | s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(tasks, key=lambda t: (t["pass^k"], t["pass@1"])):
         fails = ", ".join(f"{f} {v}" for f, v in t["failures"].items()) or "–"
@@ -173,7 +173,8 @@ def write_report(results: dict, out: Path) -> Path:
     for r in results["runs"]:
         if r["failure"] and r["failure"] not in seen:
             seen.add(r["failure"])
-            message = " ".join(str(r.get("first_error") or r.get("detail") or "").split())[:300]
+            message = "".join(ch for ch in str(r.get("first_error") or r.get("detail") or "") if ch.isprintable() or ch == " ")
+            message = " ".join(message.replace("|", "/").split())[:240]
             lines.append(f"- **{r['failure']}**: task `{r['task']}` run {r['run']} (`{r['dir']}`): {message}")
     if not seen:
         lines.append("- none: every run passed.")
