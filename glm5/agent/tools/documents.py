@@ -168,7 +168,10 @@ class DocumentIndex:
         self.documents[doc.doc_id] = doc
         step = max(1, PASSAGE_LINES // 2)
         n = len(doc.lines)
-        for start in range(0, max(n - PASSAGE_LINES, 0) + 1, step):
+        starts = list(range(0, max(n - PASSAGE_LINES, 0) + 1, step))
+        if starts[-1] + PASSAGE_LINES < n:          # the tail the stride stepped over
+            starts.append(n - PASSAGE_LINES)
+        for start in starts:
             end = min(n, start + PASSAGE_LINES)
             terms = Counter(tokenize(doc.title + "\n" + "\n".join(doc.lines[start:end])))
             pid = len(self.passages)
@@ -176,8 +179,6 @@ class DocumentIndex:
             self.lengths.append(sum(terms.values()))
             for term, tf in terms.items():
                 self.postings.setdefault(term, []).append((pid, tf))
-            if end == n:
-                break
 
     def search(self, query: str, k: int = 5) -> list[dict]:
         """The k best documents: each its best passage's score, lines and a snippet."""
