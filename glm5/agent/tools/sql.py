@@ -205,7 +205,7 @@ class SqlTool(Tool):
             columns, rows, more, tables = run_query(ctx, arguments["query"], arguments["max_rows"])
         except duckdb.Error as e:
             _, tables = _tables_only(ctx)
-            known = ", ".join(tables) or "none"
+            known = ", ".join(sorted(tables)) or "none"
             return ToolResult(f"SQL error: {str(e).strip()[:1500]}\n(tables: {known})", ok=False,
                               data={"error": str(e)[:1500]})
         text = format_table(columns, rows)
