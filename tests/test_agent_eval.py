@@ -38,8 +38,8 @@ def test_reference_solutions_pass_their_verifiers_through_the_real_loop_and_tool
     if suite != "function-calling" and not used <= tool_names():
         pytest.skip(f"needs the tools {sorted(used - tool_names())}")
     results, _ = run_scripted_suite(suite, tmp_path, k=1, config=AgentConfig(timeout_s=120, max_steps=15))
-    failed = [(r["task"], r["failure"], r["first_error"]) for r in results["runs"] if not r["passed"]]
-    assert not failed
+    failed = [(r["task"], r["failure"], r["first_error"]) for r in results["runs"] if not r["passed"] or r["errors"]]
+    assert not failed  # a reference passes without a single error on the way
     assert results["overall"]["pass^k"] == 1.0
 
 
