@@ -234,3 +234,38 @@ def test_a_workdir_that_holds_a_run_is_not_overwritten(tmp_path):
     run(tmp_path, [{"content": "hi"}])
     with pytest.raises(ValueError, match="already holds a run"):
         run_agent(TASK, tmp_path / "run", ChatClient("http://127.0.0.1:9"), AgentConfig(), tools=[])
+
+
+def test_agent_run_offers_and_calls_an_mcp_servers_tools(tmp_path, capsys):
+    from glm5.cli import main
+
+    server = Path(__file__).parent / "data" / "mcp_demo_server.py"
+    task = "Add 2 and 3 with the add tool."
+    turns = [{"reasoning": "Use the server's tool.", "tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]},
+             {"content": "2 + 3 = 5"}]
+    with ScriptedEndpoint({task: turns}) as endpoint:
+        code = main(["agent", "run", task, "--base-url", endpoint.base_url, "--workdir", str(tmp_path / "run"),
+                     "--mode", "research", "--mcp", f"{sys.executable} {server}"])
+    assert code == 0 and "2 + 3 = 5" in capsys.readouterr().out
+    offered = {t["function"]["name"] for t in endpoint.requests[0]["tools"]}
+    assert {"add", "search", "open"} <= offered
+    result = next(e for e in read_trace(tmp_path / "run/trace.jsonl") if e["type"] == "tool_result")
+    assert result["ok"] and result["message"]["content"].strip() == "5"
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from glm5.cli import main
+
+    code = main(["agent", "run", "hi", "--base-url", "http://127.0.0.1:9", "--workdir", str(tmp_path / "a"),
+                 "--mode", "research", "--mcp", f"{sys.executable} -c 'raise SystemExit(3)'"])
+    err = capsys.readouterr().err
+    assert code == 2 and "glm5 agent run: error:" in err and "Traceback" not in err
+    assert main(["agent", "run", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["agent", "eval", "--suite", "no-such-suite", "--out", str(tmp_path / "o")]) == 2
+    assert "shipped suites are" in capsys.readouterr().err
+    # an endpoint that is not there: the run ends as model_error with the reason in the trace, exit code 1
+    assert main(["agent", "run", "hi", "--base-url", "http://127.0.0.1:9", "--workdir", str(tmp_path / "b"),
+                 "--mode", "research"]) == 1
+    final = read_trace(tmp_path / "b/trace.jsonl")[-1]
+    assert final["status"] == "model_error"

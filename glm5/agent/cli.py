@@ -99,6 +99,31 @@ def _close_mcp() -> None:
     close_mcp_servers()
 
 
+def _say_sandbox(mode: str | None) -> None:
+    """Say once, at start, what isolation python/shell get here (they refuse without it unless unsafe)."""
+    if mode in (None, "auto", "data", "code"):
+        from glm5.agent.sandbox import sandbox_status
+
+        print(f"glm5 agent: {sandbox_status().summary}", file=sys.stderr)
+
+
+def _one_line_errors(func):
+    """An MCP server that does not start or an endpoint that cannot be reached: one line, exit code 2."""
+
+    def wrapped(args) -> int:
+        from glm5.agent.client import ModelCallError
+        from glm5.agent.tools.mcp import MCPError
+
+        try:
+            return func(args)
+        except (MCPError, ModelCallError) as err:
+            print(f"glm5 agent {args.agent_command}: error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+@_one_line_errors
 def _run(args) -> int:
     from dataclasses import asdict
 
@@ -128,6 +153,7 @@ def _run(args) -> int:
         config = _config(args, mode=args.mode, docs_dir=str(Path(args.docs).resolve()) if args.docs else None)
         if args.docs and not Path(args.docs).is_dir():
             raise ValueError(f"--docs {args.docs}: not a folder")
+    _say_sandbox(config.mode)
     try:
         with _endpoint(args, workdir / "serve.log") as url:
             client = ChatClient(url, model=args.model, api_key=args.api_key)
@@ -144,6 +170,7 @@ def _run(args) -> int:
     return 0 if result.status in ("answered", "abstained") else 1
 
 
+@_one_line_errors
 def _eval(args) -> int:
     from glm5.agent.client import ChatClient
     from glm5.agent.eval.harness import run_suite
@@ -153,6 +180,7 @@ def _eval(args) -> int:
     suite = load_suite(args.suite)
     out = Path(args.out)
     config = _config(args)
+    _say_sandbox(None if any(t.mode in ("auto", "data", "code") for t in suite.tasks) else "write")
     try:
         with _endpoint(args, out / "serve.log") as url:
             client = ChatClient(url, model=args.model, api_key=args.api_key)
