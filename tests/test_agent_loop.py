@@ -28,10 +28,10 @@ def file_tools():
     return [t for t in all_tools() if t.name in ("read_file", "write_file", "list_files")]
 
 
-def run(tmp_path, turns, config=None, tools=None, task=TASK):
+def run(tmp_path, turns, config=None, tools=(), task=TASK):
     with ScriptedEndpoint({task: turns}) as endpoint:
         result = run_agent(task, tmp_path / "run", ChatClient(endpoint.base_url), config or AgentConfig(max_steps=8),
-                           tools=tools if tools is not None else file_tools())
+                           tools=file_tools() if tools == () else tools)
     return result, endpoint, read_trace(tmp_path / "run" / "trace.jsonl")
 
 
@@ -269,3 +269,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  "--mode", "research"]) == 1
     final = read_trace(tmp_path / "b/trace.jsonl")[-1]
     assert final["status"] == "model_error"
+
+
+def test_a_tool_call_cannot_outlive_the_run(tmp_path):
+    turns = [{"tool_calls": [{"name": "python", "arguments": {"code": "import time\ntime.sleep(60)"}}]},
+             {"content": "never reached"}]
+    result, _, events = run(tmp_path, turns, AgentConfig(mode="code", timeout_s=3.0, tool_timeout_s=60.0), tools=None)
+    assert result.status == "timeout"
+    tool_result = next(e for e in events if e["type"] == "tool_result")
+    import re
+
+    limit = re.search(r"TIMED OUT after ([0-9.]+) s", tool_result["message"]["content"])
+    assert limit and float(limit.group(1)) <= 3.0   # the tool's limit was the run's remaining time, not 60 s

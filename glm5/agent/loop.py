@@ -148,6 +148,7 @@ class _Run:
         self.calls: list[dict] = []
         self.errors: list[dict] = []
         self.steps = self.prompt_tokens = self.completion_tokens = 0
+        self.deadline = float("inf")
 
     def schemas(self) -> list[dict]:
         from glm5.agent.tools.base import openai_tool_schema
@@ -189,6 +190,8 @@ class _Run:
                 record["ok"], text = True, "recorded"
         elif kind is None:
             tool = self.tools[name]
+            # a tool call may not outlive the run: its limit is capped by the run's remaining time
+            self.ctx.timeout_s = max(1.0, min(self.config.tool_timeout_s, self.deadline - time.monotonic()))
             try:
                 validate_arguments(tool, arguments)
                 result = tool(arguments, self.ctx)
@@ -226,7 +229,7 @@ class _Run:
     def loop(self, seconds_before: float = 0.0) -> AgentResult:
         config = self.config
         started = time.monotonic()
-        deadline = started + config.timeout_s
+        deadline = self.deadline = started + config.timeout_s
         schemas = self.schemas()
         for call in pending_tool_calls(self.messages):  # resumed after a kill while tools ran
             function = call.get("function") or {}
