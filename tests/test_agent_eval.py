@@ -32,7 +32,8 @@ def test_shipped_suites_load_and_every_task_has_a_reference():
     assert sum(t.unanswerable for t in abstain) >= 4 and sum(not t.unanswerable for t in abstain) >= 4
 
 
-@pytest.mark.parametrize("suite", ["function-calling", "data", "write", "code", "abstain"])
+@pytest.mark.parametrize("suite", ["function-calling", "data", "write", pytest.param("code", marks=pytest.mark.slow),
+                                   "abstain"])
 def test_reference_solutions_pass_their_verifiers_through_the_real_loop_and_tools(suite, tmp_path):
     used = {c["name"] for t in load_suite(suite).tasks for turn in t.reference for c in turn.get("tool_calls", [])}
     if suite != "function-calling" and not used <= tool_names():
@@ -194,6 +195,7 @@ def test_failure_classes_are_the_documented_ones():
                                    "step_limit", "wrong_answer", "fabricated", "wrong_abstention", "timeout")
 
 
+@pytest.mark.slow
 def test_code_task_without_the_fix_fails_its_hidden_tests(tmp_path):
     if not {"shell", "read_file"} <= tool_names():
         pytest.skip("needs the shell tool")

@@ -189,6 +189,7 @@ def test_resume_reruns_tool_calls_a_kill_left_without_result(tmp_path):
     assert [e["type"] for e in events].count("resume") == 1 and resumed.steps == 3
 
 
+@pytest.mark.slow
 def test_a_killed_cli_run_resumes_from_its_trace(tmp_path):
     """`glm5 agent run` in a subprocess, killed while waiting on the model; `--resume DIR` finishes it."""
     seen = []

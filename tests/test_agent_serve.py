@@ -22,6 +22,7 @@ from glm5.agent.loop import AgentConfig
 from glm5.cli import main
 
 
+@pytest.mark.slow
 def test_random_weights_fail_and_every_failure_is_classified(tmp_path):
     with running_server(["--preset", "nano", "--seed", "1"]) as (base_url, _):
         suite = load_suite("function-calling")
