@@ -59,6 +59,18 @@ def test_runs_code_in_the_workdir_and_reports_files_made(work):
 
 
 @needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fresh uid is a root-only path")
+def test_a_workdir_left_owned_by_a_killed_runs_uid_goes_back_to_its_owner(work):
+    (work / "old.txt").write_text("x")
+    stale = sandbox._FRESH_UID_RANGE[0] + 7
+    for p in (work, work / "old.txt"):
+        os.chown(p, stale, stale)
+    r = run(["touch", "new.txt"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code == 0 and r.files == ["new.txt"], r
+    assert {p.stat().st_uid for p in (work, work / "old.txt", work / "new.txt")} == {os.getuid()}
+
+
+@needs_sandbox
 def test_writes_outside_the_workdir_are_stopped(work, tmp_path):
     outside = tmp_path / "outside.txt"
     r = run(py(f"""

@@ -97,6 +97,12 @@ def test_sql_caps_rows_and_is_read_only(ctx):
             SqlTool()({"query": q}, ctx)
     r = SqlTool()({"query": "select * from read_csv('/etc/passwd')"}, ctx)     # a SELECT that reads a file
     assert not r.ok and "disabled" in r.content
+    secret = ctx.workdir.parent / "secret.csv"
+    secret.write_text("password\nhunter2\n")
+    (ctx.workdir / "outputs").mkdir()
+    (ctx.workdir / "outputs" / "planted.csv").symlink_to(secret)      # e.g. made by code in the sandbox
+    r = SqlTool()({"query": "SHOW TABLES"}, ctx)
+    assert "planted" not in r.content
     r = SqlTool()({"query": "select * from no_such_table"}, ctx)
     assert not r.ok and "tables: people, people_pay, sales" in r.content
     assert not (ctx.workdir / "x.csv").exists()

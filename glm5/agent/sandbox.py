@@ -404,12 +404,16 @@ def _give_to(root: str, uid: int) -> dict[str, tuple[int, int]]:
 def _restore_owners(root: str, owners: dict[str, tuple[int, int]]) -> None:
     """Give every path back its owner; what the run made goes to the workdir's owner."""
     default = owners.get(root, (os.getuid(), os.getgid()))
+    if _FRESH_UID_RANGE[0] <= default[0] < _FRESH_UID_RANGE[1]:
+        default = (os.getuid(), os.getgid())        # a run killed before its restore left its uid behind
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [None, *filenames, *dirnames]:
             full = dirpath if name is None else os.path.join(dirpath, name)
             if name is not None and name in dirnames and not os.path.islink(full):
                 continue
             uid, gid = owners.get(full, default)
+            if _FRESH_UID_RANGE[0] <= uid < _FRESH_UID_RANGE[1]:
+                uid, gid = default
             try:
                 os.lchown(full, uid, gid)
             except OSError:

@@ -42,9 +42,15 @@ def data_files(ctx: ToolContext) -> list[Path]:
                     scanned += 1
                     if Path(name).suffix.lower() in DATA_SUFFIXES and scanned <= MAX_FILE_SCAN:
                         found.append(Path(dirpath) / name)
+    given = len([f for f in ctx.files if Path(f).suffix.lower() in DATA_SUFFIXES])
+    root = os.path.realpath(ctx.workdir)
     out, seen = [], set()
-    for f in found:
+    for i, f in enumerate(found):
         real = os.path.realpath(f)
+        # a link the sandboxed code planted in the workdir must not make this (unsandboxed) process read
+        # a file outside it; the user's own input files may live anywhere
+        if i >= given and not real.startswith(root + os.sep):
+            continue
         if real not in seen and os.path.isfile(real):
             seen.add(real)
             out.append(f)
