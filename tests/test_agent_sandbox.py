@@ -178,6 +178,17 @@ def test_an_endless_loop_and_its_escaped_children_are_killed_at_the_timeout(work
 
 
 @needs_sandbox
+def test_exit_status_of_signals_and_missing_commands(work):
+    assert run(["bash", "-c", "exit 3"], work, timeout_s=20, memory_mb=256).exit_code == 3
+    r = run(["bash", "-c", "kill -KILL $$"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code == 128 + 9 and not r.timed_out
+    r = run(["bash", "-c", "kill -XCPU $$"], work, timeout_s=20, memory_mb=256)   # what RLIMIT_CPU sends
+    assert r.exit_code == 128 + 24 and r.timed_out
+    r = run(["no-such-program"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code == 127 and "cannot run 'no-such-program'" in r.stderr
+
+
+@needs_sandbox
 def test_the_parents_environment_is_not_visible(work, monkeypatch):
     monkeypatch.setenv("GLM5_TEST_SECRET", "hunter2-do-not-leak")
     r = run(["bash", "-c", "env; cat /proc/1/environ /proc/$PPID/environ 2>/dev/null; "
@@ -230,7 +241,7 @@ def test_without_isolation_it_refuses_unless_unsafe(work, monkeypatch):
             timeout_s=10, memory_mb=512, unsafe_no_sandbox=True)
     assert r.exit_code == 0 and not r.sandboxed and r.files == ["made.txt"], r
     r = run(py("while True: pass"), work, timeout_s=1, memory_mb=256, unsafe_no_sandbox=True)
-    assert r.timed_out
+    assert r.timed_out and r.exit_code == 128 + 9
 
 
 def test_bad_calls_are_refused_with_a_clear_error(work):

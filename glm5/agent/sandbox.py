@@ -71,7 +71,7 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass
 class SandboxResult:
-    exit_code: int                 # the command's exit status; -N or 128+N when killed by signal N
+    exit_code: int                 # the command's exit status; 128+N when killed by signal N, 127: not found
     stdout: str
     stderr: str
     timed_out: bool                # the wall-clock or CPU-time limit stopped it
@@ -348,7 +348,9 @@ def _execute(argv, cwd, *, timeout_s, stdin, env, preexec_fn=None) -> SandboxRes
         r.join(timeout=5)
     stdout, stderr = readers[0].text(), readers[1].text()
     code = proc.returncode
-    cpu_killed = code in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or "CPU time limit" in stderr[-300:]
+    if code < 0:                    # killed by a signal outside bwrap: report it as bwrap and shells do
+        code = 128 - code
+    cpu_killed = code == 128 + signal.SIGXCPU
     oom = code != 0 and any(m in stderr for m in _OOM_MARKERS)
     return SandboxResult(exit_code=code, stdout=stdout, stderr=stderr, timed_out=wall_timeout or cpu_killed,
                          out_of_memory=oom and not wall_timeout, truncated=any(r.dropped for r in readers))
