@@ -126,6 +126,38 @@ def test_no_network_not_even_the_hosts_loopback(work):
 
 
 @needs_sandbox
+def test_host_unix_sockets_are_out_of_reach(work, tmp_path):
+    # an abstract socket (as D-Bus uses) belongs to the network namespace; a socket file outside the
+    # workdir is not in the sandbox's file system
+    abstract = f"\0glm5-test-{os.getpid()}"
+    listeners = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]
+    path = str(tmp_path / "host.sock")
+    try:
+        listeners[0].bind(abstract)
+        listeners[1].bind(path)
+        for s in listeners:
+            s.listen(1)
+            s.setblocking(False)
+        r = run(py(f"""
+            import socket
+            for address in ({abstract!r}, {path!r}):
+                s = socket.socket(socket.AF_UNIX)
+                try:
+                    s.connect(address)
+                    print('CONNECTED')
+                except OSError as e:
+                    print('refused', type(e).__name__)
+        """), work, timeout_s=20, memory_mb=256)
+        assert r.stdout.count("refused") == 2 and "CONNECTED" not in r.stdout, (r.stdout, r.stderr)
+        for s in listeners:
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    finally:
+        for s in listeners:
+            s.close()
+
+
+@needs_sandbox
 def test_fork_bomb_is_capped_by_the_process_limit(work):
     r = run(py("""
         import os, time
