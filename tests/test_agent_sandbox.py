@@ -158,6 +158,28 @@ def test_host_unix_sockets_are_out_of_reach(work, tmp_path):
 
 
 @needs_sandbox
+def test_new_user_namespaces_are_refused_and_ordinary_processes_still_work(work):
+    if sandbox.seccomp_filter() is None:
+        pytest.skip("no seccomp filter for this architecture")
+    r = run(py("""
+        import ctypes, multiprocessing, os, subprocess
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name, flag in (("user", 0x10000000), ("user+net", 0x50000000)):
+            rc = libc.unshare(flag)
+            print("unshare", name, rc, os.strerror(ctypes.get_errno()) if rc else "")
+        print(subprocess.run(["echo", "spawned"], capture_output=True, text=True).stdout.strip())
+        with multiprocessing.Pool(2) as pool:           # POSIX semaphores in /dev/shm, fork
+            print("pool", sum(pool.map(abs, [-1, -2, -3])))
+    """), work, timeout_s=30, memory_mb=1024)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["unshare user -1 Operation not permitted", "unshare user+net -1 Operation not permitted"]
+    assert lines[2:] == ["spawned", "pool 6"]
+    r = run(["unshare", "--user", "--map-root-user", "true"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code != 0 and "Operation not permitted" in r.stderr
+
+
+@needs_sandbox
 def test_fork_bomb_is_capped_by_the_process_limit(work):
     r = run(py("""
         import os, time
