@@ -83,6 +83,17 @@ def test_a_workdir_left_owned_by_a_killed_runs_uid_goes_back_to_its_owner(work):
 
 
 @needs_sandbox
+def test_concurrent_runs_in_one_workdir_both_write(work):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: run(["bash", "-c", f"sleep 0.3; echo {i} > f{i}.txt"], work,
+                                              timeout_s=20, memory_mb=256), range(2)))
+    assert [r.exit_code for r in results] == [0, 0], [r.stderr for r in results]
+    assert sorted(p.name for p in work.iterdir()) == ["f0.txt", "f1.txt"]
+    assert {p.stat().st_uid for p in work.iterdir()} == {os.getuid()}
+
+
+@needs_sandbox
 def test_writes_outside_the_workdir_are_stopped(work, tmp_path):
     outside = tmp_path / "outside.txt"
     r = run(py(f"""

@@ -309,3 +309,17 @@ def test_every_tool_has_a_schema_the_model_can_read():
         assert t.description and t.parameters["type"] == "object" and t.modes
         for key in t.parameters.get("required", []):
             assert key in t.parameters["properties"], (t.name, key)
+
+
+def test_sql_reuses_the_loaded_data_until_a_file_changes(ctx):
+    from glm5.agent.tools import sql
+    q = {"query": "select sum(amount) from sales"}
+    assert SqlTool()(q, ctx).data["rows"] == [[40]]
+    con, _ = sql.database(ctx)
+    assert SqlTool()(q, ctx).data["rows"] == [[40]] and sql.database(ctx)[0] is con     # loaded once
+    with open(ctx.workdir / "inputs" / "sales.csv", "a") as f:
+        f.write("Apr,east,100\n")
+    assert SqlTool()(q, ctx).data["rows"] == [[140]]
+    (ctx.workdir / "outputs").mkdir()
+    (ctx.workdir / "outputs" / "made.csv").write_text("x\n1\n2\n")                 # e.g. written by python
+    assert SqlTool()({"query": "select sum(x) from made"}, ctx).data["rows"] == [[3]]

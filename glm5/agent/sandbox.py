@@ -287,10 +287,22 @@ def run(command: list[str], workdir: str | Path, *, timeout_s: float, memory_mb:
         raise ValueError("timeout_s and memory_mb must be positive")
     status = sandbox_status()
     if status.available:
-        return _run_bwrap(list(command), workdir, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin, env=env)
+        # runs in one workdir take turns: each gives the tree to its own uid and back
+        with _workdir_lock(workdir):
+            return _run_bwrap(list(command), workdir, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin,
+                              env=env)
     if not unsafe_no_sandbox:
         raise SandboxUnavailable(status.summary)
     return _run_unsandboxed(list(command), workdir, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin, env=env)
+
+
+_WORKDIR_LOCKS: dict[str, threading.Lock] = {}
+_WORKDIR_LOCKS_GUARD = threading.Lock()
+
+
+def _workdir_lock(workdir: Path) -> threading.Lock:
+    with _WORKDIR_LOCKS_GUARD:
+        return _WORKDIR_LOCKS.setdefault(os.path.realpath(workdir), threading.Lock())
 
 
 def _limits(timeout_s: float, memory_mb: int, nproc: bool) -> list[tuple[str, int]]:
