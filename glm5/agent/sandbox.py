@@ -27,13 +27,15 @@ What a run gets (when `sandbox_status().available`):
 - stdout and stderr captured up to 1 MiB each (the rest is read and dropped, so a flood cannot block or fill
   memory), and `files`: the workdir's files created or changed by the run.
 
-What it does NOT cover: it is not a VM. The kernel is shared, so a kernel exploit escapes it; seccomp blocks
-only new user namespaces (and, on other architectures, nothing); CPU time is bounded per process (RLIMIT_CPU) and by the wall clock,
-not by a cgroup share, so a run can use every core until the timeout; memory is bounded per process by
-address space (RLIMIT_AS), not by a cgroup, so 64 processes could each use `memory_mb`; disk use in the
-workdir is bounded per file (RLIMIT_FSIZE), not in total; `out_of_memory` is read from the run's stderr
-(MemoryError, ENOMEM, bad_alloc), a heuristic. Files under /usr, /etc and the Python installation can be
-read (they are not secret on a normal install; /etc/shadow is not readable by the sandbox's uid).
+What it does NOT cover: it is not a VM. The kernel is shared, so a kernel exploit escapes it; seccomp
+blocks only new user namespaces (and, on other architectures, nothing); CPU time is bounded per process
+(RLIMIT_CPU) and by the wall clock, not by a cgroup share, so a run can use every core until the timeout;
+memory is bounded per process by address space (RLIMIT_AS), not by a cgroup, so 64 processes could each use
+`memory_mb`; disk use in the workdir is bounded per file (RLIMIT_FSIZE), not in total; `out_of_memory` is
+read from the run's stderr (MemoryError, ENOMEM, bad_alloc), a heuristic. Runs in one workdir from one
+process take turns (each lends the tree to its own uid); two processes running in one workdir at once are
+not supported. Files under /usr, /etc and the Python installation can be read (they are not secret on a
+normal install; /etc/shadow is not readable by the sandbox's uid).
 
 Where bubblewrap is missing or the kernel refuses namespaces, `sandbox_status()` says so; `run` then raises
 `SandboxUnavailable` unless called with `unsafe_no_sandbox=True`, which keeps only the rlimits, the process
