@@ -37,6 +37,18 @@ def assert_next_run_works(work):
     assert r.exit_code == 0 and r.stdout == "still here\n", r
 
 
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
 @needs_sandbox
 def test_runs_code_in_the_workdir_and_reports_files_made(work):
     (work / "inputs").mkdir()
@@ -56,6 +68,29 @@ def test_runs_code_in_the_workdir_and_reports_files_made(work):
     r = run(["true"], work, timeout_s=20, memory_mb=256)
     assert r.files == []
     assert (work / "outputs/sum.txt").stat().st_uid == work.stat().st_uid == os.getuid()
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fresh uid is a root-only path")
+def test_a_workdir_left_owned_by_a_killed_runs_uid_goes_back_to_its_owner(work):
+    (work / "old.txt").write_text("x")
+    stale = sandbox._FRESH_UID_RANGE[0] + 7
+    for p in (work, work / "old.txt"):
+        os.chown(p, stale, stale)
+    r = run(["touch", "new.txt"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code == 0 and r.files == ["new.txt"], r
+    assert {p.stat().st_uid for p in (work, work / "old.txt", work / "new.txt")} == {os.getuid()}
+
+
+@needs_sandbox
+def test_concurrent_runs_in_one_workdir_both_write(work):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: run(["bash", "-c", f"sleep 0.3; echo {i} > f{i}.txt"], work,
+                                              timeout_s=20, memory_mb=256), range(2)))
+    assert [r.exit_code for r in results] == [0, 0], [r.stderr for r in results]
+    assert sorted(p.name for p in work.iterdir()) == ["f0.txt", "f1.txt"]
+    assert {p.stat().st_uid for p in work.iterdir()} == {os.getuid()}
 
 
 @needs_sandbox
@@ -102,6 +137,60 @@ def test_no_network_not_even_the_hosts_loopback(work):
 
 
 @needs_sandbox
+def test_host_unix_sockets_are_out_of_reach(work, tmp_path):
+    # an abstract socket (as D-Bus uses) belongs to the network namespace; a socket file outside the
+    # workdir is not in the sandbox's file system
+    abstract = f"\0glm5-test-{os.getpid()}"
+    listeners = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]
+    path = str(tmp_path / "host.sock")
+    try:
+        listeners[0].bind(abstract)
+        listeners[1].bind(path)
+        for s in listeners:
+            s.listen(1)
+            s.setblocking(False)
+        r = run(py(f"""
+            import socket
+            for address in ({abstract!r}, {path!r}):
+                s = socket.socket(socket.AF_UNIX)
+                try:
+                    s.connect(address)
+                    print('CONNECTED')
+                except OSError as e:
+                    print('refused', type(e).__name__)
+        """), work, timeout_s=20, memory_mb=256)
+        assert r.stdout.count("refused") == 2 and "CONNECTED" not in r.stdout, (r.stdout, r.stderr)
+        for s in listeners:
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    finally:
+        for s in listeners:
+            s.close()
+
+
+@needs_sandbox
+def test_new_user_namespaces_are_refused_and_ordinary_processes_still_work(work):
+    if sandbox.seccomp_filter() is None:
+        pytest.skip("no seccomp filter for this architecture")
+    r = run(py("""
+        import ctypes, multiprocessing, os, subprocess
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name, flag in (("user", 0x10000000), ("user+net", 0x50000000)):
+            rc = libc.unshare(flag)
+            print("unshare", name, rc, os.strerror(ctypes.get_errno()) if rc else "")
+        print(subprocess.run(["echo", "spawned"], capture_output=True, text=True).stdout.strip())
+        with multiprocessing.Pool(2) as pool:           # POSIX semaphores in /dev/shm, fork
+            print("pool", sum(pool.map(abs, [-1, -2, -3])))
+    """), work, timeout_s=30, memory_mb=1024)
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["unshare user -1 Operation not permitted", "unshare user+net -1 Operation not permitted"]
+    assert lines[2:] == ["spawned", "pool 6"]
+    r = run(["unshare", "--user", "--map-root-user", "true"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code != 0 and "Operation not permitted" in r.stderr
+
+
+@needs_sandbox
 def test_fork_bomb_is_capped_by_the_process_limit(work):
     r = run(py("""
         import os, time
@@ -124,9 +213,12 @@ def test_fork_bomb_is_capped_by_the_process_limit(work):
 @needs_sandbox
 def test_shell_fork_bomb_ends_at_the_timeout_and_leaves_nothing(work):
     t0 = time.monotonic()
-    r = run(["bash", "-c", ":(){ :|:& };:; sleep 30"], work, timeout_s=3, memory_mb=256)
+    bomb = ":(){ :|:& };:; sleep 3131"
+    r = run(["bash", "-c", bomb], work, timeout_s=2, memory_mb=256)
     assert time.monotonic() - t0 < 20
-    assert r.exit_code != 0 or r.timed_out
+    assert r.timed_out and r.exit_code == 128 + 9, r
+    time.sleep(0.2)
+    assert _processes_with(bomb) == [] and _processes_with("sleep\x003131") == []
     assert_next_run_works(work)
 
 
@@ -137,18 +229,6 @@ def test_allocating_past_the_memory_limit_is_reported(work):
     assert not r.timed_out
     ok = run(py("b = bytearray(50 * 1024 * 1024); print('ALLOCATED', len(b))"), work, timeout_s=20, memory_mb=256)
     assert ok.exit_code == 0 and not ok.out_of_memory, ok
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(int(pid))
-            except OSError:
-                pass
-    return found
 
 
 @needs_sandbox
@@ -163,6 +243,17 @@ def test_an_endless_loop_and_its_escaped_children_are_killed_at_the_timeout(work
     time.sleep(0.2)
     assert _processes_with("sleep\x004242") == []
     assert_next_run_works(work)
+
+
+@needs_sandbox
+def test_exit_status_of_signals_and_missing_commands(work):
+    assert run(["bash", "-c", "exit 3"], work, timeout_s=20, memory_mb=256).exit_code == 3
+    r = run(["bash", "-c", "kill -KILL $$"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code == 128 + 9 and not r.timed_out
+    r = run(["bash", "-c", "kill -XCPU $$"], work, timeout_s=20, memory_mb=256)   # what RLIMIT_CPU sends
+    assert r.exit_code == 128 + 24 and r.timed_out
+    r = run(["no-such-program"], work, timeout_s=20, memory_mb=256)
+    assert r.exit_code == 127 and "cannot run 'no-such-program'" in r.stderr
 
 
 @needs_sandbox
@@ -195,7 +286,7 @@ def test_signalling_the_parent_or_the_test_process_does_nothing_outside(work):
 
 @needs_sandbox
 def test_output_flood_is_capped(work):
-    r = run(["yes", "spam"], work, timeout_s=2, memory_mb=256)
+    r = run(["yes", "spam"], work, timeout_s=1, memory_mb=256)
     assert r.truncated and r.timed_out
     assert len(r.stdout) < sandbox.OUTPUT_LIMIT_BYTES + 200
     assert r.stdout.startswith("spam\nspam\n") and "more bytes of output dropped" in r.stdout
@@ -218,7 +309,7 @@ def test_without_isolation_it_refuses_unless_unsafe(work, monkeypatch):
             timeout_s=10, memory_mb=512, unsafe_no_sandbox=True)
     assert r.exit_code == 0 and not r.sandboxed and r.files == ["made.txt"], r
     r = run(py("while True: pass"), work, timeout_s=1, memory_mb=256, unsafe_no_sandbox=True)
-    assert r.timed_out
+    assert r.timed_out and r.exit_code == 128 + 9
 
 
 def test_bad_calls_are_refused_with_a_clear_error(work):

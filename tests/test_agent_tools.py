@@ -97,6 +97,12 @@ def test_sql_caps_rows_and_is_read_only(ctx):
             SqlTool()({"query": q}, ctx)
     r = SqlTool()({"query": "select * from read_csv('/etc/passwd')"}, ctx)     # a SELECT that reads a file
     assert not r.ok and "disabled" in r.content
+    secret = ctx.workdir.parent / "secret.csv"
+    secret.write_text("password\nhunter2\n")
+    (ctx.workdir / "outputs").mkdir()
+    (ctx.workdir / "outputs" / "planted.csv").symlink_to(secret)      # e.g. made by code in the sandbox
+    r = SqlTool()({"query": "SHOW TABLES"}, ctx)
+    assert "planted" not in r.content
     r = SqlTool()({"query": "select * from no_such_table"}, ctx)
     assert not r.ok and "tables: people, people_pay, sales" in r.content
     assert not (ctx.workdir / "x.csv").exists()
@@ -303,3 +309,17 @@ def test_every_tool_has_a_schema_the_model_can_read():
         assert t.description and t.parameters["type"] == "object" and t.modes
         for key in t.parameters.get("required", []):
             assert key in t.parameters["properties"], (t.name, key)
+
+
+def test_sql_reuses_the_loaded_data_until_a_file_changes(ctx):
+    from glm5.agent.tools import sql
+    q = {"query": "select sum(amount) from sales"}
+    assert SqlTool()(q, ctx).data["rows"] == [[40]]
+    con, _ = sql.database(ctx)
+    assert SqlTool()(q, ctx).data["rows"] == [[40]] and sql.database(ctx)[0] is con     # loaded once
+    with open(ctx.workdir / "inputs" / "sales.csv", "a") as f:
+        f.write("Apr,east,100\n")
+    assert SqlTool()(q, ctx).data["rows"] == [[140]]
+    (ctx.workdir / "outputs").mkdir()
+    (ctx.workdir / "outputs" / "made.csv").write_text("x\n1\n2\n")                 # e.g. written by python
+    assert SqlTool()({"query": "select sum(x) from made"}, ctx).data["rows"] == [[3]]

@@ -77,3 +77,36 @@ def test_symlinks_out_of_the_workdir_are_refused(ctx, tmp_path):
         WriteFile()({"path": "updir/new.txt", "content": "x"}, ctx)
     assert not (tmp_path / "new.txt").exists()
     assert "link.txt" not in ListFiles()({}, ctx).content
+
+
+def test_a_tool_that_raises_returns_a_failed_result(ctx):
+    from glm5.agent.tools.base import Tool
+
+    class Broken(Tool):
+        name = "broken"
+        parameters = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+        def run(self, arguments, ctx):
+            return ToolResult("fine") if arguments["n"] else 1 / 0
+
+    from glm5.agent.tools.base import ToolResult
+    assert Broken()({"n": 1}, ctx).ok
+    r = Broken()({"n": 0}, ctx)
+    assert not r.ok and r.content == "broken failed: ZeroDivisionError: division by zero"
+    assert r.data["exception"] == "ZeroDivisionError"
+    with pytest.raises(ToolArgumentError):          # bad arguments stay bad arguments, not a tool error
+        Broken()({}, ctx)
+
+
+def test_any_of_schemas_as_mcp_servers_write_optional_arguments():
+    from glm5.agent.tools.base import Tool
+
+    class Optional(Tool):
+        name = "optional"
+        parameters = {"type": "object", "properties": {
+            "limit": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}}}
+
+    assert validate_arguments(Optional(), {}) == {"limit": None}
+    assert validate_arguments(Optional(), {"limit": 3}) == {"limit": 3}
+    with pytest.raises(ToolArgumentError, match="fits none of the allowed forms"):
+        validate_arguments(Optional(), {"limit": "three"})

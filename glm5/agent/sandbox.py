@@ -10,8 +10,10 @@ What a run gets (when `sandbox_status().available`):
   mount, IPC and UTS namespaces: the network namespace has only its own loopback, so nothing on the host
   (127.0.0.1 included) or beyond is reachable; PIDs outside are invisible, so the parent cannot be signalled;
 - a file system built for it: /usr, /etc, /opt and the Python installation read-only, a fresh /proc and /dev,
-  a private size-limited tmpfs /tmp, and the workdir the only writable host path. Home directories and the
-  rest of the host are not there at all;
+  private size-limited tmpfs /tmp and /dev/shm, and the workdir the only writable host path. Home
+  directories, /run, /var and the rest of the host are not there at all (so no host unix sockets either);
+- a seccomp filter (x86-64 and aarch64) that refuses new user namespaces, which would open much of the
+  kernel to the code; other system calls are not filtered;
 - an unprivileged user: as root, each run gets a fresh uid (no passwd entry, no capabilities) that owns the
   workdir for the run's duration (ownership is restored afterwards); as a normal user, a new user namespace;
 - resource limits set inside the namespaces just before the command starts: RLIMIT_AS (`memory_mb`),
@@ -25,13 +27,15 @@ What a run gets (when `sandbox_status().available`):
 - stdout and stderr captured up to 1 MiB each (the rest is read and dropped, so a flood cannot block or fill
   memory), and `files`: the workdir's files created or changed by the run.
 
-What it does NOT cover: it is not a VM. The kernel is shared, so a kernel exploit escapes it; there is no
-seccomp filter beyond bwrap's defaults; CPU time is bounded per process (RLIMIT_CPU) and by the wall clock,
-not by a cgroup share, so a run can use every core until the timeout; memory is bounded per process by
-address space (RLIMIT_AS), not by a cgroup, so 64 processes could each use `memory_mb`; disk use in the
-workdir is bounded per file (RLIMIT_FSIZE), not in total; `out_of_memory` is read from the run's stderr
-(MemoryError, ENOMEM, bad_alloc), a heuristic. Files under /usr, /etc and the Python installation can be
-read (they are not secret on a normal install; /etc/shadow is not readable by the sandbox's uid).
+What it does NOT cover: it is not a VM. The kernel is shared, so a kernel exploit escapes it; seccomp
+blocks only new user namespaces (and, on other architectures, nothing); CPU time is bounded per process
+(RLIMIT_CPU) and by the wall clock, not by a cgroup share, so a run can use every core until the timeout;
+memory is bounded per process by address space (RLIMIT_AS), not by a cgroup, so 64 processes could each use
+`memory_mb`; disk use in the workdir is bounded per file (RLIMIT_FSIZE), not in total; `out_of_memory` is
+read from the run's stderr (MemoryError, ENOMEM, bad_alloc), a heuristic. Runs in one workdir from one
+process take turns (each lends the tree to its own uid); two processes running in one workdir at once are
+not supported. Files under /usr, /etc and the Python installation can be read (they are not secret on a
+normal install; /etc/shadow is not readable by the sandbox's uid).
 
 Where bubblewrap is missing or the kernel refuses namespaces, `sandbox_status()` says so; `run` then raises
 `SandboxUnavailable` unless called with `unsafe_no_sandbox=True`, which keeps only the rlimits, the process
@@ -71,7 +75,7 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass
 class SandboxResult:
-    exit_code: int                 # the command's exit status; -N or 128+N when killed by signal N
+    exit_code: int                 # the command's exit status; 128+N when killed by signal N, 127: not found
     stdout: str
     stderr: str
     timed_out: bool                # the wall-clock or CPU-time limit stopped it
@@ -120,6 +124,52 @@ def _python_roots() -> list[str]:
     return out
 
 
+# A seccomp filter (classic BPF, as the kernel's seccomp_data lays it out: nr at 0, arch at 4, args at 16)
+# that refuses new user namespaces: unshare(CLONE_NEWUSER) and clone(CLONE_NEWUSER) get EPERM, clone3
+# (whose flags sit in memory a filter cannot read) gets ENOSYS so libc falls back to clone, and so do
+# other ABIs (x32, 32-bit compat) whose numbers differ. User namespaces open much of the kernel to an
+# unprivileged process; the sandbox never needs one inside.
+_SECCOMP_ARCH = {   # machine: (AUDIT_ARCH_*, unshare, clone, clone3, x32 bit)
+    "x86_64": (0xC000003E, 272, 56, 435, 0x40000000),
+    "aarch64": (0xC00000B7, 97, 220, 435, None),
+}
+_CLONE_NEWUSER = 0x10000000
+
+
+def seccomp_filter() -> bytes | None:
+    """The filter's bytes for this machine's architecture, or None where its syscall numbers are not known."""
+    import platform
+    import struct
+    arch = _SECCOMP_ARCH.get(platform.machine())
+    if arch is None:
+        return None
+    audit_arch, nr_unshare, nr_clone, nr_clone3, x32_bit = arch
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    # (opcode, jump-if-true label, jump-if-false label, k); labels name instructions below
+    program = [("", ld, None, None, 4),
+               ("", jeq, None, "enosys", audit_arch),
+               ("", ld, None, None, 0)]
+    if x32_bit is not None:
+        program.append(("", jge, "enosys", None, x32_bit))
+    program += [("", jeq, "enosys", None, nr_clone3),
+                ("", jeq, "flags", None, nr_unshare),
+                ("", jeq, "flags", None, nr_clone),
+                ("", ret, None, None, allow),
+                ("flags", ld, None, None, 16),
+                ("", jset, None, "allow", _CLONE_NEWUSER),
+                ("", ret, None, None, eperm),
+                ("allow", ret, None, None, allow),
+                ("enosys", ret, None, None, enosys)]
+    where = {label: i for i, (label, *_rest) in enumerate(program) if label}
+    out = b""
+    for i, (_, code, jt, jf, k) in enumerate(program):
+        jump_true = where[jt] - i - 1 if jt else 0
+        jump_false = where[jf] - i - 1 if jf else 0
+        out += struct.pack("<HBBI", code, jump_true, jump_false, k)
+    return out
+
+
 def _bwrap_args(workdir: str, root: bool, tmp_size_mb: int) -> list[str]:
     args = ["bwrap", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
     if root:
@@ -137,8 +187,10 @@ def _bwrap_args(workdir: str, root: bool, tmp_size_mb: int) -> list[str]:
             args += ["--symlink", os.readlink(link), link]
         elif os.path.isdir(link):
             args += ["--ro-bind", link, link]
+    # /dev/shm writable by the sandbox's uid: POSIX semaphores and shared memory (multiprocessing) live there
     args += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", str(tmp_size_mb * 1024 * 1024), "--tmpfs", "/tmp"]
+             "--perms", "1777", "--size", str(tmp_size_mb * 1024 * 1024), "--tmpfs", "/tmp",
+             "--perms", "1777", "--size", str(tmp_size_mb * 1024 * 1024), "--tmpfs", "/dev/shm"]
     roots = _python_roots()
     # the folders above the bound ones are made here, world-traversable: bwrap would copy their host modes,
     # and a 0700 /root or pytest's 0700 temp folder would lock the sandbox's uid out of what lies below
@@ -215,9 +267,10 @@ def sandbox_status() -> SandboxStatus:
             return SandboxStatus(False, "none", root, f"bwrap cannot create namespaces here: {why}")
     version = subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip()
     who = "as root, a fresh unprivileged uid per run" if root else "an unprivileged user namespace"
+    seccomp = "seccomp: no user namespaces" if seccomp_filter() is not None else "no seccomp filter (unknown CPU)"
     return SandboxStatus(True, "bwrap", root,
                          f"{version or 'bubblewrap'}, {who}; no network, private PID/mount/IPC namespaces, "
-                         "read-only system, writable workdir only, rlimits on memory/CPU/processes/file size")
+                         f"read-only system, writable workdir only, rlimits on memory/CPU/processes/file size; {seccomp}")
 
 
 def run(command: list[str], workdir: str | Path, *, timeout_s: float, memory_mb: int, stdin: str | None = None,
@@ -236,10 +289,22 @@ def run(command: list[str], workdir: str | Path, *, timeout_s: float, memory_mb:
         raise ValueError("timeout_s and memory_mb must be positive")
     status = sandbox_status()
     if status.available:
-        return _run_bwrap(list(command), workdir, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin, env=env)
+        # runs in one workdir take turns: each gives the tree to its own uid and back
+        with _workdir_lock(workdir):
+            return _run_bwrap(list(command), workdir, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin,
+                              env=env)
     if not unsafe_no_sandbox:
         raise SandboxUnavailable(status.summary)
     return _run_unsandboxed(list(command), workdir, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin, env=env)
+
+
+_WORKDIR_LOCKS: dict[str, threading.Lock] = {}
+_WORKDIR_LOCKS_GUARD = threading.Lock()
+
+
+def _workdir_lock(workdir: Path) -> threading.Lock:
+    with _WORKDIR_LOCKS_GUARD:
+        return _WORKDIR_LOCKS.setdefault(os.path.realpath(workdir), threading.Lock())
 
 
 def _limits(timeout_s: float, memory_mb: int, nproc: bool) -> list[tuple[str, int]]:
@@ -259,11 +324,22 @@ def _run_bwrap(command, workdir: Path, *, timeout_s, memory_mb, stdin, env) -> S
            "env": _clean_env(env)}
     argv = _bwrap_args(workdir_real, root, min(TMP_SIZE_MB, memory_mb)) + [
         os.path.realpath(sys.executable), "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)]
+    program = seccomp_filter()
+    fds: tuple[int, ...] = ()
+    if program is not None:
+        fd = os.memfd_create("glm5-seccomp", 0)     # bwrap reads the filter from it (inherited, not a file)
+        os.write(fd, program)
+        os.lseek(fd, 0, os.SEEK_SET)
+        fds = (fd,)
+        argv[1:1] = ["--seccomp", str(fd)]
     before = _scan(workdir_real)
     owners = _give_to(workdir_real, uid) if uid is not None else None
     try:
-        result = _execute(argv, workdir_real, timeout_s=timeout_s, stdin=stdin, env={"PATH": "/usr/bin:/bin"})
+        result = _execute(argv, workdir_real, timeout_s=timeout_s, stdin=stdin, env={"PATH": "/usr/bin:/bin"},
+                          pass_fds=fds)
     finally:
+        for fd in fds:
+            os.close(fd)
         if owners is not None:
             _restore_owners(workdir_real, owners)
     result.files = _changed(before, _scan(workdir_real))
@@ -316,10 +392,10 @@ class _CappedReader(threading.Thread):
         return out
 
 
-def _execute(argv, cwd, *, timeout_s, stdin, env, preexec_fn=None) -> SandboxResult:
+def _execute(argv, cwd, *, timeout_s, stdin, env, preexec_fn=None, pass_fds=()) -> SandboxResult:
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=preexec_fn, close_fds=True)
+                            preexec_fn=preexec_fn, close_fds=True, pass_fds=pass_fds)
     readers = [_CappedReader(proc.stdout, OUTPUT_LIMIT_BYTES), _CappedReader(proc.stderr, OUTPUT_LIMIT_BYTES)]
     for r in readers:
         r.start()
@@ -348,7 +424,9 @@ def _execute(argv, cwd, *, timeout_s, stdin, env, preexec_fn=None) -> SandboxRes
         r.join(timeout=5)
     stdout, stderr = readers[0].text(), readers[1].text()
     code = proc.returncode
-    cpu_killed = code in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or "CPU time limit" in stderr[-300:]
+    if code < 0:                    # killed by a signal outside bwrap: report it as bwrap and shells do
+        code = 128 - code
+    cpu_killed = code == 128 + signal.SIGXCPU
     oom = code != 0 and any(m in stderr for m in _OOM_MARKERS)
     return SandboxResult(exit_code=code, stdout=stdout, stderr=stderr, timed_out=wall_timeout or cpu_killed,
                          out_of_memory=oom and not wall_timeout, truncated=any(r.dropped for r in readers))
@@ -404,12 +482,16 @@ def _give_to(root: str, uid: int) -> dict[str, tuple[int, int]]:
 def _restore_owners(root: str, owners: dict[str, tuple[int, int]]) -> None:
     """Give every path back its owner; what the run made goes to the workdir's owner."""
     default = owners.get(root, (os.getuid(), os.getgid()))
+    if _FRESH_UID_RANGE[0] <= default[0] < _FRESH_UID_RANGE[1]:
+        default = (os.getuid(), os.getgid())        # a run killed before its restore left its uid behind
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [None, *filenames, *dirnames]:
             full = dirpath if name is None else os.path.join(dirpath, name)
             if name is not None and name in dirnames and not os.path.islink(full):
                 continue
             uid, gid = owners.get(full, default)
+            if _FRESH_UID_RANGE[0] <= uid < _FRESH_UID_RANGE[1]:
+                uid, gid = default
             try:
                 os.lchown(full, uid, gid)
             except OSError:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from .base import MODES, Tool, ToolArgumentError, ToolContext, ToolResult, openai_tool_schema, validate_arguments
 
@@ -49,5 +50,6 @@ def tools_for_mode(mode: str, ctx: ToolContext, mcp_commands: Sequence[str] = ()
     tools = [t for t in all_tools() if mode == "auto" or mode in t.modes]
     if mcp_commands:
         from .mcp import mcp_tools
-        tools += mcp_tools(list(mcp_commands), taken=[t.name for t in all_tools()], cwd=ctx.workdir)
+        tools += mcp_tools(list(mcp_commands), taken=[t.name for t in all_tools()],
+                           cwd=ctx.workdir if Path(ctx.workdir).is_dir() else None)
     return tools

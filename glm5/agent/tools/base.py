@@ -64,7 +64,15 @@ class Tool:
     modes: frozenset[str] = frozenset(MODES)
 
     def __call__(self, arguments: dict, ctx: ToolContext) -> ToolResult:
-        return self.run(validate_arguments(self, arguments), ctx)
+        arguments = validate_arguments(self, arguments)
+        try:
+            return self.run(arguments, ctx)
+        except ToolArgumentError:
+            raise
+        except Exception as e:   # the tool ran and failed: the model reads why and may try another way
+            message = str(e).strip().splitlines()[0][:500] if str(e).strip() else ""
+            return ToolResult(f"{self.name} failed: {type(e).__name__}{': ' + message if message else ''}",
+                              ok=False, data={"exception": type(e).__name__})
 
     def run(self, arguments: dict, ctx: ToolContext) -> ToolResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -86,6 +94,17 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 
 def _check(value: Any, schema: dict, where: str) -> Any:
     """Check one value against a (small) JSON schema: type, enum, items, nested objects, bounds."""
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            errors = []
+            for branch in schema[key]:
+                try:
+                    value = _check(value, branch, where)
+                    break
+                except ToolArgumentError as e:
+                    errors.append(str(e).split(": ", 1)[-1])
+            else:
+                raise ToolArgumentError(f"{where}: fits none of the allowed forms ({'; '.join(errors)})")
     types = schema.get("type")
     if types is not None:
         types = [types] if isinstance(types, str) else list(types)

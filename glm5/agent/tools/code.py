@@ -62,9 +62,8 @@ class _SandboxedTool(Tool):
 class PythonTool(_SandboxedTool):
     name = "python"
     description = ("Run Python 3 code in a sandbox whose current folder is the working directory (input files "
-                   "under inputs/, save deliverables under outputs/). numpy, pandas, matplotlib, duckdb, openpyxl "
-                   "are installed; there is no network. Print what you need to see: returns stdout, stderr, the "
-                   "exit code and the files made.")
+                   "under inputs/, save deliverables under outputs/); there is no network. Print what you need to "
+                   "see: returns stdout, stderr, the exit code and the files made.")
     parameters = {
         "type": "object",
         "properties": {
@@ -74,6 +73,13 @@ class PythonTool(_SandboxedTool):
         "required": ["code"],
     }
     modes = frozenset({"data", "code"})
+
+    def __init__(self):
+        import importlib.util
+        have = [m for m in ("numpy", "pandas", "matplotlib", "scipy", "sklearn", "duckdb", "openpyxl", "docx", "pypdf")
+                if importlib.util.find_spec(m) is not None]
+        if have:     # the model should know what it may import, and nothing can be installed (no network)
+            self.description = f"{type(self).description} Installed: {', '.join(have)}."
 
     def _argv(self, code: str) -> list[str]:
         return [sys.executable, "-c", code]

@@ -6,7 +6,8 @@ are loaded into an in-memory DuckDB (`sales.csv` -> table `sales`; each sheet af
 SELECT-like statement per call is accepted (SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN): the query can
 neither change the tables nor read or write any other file. Results are capped at `max_rows` rows.
 
-`run_query(ctx, sql)` is the same query path for the chart and export tools.
+`run_query(ctx, sql)` is the same query path for the chart and export tools. The loaded database is kept
+while the files stay unchanged (path, size, mtime), so a run's queries load each file once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime
 import decimal
 import os
 import re
+import threading
 from pathlib import Path
 
 from .base import Tool, ToolArgumentError, ToolContext, ToolResult, clip
@@ -42,9 +44,15 @@ def data_files(ctx: ToolContext) -> list[Path]:
                     scanned += 1
                     if Path(name).suffix.lower() in DATA_SUFFIXES and scanned <= MAX_FILE_SCAN:
                         found.append(Path(dirpath) / name)
+    given = len([f for f in ctx.files if Path(f).suffix.lower() in DATA_SUFFIXES])
+    root = os.path.realpath(ctx.workdir)
     out, seen = [], set()
-    for f in found:
+    for i, f in enumerate(found):
         real = os.path.realpath(f)
+        # a link the sandboxed code planted in the workdir must not make this (unsandboxed) process read
+        # a file outside it; the user's own input files may live anywhere
+        if i >= given and not real.startswith(root + os.sep):
+            continue
         if real not in seen and os.path.isfile(real):
             seen.add(real)
             out.append(f)
@@ -148,14 +156,33 @@ def run_query(ctx: ToolContext, query: str, max_rows: int = ROW_CAP):
     kind = statements[0].type.name
     if kind not in _READ_ONLY:
         raise ToolArgumentError(f"read-only: {kind} statements are not allowed; use SELECT")
-    con, tables = connect(ctx)
+    con, tables = database(ctx)
+    cur = con.cursor()              # one cursor per query: the cached database may serve several threads
     try:
-        cur = con.execute(query)
+        cur.execute(query)
         columns = [d[0] for d in cur.description] if cur.description else []
         rows = cur.fetchmany(max_rows + 1)
     finally:
-        con.close()
+        cur.close()
     return columns, rows[:max_rows], len(rows) > max_rows, tables
+
+
+_DATABASES: dict[tuple, tuple] = {}
+_DATABASES_LOCK = threading.Lock()
+_MAX_DATABASES = 4
+
+
+def database(ctx: ToolContext):
+    """`connect(ctx)`, loaded once and reused while the data files stay the same (path, size, mtime)."""
+    key = (os.path.realpath(ctx.workdir),) + tuple(
+        (os.path.realpath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in data_files(ctx))
+    with _DATABASES_LOCK:
+        if key not in _DATABASES:
+            while len(_DATABASES) >= _MAX_DATABASES:
+                _, (old, _) = _DATABASES.popitem()
+                old.close()
+            _DATABASES[key] = connect(ctx)
+        return _DATABASES[key]
 
 
 def format_table(columns: list[str], rows: list[tuple]) -> str:
@@ -204,7 +231,7 @@ class SqlTool(Tool):
         try:
             columns, rows, more, tables = run_query(ctx, arguments["query"], arguments["max_rows"])
         except duckdb.Error as e:
-            _, tables = _tables_only(ctx)
+            _, tables = database(ctx)
             known = ", ".join(sorted(tables)) or "none"
             return ToolResult(f"SQL error: {str(e).strip()[:1500]}\n(tables: {known})", ok=False,
                               data={"error": str(e)[:1500]})
@@ -216,8 +243,3 @@ class SqlTool(Tool):
         return ToolResult(clip(text), data={"columns": columns, "rows": [[jsonable(v) for v in r] for r in rows],
                                             "truncated": more, "tables": tables})
 
-
-def _tables_only(ctx: ToolContext):
-    con, tables = connect(ctx)
-    con.close()
-    return None, tables
