@@ -247,7 +247,9 @@ def test_agent_run_offers_and_calls_an_mcp_servers_tools(tmp_path, capsys):
     with ScriptedEndpoint({task: turns}) as endpoint:
         code = main(["agent", "run", task, "--base-url", endpoint.base_url, "--workdir", str(tmp_path / "run"),
                      "--mode", "research", "--mcp", f"{sys.executable} {server}"])
-    assert code == 0 and "2 + 3 = 5" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert code == 0 and "2 + 3 = 5" in captured.out
+    assert "step 1: model" in captured.err and "calls add" in captured.err and "  add ok" in captured.err  # progress
     offered = {t["function"]["name"] for t in endpoint.requests[0]["tools"]}
     assert {"add", "search", "open"} <= offered
     result = next(e for e in read_trace(tmp_path / "run/trace.jsonl") if e["type"] == "tool_result")

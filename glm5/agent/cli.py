@@ -123,6 +123,14 @@ def _one_line_errors(func):
     return wrapped
 
 
+def _progress(event: dict) -> None:
+    from glm5.agent.loop import describe_event
+
+    line = describe_event(event)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 @_one_line_errors
 def _run(args) -> int:
     from dataclasses import asdict
@@ -158,9 +166,10 @@ def _run(args) -> int:
         with _endpoint(args, workdir / "serve.log") as url:
             client = ChatClient(url, model=args.model, api_key=args.api_key)
             if args.resume:
-                result = resume_agent(workdir, client, config)
+                result = resume_agent(workdir, client, config, on_event=_progress)
             else:
-                result = run_agent(args.task, workdir, client, config, files=[Path(f) for f in args.files])
+                result = run_agent(args.task, workdir, client, config, files=[Path(f) for f in args.files],
+                                   on_event=_progress)
     finally:
         _close_mcp()
     print(result.answer)

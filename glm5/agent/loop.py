@@ -133,7 +133,8 @@ class AgentResult:
 class _Run:
     """The state of one run: conversation, counters, trace."""
 
-    def __init__(self, workdir: Path, client: ChatClient, config: AgentConfig, tools: list, declared: list[dict]):
+    def __init__(self, workdir: Path, client: ChatClient, config: AgentConfig, tools: list, declared: list[dict],
+                 on_event=None):
         from glm5.agent.tools.base import ToolContext
 
         self.workdir, self.client, self.config = workdir, client, config
@@ -143,7 +144,7 @@ class _Run:
                                docs_dir=Path(config.docs_dir) if config.docs_dir else None,
                                timeout_s=config.tool_timeout_s, memory_mb=config.memory_mb,
                                unsafe_no_sandbox=config.unsafe_no_sandbox)
-        self.trace = Trace(workdir / "trace.jsonl")
+        self.trace = Trace(workdir / "trace.jsonl", on_event)
         self.messages: list[dict] = []
         self.calls: list[dict] = []
         self.errors: list[dict] = []
@@ -309,12 +310,14 @@ def make_tools(config: AgentConfig, workdir: Path) -> list:
 
 
 def run_agent(task: str, workdir: Path, client: ChatClient, config: AgentConfig, *, files: Sequence[Path] = (),
-              repo: Path | None = None, tools: list | None = None, declared_tools: Sequence[dict] = ()) -> AgentResult:
+              repo: Path | None = None, tools: list | None = None, declared_tools: Sequence[dict] = (),
+              on_event=None) -> AgentResult:
     """Run `task` to its end in `workdir` (a fresh or empty folder; see `resume_agent` to continue one).
 
     `tools`: the tool objects to offer (default: the mode's, `glm5.agent.tools.tools_for_mode`).
     `declared_tools`: OpenAI function schemas the model may call but that are only checked and recorded
     (function-calling evaluation). `repo`: a folder copied into workdir/outputs (code tasks).
+    `on_event(event)`: called with each trace event as it is written (`describe_event` formats one).
     """
     workdir = Path(workdir)
     if (workdir / "trace.jsonl").exists():
@@ -322,7 +325,7 @@ def run_agent(task: str, workdir: Path, client: ChatClient, config: AgentConfig,
     names = _prepare_workdir(workdir, files, repo)
     if tools is None:
         tools = [] if config.single_turn else make_tools(config, workdir)
-    run = _Run(workdir, client, config, tools, list(declared_tools))
+    run = _Run(workdir, client, config, tools, list(declared_tools), on_event)
     system = {"role": "system", "content": SINGLE_TURN_PROMPT if config.single_turn else system_prompt(config.mode, names)}
     user = {"role": "user", "content": task}
     run.messages = [system, user]
@@ -332,7 +335,7 @@ def run_agent(task: str, workdir: Path, client: ChatClient, config: AgentConfig,
 
 
 def resume_agent(workdir: Path, client: ChatClient, config: AgentConfig | None = None, *,
-                 tools: list | None = None) -> AgentResult:
+                 tools: list | None = None, on_event=None) -> AgentResult:
     """Continue the run in `workdir` from its trace: the conversation, step and token counts are rebuilt,
     tool calls the kill left without a result are run, and the loop goes on. A finished run is returned
     as it ended. The wall-time limit counts again from the resume."""
@@ -350,7 +353,7 @@ def resume_agent(workdir: Path, client: ChatClient, config: AgentConfig | None =
         return result_from_trace(workdir)
     if tools is None:
         tools = [] if config.single_turn else make_tools(config, workdir)
-    run = _Run(workdir, client, config, tools, start.get("declared_tools") or [])
+    run = _Run(workdir, client, config, tools, start.get("declared_tools") or [], on_event)
     run.messages = conversation(events)
     calls = [e for e in events if e["type"] == "model_call"]
     run.steps = len(calls)
@@ -387,3 +390,22 @@ def result_from_trace(workdir: Path) -> AgentResult:
     return AgentResult(final["status"], final["answer"], final["abstained"], final["steps"], final["prompt_tokens"],
                        final["completion_tokens"], final["seconds"], workdir, calls_from_events(events),
                        [e for e in events if e["type"] == "error"])
+
+
+def describe_event(event: dict) -> str | None:
+    """One progress line for a trace event (what `glm5 agent run` prints as it goes), or None."""
+    kind = event["type"]
+    if kind == "model_call":
+        message = event["message"]
+        calls = [c["function"]["name"] for c in message.get("tool_calls") or []]
+        what = f"calls {', '.join(calls)}" if calls else "answers"
+        return (f"step {event['step']}: model {event['seconds']:.1f} s, {event['prompt_tokens']:,} + "
+                f"{event['completion_tokens']:,} tokens, {what}")
+    if kind == "tool_result":
+        text = " ".join(str(event["message"]["content"]).split())
+        return f"  {event['name']} {'ok' if event['ok'] else 'failed'} ({event['seconds']:.1f} s): {text[:100]}"
+    if kind == "error" and event["kind"] in ("step_limit", "timeout", "model_error"):
+        return f"  {event['kind']}: {event['message'][:160]}"
+    if kind == "resume":
+        return f"resuming after {event['steps']} model call(s)"
+    return None

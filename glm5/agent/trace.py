@@ -31,8 +31,9 @@ MESSAGE_EVENTS = ("model_call", "tool_result", "feedback")
 class Trace:
     """Append-only event log; every event is written and flushed (and fsynced) before the loop goes on."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_event=None):
         self.path = Path(path)
+        self.on_event = on_event  # called with each event after it is written (progress display)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size:
             with open(self.path, "rb") as f:  # a kill mid-line leaves a partial line: end it so appends stay parseable
@@ -48,6 +49,8 @@ class Trace:
         self._file.write(json.dumps(event, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+        if self.on_event is not None:
+            self.on_event(event)
         return event
 
     def close(self) -> None:
