@@ -208,3 +208,19 @@ def test_code_task_without_the_fix_fails_its_hidden_tests(tmp_path):
     run = results["runs"][0]
     assert (run["passed"], run["failure"]) == (False, "wrong_answer")
     assert run["detail"].startswith("hidden tests failed") and "failed" in run["detail"]
+
+
+def test_concurrent_runs_give_the_same_results_in_the_same_order(tmp_path):
+    suite = load_suite(make_user_suite(tmp_path))
+    failing = {"name": "read_file", "arguments": {"path": "inputs/blob.bin"}}
+    scripts = {suite.tasks[0].prompt: suite.tasks[0].reference,
+               suite.tasks[1].prompt: sabotage(suite.tasks[1].reference, "tool_error_unrecovered", failing_call=failing)}
+    with ScriptedEndpoint(scripts) as endpoint:
+        one = run_suite(suite, ChatClient(endpoint.base_url), tmp_path / "a", 3, AgentConfig(), progress=False)
+        four = run_suite(suite, ChatClient(endpoint.base_url), tmp_path / "b", 3, AgentConfig(), progress=False,
+                         concurrency=4)
+    key = [(r["task"], r["run"], r["passed"], r["failure"]) for r in one["runs"]]
+    assert key == [(r["task"], r["run"], r["passed"], r["failure"]) for r in four["runs"]]
+    assert [k[3] for k in key] == [None] * 3 + ["tool_error_unrecovered"] * 3
+    assert four["overall"]["pass^k"] == one["overall"]["pass^k"] == 0.5
+    assert json.loads((tmp_path / "b/results.json").read_text())["runs"] == four["runs"]

@@ -61,6 +61,8 @@ def register(subparsers) -> None:
     ev.add_argument("-k", type=int_at_least(1), default=4, help="runs per task (default 4)")
     ev.add_argument("--out", required=True, help="output folder: results.json, report.md, plots, runs/<task>/<i>/")
     ev.add_argument("--task", action="append", default=None, metavar="ID", help="only this task (repeatable)")
+    ev.add_argument("--concurrency", type=int_at_least(1), default=1,
+                    help="runs at once (default 1; raise it for an endpoint that batches, e.g. vLLM or a hosted API)")
     _add_endpoint_arguments(ev)
     ev.set_defaults(func=_eval)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -194,7 +196,8 @@ def _eval(args) -> int:
         with _endpoint(args, out / "serve.log") as url:
             client = ChatClient(url, model=args.model, api_key=args.api_key)
             meta = {"endpoint": "glm5 serve (started by glm5 agent eval)" if not args.base_url else url}
-            results = run_suite(suite, client, out, args.k, config, meta=meta, tasks=args.task)
+            results = run_suite(suite, client, out, args.k, config, meta=meta, tasks=args.task,
+                                concurrency=args.concurrency)
     finally:
         _close_mcp()
     report = write_report(results, out)

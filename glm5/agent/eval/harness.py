@@ -136,8 +136,10 @@ def summarize(records: list[dict], k: int) -> dict:
 
 
 def run_suite(suite: Suite, client: ChatClient, out: Path, k: int, defaults: AgentConfig, *,
-              meta: dict | None = None, progress: bool = True, tasks: list[str] | None = None) -> dict:
-    """Run every task of `suite` k times into `out`; write out/results.json after each run; return it."""
+              meta: dict | None = None, progress: bool = True, tasks: list[str] | None = None,
+              concurrency: int = 1) -> dict:
+    """Run every task of `suite` k times into `out`; write out/results.json after each run; return it.
+    `concurrency` runs go at once (threads: each run waits on HTTP and on its sandbox)."""
     if k < 1:
         raise ValueError("-k must be >= 1")
     selected = [t for t in suite.tasks if not tasks or t.id in tasks]
@@ -146,27 +148,43 @@ def run_suite(suite: Suite, client: ChatClient, out: Path, k: int, defaults: Age
         raise ValueError(f"no task(s) {', '.join(sorted(missing))} in suite {suite.name}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"suite": suite.name, "suite_dir": str(suite.root), "k": k, "model": client.model,
+    results = {"suite": suite.name, "suite_dir": str(suite.root), "k": k, "concurrency": concurrency, "model": client.model,
                "base_url": client.base_url, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "config": {"max_steps": defaults.max_steps, "max_tokens": defaults.max_tokens,
                           "timeout_s": defaults.timeout_s, "context_tokens": defaults.context_tokens},
                **(meta or {}), "runs": []}
-    total = len(selected) * k
+    jobs = [(position, task, i) for position, task in enumerate(selected) for i in range(k)]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"agent eval {suite.name}", unit="run", file=sys.stderr)
-    for task in selected:
-        for i in range(k):
-            record = run_once(task, out / "runs" / task.id / str(i), client, defaults)
-            results["runs"].append(record)
-            results["model"] = client.model
-            results.update(summarize(results["runs"], k))
-            write_json_atomic(out / "results.json", results)
-            if bar is not None:
-                bar.set_postfix_str(f"{task.id}: {'pass' if record['passed'] else record['failure']}")
-                bar.update(1)
+        bar = tqdm(total=len(jobs), desc=f"agent eval {suite.name}", unit="run", file=sys.stderr)
+
+    def record_done(position: int, record: dict) -> None:
+        results["runs"].append({**record, "_order": (position, record["run"])})
+        results["runs"].sort(key=lambda r: r["_order"])
+        results["model"] = client.model
+        runs = [{key: v for key, v in r.items() if key != "_order"} for r in results["runs"]]
+        results.update(summarize(runs, k))
+        write_json_atomic(out / "results.json", {**results, "runs": runs})
+        if bar is not None:
+            bar.set_postfix_str(f"{record['task']}: {'pass' if record['passed'] else record['failure']}")
+            bar.update(1)
+
+    def one(job):
+        position, task, i = job
+        return position, run_once(task, out / "runs" / task.id / str(i), client, defaults)
+
+    if concurrency <= 1:
+        for job in jobs:
+            record_done(*one(job))
+    else:  # runs are independent (own folder, own trace); the endpoint does the batching
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            for future in as_completed([pool.submit(one, job) for job in jobs]):
+                record_done(*future.result())
+    results["runs"] = [{key: v for key, v in r.items() if key != "_order"} for r in results["runs"]]
     if bar is not None:
         bar.close()
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
