@@ -224,3 +224,17 @@ def test_concurrent_runs_give_the_same_results_in_the_same_order(tmp_path):
     assert [k[3] for k in key] == [None] * 3 + ["tool_error_unrecovered"] * 3
     assert four["overall"]["pass^k"] == one["overall"]["pass^k"] == 0.5
     assert json.loads((tmp_path / "b/results.json").read_text())["runs"] == four["runs"]
+
+
+def test_check_references_finds_a_reference_its_verifier_rejects(tmp_path, capsys):
+    from glm5.cli import main
+
+    suite = make_user_suite(tmp_path)
+    assert main(["agent", "eval", "--suite", str(suite), "--out", str(tmp_path / "ok"), "--check-references"]) == 0
+    assert "2 of 2 reference solutions pass" in capsys.readouterr().out
+    task = json.loads((suite / "sum.json").read_text())
+    task["reference"][-1]["content"] = "They add up to 16. @total[16]"
+    (suite / "sum.json").write_text(json.dumps(task))
+    assert main(["agent", "eval", "--suite", str(suite), "--out", str(tmp_path / "bad"), "--check-references"]) == 1
+    out = capsys.readouterr().out
+    assert "my-suite/sum: the reference does not pass cleanly: wrong_answer: @total[16], expected 15" in out

@@ -284,3 +284,35 @@ def test_a_tool_call_cannot_outlive_the_run(tmp_path):
 
     limit = re.search(r"TIMED OUT after ([0-9.]+) s", tool_result["message"]["content"])
     assert limit and float(limit.group(1)) <= 3.0   # the tool's limit was the run's remaining time, not 60 s
+
+
+def test_the_scripted_endpoint_speaks_openai_to_the_official_client():
+    import openai
+
+    turn = {"reasoning": "think", "content": "", "tool_calls": [{"name": "add", "arguments": {"a": 1}}]}
+    with ScriptedEndpoint({"q": [turn]}) as endpoint:
+        client = openai.OpenAI(base_url=endpoint.base_url, api_key="none")
+        reply = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "q"}])
+        call = reply.choices[0].message.tool_calls[0]
+        assert (call.function.name, json.loads(call.function.arguments)) == ("add", {"a": 1})
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.usage.prompt_tokens > 0
+        chunks = list(client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "q"}],
+                                                     stream=True))
+        deltas = [c.choices[0].delta for c in chunks]
+        assert [d.model_extra.get("reasoning_content") for d in deltas if d.model_extra.get("reasoning_content")] == ["think"]
+        assert [d.tool_calls[0].function.name for d in deltas if d.tool_calls] == ["add"]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_newest_model_is_the_latest_checkpoint_under_runs(tmp_path):
+    from glm5.agent.local_server import newest_model, serve_command
+
+    assert newest_model(tmp_path / "runs") is None
+    for name, mtime in (("old", 1_000), ("new", 2_000), ("mid", 1_500)):
+        (tmp_path / "runs" / name / "model").mkdir(parents=True)
+        config = tmp_path / "runs" / name / "model" / "config.json"
+        config.write_text("{}")
+        os.utime(config, (mtime, mtime))
+    (tmp_path / "runs/nomodel").mkdir()
+    assert newest_model(tmp_path / "runs") == tmp_path / "runs/new/model"
+    assert serve_command(8123, None)[-6:] == ["--preset", "nano", "--host", "127.0.0.1", "--port", "8123"]

@@ -61,6 +61,9 @@ def register(subparsers) -> None:
     ev.add_argument("-k", type=int_at_least(1), default=4, help="runs per task (default 4)")
     ev.add_argument("--out", required=True, help="output folder: results.json, report.md, plots, runs/<task>/<i>/")
     ev.add_argument("--task", action="append", default=None, metavar="ID", help="only this task (repeatable)")
+    ev.add_argument("--check-references", action="store_true",
+                    help="replay each task's reference solution (a scripted endpoint, no model) through the real loop, "
+                         "tools and verifiers: checks a suite you wrote")
     ev.add_argument("--concurrency", type=int_at_least(1), default=1,
                     help="runs at once (default 1; raise it for an endpoint that batches, e.g. vLLM or a hosted API)")
     _add_endpoint_arguments(ev)
@@ -191,6 +194,8 @@ def _eval(args) -> int:
     suite = load_suite(args.suite)
     out = Path(args.out)
     config = _config(args)
+    if args.check_references:
+        return _check_references(suite, out, config, args)
     _say_sandbox(None if any(t.mode in ("auto", "data", "code") for t in suite.tasks) else "write")
     try:
         with _endpoint(args, out / "serve.log") as url:
@@ -207,3 +212,25 @@ def _eval(args) -> int:
           f"pass@{args.k} {o['pass@k']:.3f}, pass^{args.k} {o['pass^k']:.3f}; failures: {fails}")
     print(f"wrote {out / 'results.json'} and {report}")
     return 0
+
+
+def _check_references(suite, out: Path, config, args) -> int:
+    from glm5.agent.client import ChatClient
+    from glm5.agent.eval.harness import run_suite
+    from glm5.agent.scripted import ScriptedEndpoint
+
+    missing = [t.id for t in suite.tasks if not t.reference]
+    scripts = {t.prompt: t.reference for t in suite.tasks if t.reference}
+    tasks = [t.id for t in suite.tasks if t.reference] if missing else args.task
+    with ScriptedEndpoint(scripts) as endpoint:
+        results = run_suite(suite, ChatClient(endpoint.base_url), out, 1, config, tasks=tasks,
+                            meta={"endpoint": "scripted references"})
+    bad = [r for r in results["runs"] if not r["passed"] or r["errors"]]
+    for r in bad:
+        why = r["first_error"] or r["detail"] or f"{r['errors']} error(s) on the way"
+        print(f"{suite.name}/{r['task']}: the reference does not pass cleanly: {r['failure'] or 'passed'}: {why}")
+    for task_id in missing:
+        print(f"{suite.name}/{task_id}: no reference solution to check")
+    print(f"glm5 agent eval --check-references: {len(results['runs']) - len(bad)} of {len(results['runs'])} "
+          f"reference solutions pass; runs in {out / 'runs'}")
+    return 1 if bad else 0
