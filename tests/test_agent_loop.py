@@ -265,6 +265,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "glm5 agent run: error:" in err and "Traceback" not in err
     assert main(["agent", "run", "--resume", str(tmp_path / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+    assert main(["agent", "run", "hi", "--files", str(tmp_path / "missing.csv"), "--workdir", str(tmp_path / "c")]) == 2
+    assert "--files" in capsys.readouterr().err and not (tmp_path / "c").exists()   # no server was started
     assert main(["agent", "eval", "--suite", "no-such-suite", "--out", str(tmp_path / "o")]) == 2
     assert "shipped suites are" in capsys.readouterr().err
     # an endpoint that is not there: the run ends as model_error with the reason in the trace, exit code 1

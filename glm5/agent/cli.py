@@ -166,6 +166,11 @@ def _run(args) -> int:
         config = _config(args, mode=args.mode, docs_dir=str(Path(args.docs).resolve()) if args.docs else None)
         if args.docs and not Path(args.docs).is_dir():
             raise ValueError(f"--docs {args.docs}: not a folder")
+        for f in args.files:  # before a server is started for nothing
+            if not Path(f).is_file():
+                raise ValueError(f"--files {f}: no such file")
+        if (workdir / "trace.jsonl").exists():
+            raise ValueError(f"{workdir} already holds a run; continue it with --resume {workdir} or pick another --workdir")
     _say_sandbox(config.mode)
     try:
         with _endpoint(args, workdir / "serve.log") as url:
