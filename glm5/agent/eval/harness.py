@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def run_once(task: Task, run_dir: Path, client: ChatClient, defaults: AgentConfi
         "abstained": result.abstained, "steps": result.steps, "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens, "tokens": result.tokens, "seconds": round(result.seconds, 3),
         "tool_calls": len(result.calls), "errors": len(errors), "answer": (result.answer or "")[:400],
+        "calls_by_tool": dict(Counter(c["name"] for c in result.calls)),
+        "failed_by_tool": dict(Counter(e.get("tool") for e in errors if e.get("tool") is not None)),
+        "errors_by_kind": dict(Counter(e["kind"] for e in errors)),
         "outputs": result.outputs, "dir": str(run_dir),
     }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from glm5.agent.eval.metrics import FAILURE_CLASSES
@@ -160,6 +161,23 @@ def write_report(results: dict, out: Path) -> Path:
                   f"{_pct(s['correct_given_attempted'])} | {_pct(s['f_score'])} |", "",
                   "A model that declines where the documents are silent and answers where they speak scores high on "
                   "both; `fabricated` counts confident answers to unanswerable questions.", ""]
+    calls, failed, kinds = Counter(), Counter(), Counter()
+    for r in results["runs"]:
+        calls.update(r.get("calls_by_tool", {}))
+        failed.update(r.get("failed_by_tool", {}))
+        kinds.update(r.get("errors_by_kind", {}))
+    lines += ["## Tool use", ""]
+    if calls:
+        with_calls = sum(r["tool_calls"] > 0 for r in results["runs"])
+        lines += [f"{sum(calls.values())} tool calls in {with_calls} of {o['runs']} runs. Errors on the way, recovered "
+                  "from or not: " + (", ".join(f"{k} {v}" for k, v in kinds.most_common()) or "none") + ".", "",
+                  "| tool | calls | failed calls |", "|---|---|---|"]
+        for name, count in calls.most_common():
+            shown = "".join(ch for ch in name if ch.isprintable()).replace("|", "/")[:40] or "(no name)"
+            lines.append(f"| `{shown}` | {count} | {failed.get(name, 0)} |")
+    else:
+        lines.append(f"No tool calls in any of the {o['runs']} runs.")
+    lines.append("")
     lines += ["## Per task", "", f"| task | category | passed | pass@1 | pass@{k} | pass^{k} | failures | tokens | steps | s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(tasks, key=lambda t: (t["pass^k"], t["pass@1"])):
