@@ -64,6 +64,10 @@ def test_simpleqa_grades():
     assert check_abstain(answerable, result(answer="Founded in 2009 [company-overview.md]")).grade == "correct"
     wrong = check_abstain(answerable, result(answer="Founded in 2011."))
     assert (wrong.passed, wrong.kind, wrong.grade) == (False, "wrong_answer", "incorrect")
+    cited = {"answer": ["2009"], "cite": "company-overview.md"}
+    assert check_abstain(cited, result(answer="2009 [company-overview.md]")).passed
+    uncited = check_abstain(cited, result(answer="Founded in 2009."))
+    assert (uncited.passed, uncited.grade) == (False, "correct") and "without citing" in uncited.detail
     declined = check_abstain(answerable, result(answer="ABSTAIN: unknown", abstained=True))
     assert (declined.kind, declined.grade) == ("wrong_abstention", "not_attempted")
     unanswerable = {"answer": None}

@@ -7,7 +7,8 @@
     answer   closed-form answers written as @name[value] in the final answer (InfiAgent-DABench's format);
              numbers within `rel_tol` (default 1e-3) or `abs_tol`, text normalized.
     abstain  SimpleQA grading against a local document folder: `answer: null` means nothing answers it, so
-             declining is correct; otherwise an accepted answer must appear in the final answer.
+             declining is correct; otherwise an accepted answer must appear in the final answer (and, with
+             `cite`, that document's name: a right but uncited answer is graded correct yet fails the task).
     file     a deliverable opened with its reader: png (matplotlib), xlsx (openpyxl), csv, docx (python-docx),
              pdf (pypdf); required headings (sections), a table's header and cells, rows, text.
     tests    hidden tests copied beside the run's outputs/ and run with pytest in the sandbox.
