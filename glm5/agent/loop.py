@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from glm5.agent.client import ChatClient, ModelCallError, ModelTimeout
 from glm5.agent.context import fit_context
@@ -182,11 +183,12 @@ class _Run:
             known = ", ".join(sorted([*self.tools, *self.declared]))
             kind, text = "unknown_tool", f"there is no tool named {name!r}; the tools are: {known}"
         elif kind is None and name in self.declared:
-            from glm5.agent.eval.verify import schema_error
-
-            problem = schema_error(self.declared[name].get("parameters") or {}, arguments)
-            if problem:
-                kind, text = "bad_arguments", f"{name}: {problem}"
+            # a declared function is only checked against its schema, as BFCL scores it, never run
+            schema = self.declared[name].get("parameters") or {"type": "object", "properties": {}}
+            try:
+                validate_arguments(SimpleNamespace(name=name, parameters=schema), arguments)
+            except ToolArgumentError as err:
+                kind, text = "bad_arguments", f"{name}: {err}"
             else:
                 record["ok"], text = True, "recorded"
         elif kind is None:

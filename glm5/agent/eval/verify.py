@@ -26,7 +26,6 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from glm5.agent.loop import AgentResult
@@ -59,18 +58,6 @@ def values_equal(actual: Any, expected: Any) -> bool:
         return (isinstance(actual, dict) and set(actual) == set(expected)
                 and all(values_equal(actual[k], expected[k]) for k in expected))
     return actual == expected
-
-
-def schema_error(schema: dict, arguments: Any) -> str | None:
-    """Why `arguments` do not fit a function's parameter schema (types, required, unknown keys), or None."""
-    from glm5.agent.tools.base import ToolArgumentError, validate_arguments
-
-    try:
-        validate_arguments(SimpleNamespace(name="function", parameters=schema or {"type": "object", "properties": {}}),
-                           arguments)
-    except ToolArgumentError as err:
-        return str(err)
-    return None
 
 
 # ---- calls (function calling) ----------------------------------------------------------------------------
