@@ -94,7 +94,7 @@ def test_each_failure_class_from_scripted_runs(kind, tmp_path):
     failing = {"name": "read_file", "arguments": {"path": "inputs/blob.bin"}}
     scripts = {t.prompt: sabotage(t.reference, kind, failing_call=failing, delay_s=3.0) for t in suite.tasks}
     with ScriptedEndpoint(scripts) as endpoint:
-        results = run_suite(suite, ChatClient(endpoint.base_url), tmp_path / "out", 2,
+        results = run_suite(suite, ChatClient(endpoint.base_url, retries=0), tmp_path / "out", 2,
                             AgentConfig(timeout_s=1.0 if kind == "timeout" else 60, max_steps=4), progress=False)
     by_task = {t: {r["failure"] for r in results["runs"] if r["task"] == t} for t in ("sum", "unknowable")}
     assert by_task == {"sum": {EXPECTED[kind][0]}, "unknowable": {EXPECTED[kind][1]}}

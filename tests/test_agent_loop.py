@@ -121,9 +121,20 @@ def test_step_limit_timeout_and_endpoint_errors_end_the_run_with_their_status(tm
     assert result.status == "timeout" and result.steps == 0
     assert [e["kind"] for e in events if e["type"] == "error"] == ["timeout"]
 
-    result, _, events = run(tmp_path / "c", [{"status": 500}])
-    assert result.status == "model_error"
+    result, endpoint, events = run(tmp_path / "c", [{"status": 500}])
+    assert result.status == "model_error" and len(endpoint.requests) == 3   # two retries, then it gives up
     assert "HTTP 500" in [e for e in events if e["type"] == "error"][0]["message"]
+
+    result, endpoint, events = run(tmp_path / "d", [{"status": 400}])   # a client error is not retried
+    assert result.status == "model_error" and len(endpoint.requests) == 1
+
+
+def test_a_rate_limited_call_is_retried(tmp_path):
+    answers = iter([{"status": 429}, {"content": "fine now"}])
+    with ScriptedEndpoint(policy=lambda body: next(answers)) as endpoint:
+        result = run_agent(TASK, tmp_path / "run", ChatClient(endpoint.base_url), AgentConfig(), tools=[])
+    assert result.status == "answered" and result.answer == "fine now" and len(endpoint.requests) == 2
+    assert not [e for e in read_trace(tmp_path / "run/trace.jsonl") if e["type"] == "error"]
 
 
 @pytest.mark.parametrize("answer, abstains", [

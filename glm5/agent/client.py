@@ -4,7 +4,8 @@
     reply = client.chat(messages, tools=schemas, max_tokens=1024, timeout_s=60)
     reply.reasoning, reply.content, reply.tool_calls, reply.prompt_tokens
 
-Plain httpx, not streamed: the agent needs whole replies. Reasoning is read from `reasoning_content`
+Plain httpx, not streamed: the agent needs whole replies. Rate limits (429), overloaded or failing servers
+(5xx) and dropped connections are retried twice with backoff within the call's time limit. Reasoning is read from `reasoning_content`
 (GLM / Z.AI, SGLang) or `reasoning` (newer vLLM). Tool-call arguments stay the raw strings the endpoint sent:
 the loop decodes them, so a malformed call is recorded as such rather than lost here.
 """
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
 class ModelCallError(RuntimeError):
@@ -62,13 +65,14 @@ def estimate_tokens(text: str) -> int:
 
 class ChatClient:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 extra_body: dict | None = None):
+                 extra_body: dict | None = None, retries: int = 2):
         base_url = base_url.rstrip("/")
         if not base_url.endswith("/v1"):
             base_url += "/v1"
         self.base_url = base_url
         self.model = model
         self.extra_body = dict(extra_body or {})
+        self.retries = retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(headers=headers)
 
@@ -98,19 +102,34 @@ class ChatClient:
         if temperature is not None:
             body["temperature"] = temperature
         start = time.monotonic()
-        try:
-            response = self._http.post(f"{self.base_url}/chat/completions", json=body, timeout=max(timeout_s, 0.001))
-        except httpx.TimeoutException:
-            raise ModelTimeout(f"the model call ran past {timeout_s:.0f} s") from None
-        except httpx.HTTPError as err:
-            raise ModelCallError(f"could not reach {self.base_url}: {err}") from None
-        seconds = time.monotonic() - start
-        if response.status_code != 200:
+        deadline = start + timeout_s
+        for attempt in range(self.retries + 1):
+            # rate limits, overloaded servers and dropped connections are retried with backoff (1 s, 2 s, ...)
+            # while the time allows; anything else, and the last failure, is the caller's
+            left = deadline - time.monotonic()
             try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:300]
-            raise ModelCallError(f"HTTP {response.status_code} from the endpoint: {message}")
+                response = self._http.post(f"{self.base_url}/chat/completions", json=body, timeout=max(left, 0.001))
+            except httpx.TimeoutException:
+                raise ModelTimeout(f"the model call ran past {timeout_s:.0f} s") from None
+            except httpx.TransportError as err:
+                failure = ModelCallError(f"could not reach {self.base_url}: {err}")
+            except httpx.HTTPError as err:
+                raise ModelCallError(f"could not reach {self.base_url}: {err}") from None
+            else:
+                if response.status_code == 200:
+                    break
+                try:
+                    message = response.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = response.text[:300]
+                failure = ModelCallError(f"HTTP {response.status_code} from the endpoint: {message}")
+                if response.status_code not in RETRY_STATUS:
+                    raise failure
+            backoff = 2.0 ** attempt
+            if attempt == self.retries or time.monotonic() + backoff >= deadline:
+                raise failure
+            time.sleep(backoff)
+        seconds = time.monotonic() - start
         try:
             data = response.json()
             choice = data["choices"][0]
