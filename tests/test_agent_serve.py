@@ -69,3 +69,28 @@ def test_agent_run_starts_glm5_serve_and_stops_it(tmp_path):
     assert done.returncode in (0, 1) and f"trace {workdir / 'trace.jsonl'}" in done.stderr
     assert not _port_open(events[0]["base_url"])   # the child server is gone
     assert (workdir / "serve.log").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_it_started_and_leaves_a_resumable_trace(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    workdir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "glm5.cli", "agent", "run", "Tell me a long story.", "--workdir",
+                                str(workdir), "--max-tokens", "1500", "--mode", "research"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trace = workdir / "trace.jsonl"
+    deadline = time.monotonic() + 240
+    while not (trace.exists() and trace.read_text().strip()):   # the server is up and the first call is out
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err
+    start = json.loads(trace.read_text().splitlines()[0])
+    assert not _port_open(start["base_url"])                    # the child server was stopped
+    assert not any(json.loads(line)["type"] == "final" for line in trace.read_text().splitlines())   # resumable
