@@ -29,7 +29,8 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-model", default=None,
                         help="checkpoint for the glm5 serve started without --base-url (default: newest runs/*/model)")
     parser.add_argument("--max-steps", type=int_at_least(1), default=None, help="model calls per run at most (default 20)")
-    parser.add_argument("--max-tokens", type=int_at_least(1), default=2048, help="completion tokens per model call")
+    parser.add_argument("--max-tokens", type=int_at_least(1), default=None,
+                        help="completion tokens per model call (default: the endpoint's, which fits its context)")
     parser.add_argument("--timeout", type=float, default=None, help="wall-time limit of a run in seconds (default 900)")
     parser.add_argument("--context-tokens", type=int_at_least(256), default=32_000,
                         help="history budget sent to the model (estimated tokens); older tool results are shortened past it")

@@ -87,7 +87,7 @@ def is_abstention(answer: str) -> bool:
 class AgentConfig:
     mode: str = "auto"
     max_steps: int = 20              # model calls at most
-    max_tokens: int | None = 2048    # completion tokens per model call
+    max_tokens: int | None = None    # completion tokens per model call (None: the endpoint decides)
     timeout_s: float = 900.0         # wall time of the whole run (tools included)
     context_tokens: int = 32_000     # budget of the history sent to the model (estimated tokens)
     tool_timeout_s: float = 30.0     # per tool call (the sandbox's limit)

@@ -118,7 +118,8 @@ def write_report(results: dict, out: Path) -> Path:
         "",
         f"Endpoint {results.get('base_url')}, {o['tasks']} tasks x {k} runs = {o['runs']} runs, started "
         f"{results.get('started')}. Limits per run: {results['config']['max_steps']} model calls, "
-        f"{results['config']['max_tokens']} tokens per call, {results['config']['timeout_s']:.0f} s.",
+        f"{results['config']['max_tokens'] or 'the endpoint default of'} tokens per call, "
+        f"{results['config']['timeout_s']:.0f} s.",
         "",
         f"| pass@1 | pass@{k} | pass^{k} | runs passed | mean tokens / run | mean steps / run | mean s / run |",
         "|---|---|---|---|---|---|---|",
