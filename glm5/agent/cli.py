@@ -36,7 +36,7 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="history budget sent to the model (estimated tokens); older tool results are shortened past it")
     parser.add_argument("--tool-timeout", type=float, default=30.0, help="seconds per tool call (sandbox limit)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the endpoint's)")
-    parser.add_argument("--mcp", action="append", default=[], metavar="CMD",
+    parser.add_argument("--mcp", action="extend", nargs="+", default=[], metavar="CMD",
                         help="start an MCP server with this command and offer its tools (repeatable)")
     parser.add_argument("--unsafe-no-sandbox", action="store_true",
                         help="run python/shell without the OS sandbox where it is unavailable (trusted tasks only)")
