@@ -146,6 +146,13 @@ def test_a_rate_limited_call_is_retried(tmp_path):
     ("The answer is 42.", False),
     ("I would not abstain here: it is 42.", False),
     ("Abstinence rates rose 4%.", False),
+    ("I cannot answer this from the documents.", True),
+    ("I don't know.", True),
+    ("The documents do not mention a US office.", True),
+    ("**There is no information** about scope 3.", True),
+    ("The documents say revenue was 38.6 million EUR; I cannot answer for 2026.", False),   # an answer first
+    ("I can answer: 2009.", False),
+    ("There is no doubt: 2009.", False),
 ])
 def test_abstention_marker_in_any_common_formatting(answer, abstains):
     assert is_abstention(answer) is abstains

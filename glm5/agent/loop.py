@@ -16,7 +16,9 @@ reply without tool calls is the final answer, unless it carries a tool call the 
 
 Abstention: the system prompt asks the model to begin its final answer with `ABSTAIN:` when what it found
 does not answer the task; `is_abstention` accepts that marker with or without brackets, bold or a different
-case (`[ABSTAIN]`, `**Abstain:**`), so the trace's `abstained: true` does not depend on exact formatting.
+case (`[ABSTAIN]`, `**Abstain:**`), and an answer that opens with a plain decline ("I cannot answer",
+"The documents do not say", "There is no information") counts too, so the trace's `abstained: true` does
+not depend on the model following the instruction to the letter.
 
 A run ends as `answered`, `abstained`, `step_limit` (still calling tools after max_steps calls), `timeout`
 (the run's wall-time limit), `model_error` (the endpoint failed) or, for single-turn function calling,
@@ -42,6 +44,13 @@ MODES = ("auto", "data", "write", "code", "research")
 
 ABSTAIN_MARKER = "ABSTAIN:"
 _ABSTAIN_RE = re.compile(r"^[\s>*_#`\[(]*abstain(ed)?\b[\])*_`]*\s*[:.\-—]?", re.IGNORECASE)
+# plain declines a model writes despite the instruction, only at the very start of the answer
+_DECLINE_RE = re.compile(
+    r"^[\s>*_#`]*(i (cannot|can't|can not|could not|couldn't|am unable to|was unable to) (answer|find|determine|tell)"
+    r"|i (don't|do not) know"
+    r"|(the|these|the provided|the available) (documents?|sources?|files?|data) (do|does|did) not (say|mention|contain|state|include|answer)"
+    r"|there is no (information|mention|data|record)"
+    r"|no (information|data|record) (is|was) (available|found|given))\b", re.IGNORECASE)
 # tool-call syntax left in the text: the endpoint could not parse a call the model meant to make
 _UNPARSED_CALL_RE = re.compile(r"<tool_call>|<arg_key>|<arg_value>|^\s*\{\s*\"name\"\s*:\s*\"[^\"]+\"\s*,\s*\"arguments\"")
 
@@ -79,8 +88,9 @@ def system_prompt(mode: str, files: Sequence[str], outputs_hint: str = "outputs/
 
 
 def is_abstention(answer: str) -> bool:
-    """Does a final answer abstain? (It starts with the ABSTAIN marker, in any common formatting.)"""
-    return bool(_ABSTAIN_RE.match(answer or ""))
+    """Does a final answer abstain? It starts with the ABSTAIN marker (in any common formatting), or with a
+    plain decline ("I cannot answer ...", "The documents do not say ...", "There is no information ...")."""
+    return bool(_ABSTAIN_RE.match(answer or "") or _DECLINE_RE.match(answer or ""))
 
 
 @dataclass
