@@ -159,6 +159,8 @@ def _run(args) -> int:
             saved["max_steps"] = given["max_steps"]
         if args.timeout is not None:
             saved["timeout_s"] = given["timeout_s"]
+        if args.max_tokens is not None:
+            saved["max_tokens"] = given["max_tokens"]
         config = AgentConfig(**saved)
     else:
         if not args.task:
