@@ -155,6 +155,12 @@ def test_rerunning_an_eval_continues_from_the_traces(tmp_path):
         again = run_suite(suite, ChatClient(endpoint.base_url), tmp_path / "out", 2, AgentConfig(), progress=False)
         assert len(endpoint.requests) == asked  # finished runs are read back, not run again
     assert [r["passed"] for r in first["runs"]] == [r["passed"] for r in again["runs"]] == [True] * 4
+    # a run killed before its first event was whole starts again instead of stopping the eval
+    (tmp_path / "out/runs/sum/1/trace.jsonl").write_text('{"type": "sta')
+    with ScriptedEndpoint(scripts) as endpoint:
+        third = run_suite(suite, ChatClient(endpoint.base_url), tmp_path / "out", 2, AgentConfig(), progress=False)
+        assert len(endpoint.requests) == 2   # only that run was redone
+    assert [r["passed"] for r in third["runs"]] == [True] * 4
 
 
 # ---- task validation ---------------------------------------------------------------------------------------

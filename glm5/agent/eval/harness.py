@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -41,7 +42,10 @@ def task_config(task: Task, defaults: AgentConfig) -> AgentConfig:
 def run_once(task: Task, run_dir: Path, client: ChatClient, defaults: AgentConfig) -> dict:
     """One run of a task (or its finished/partial earlier run), verified and classified."""
     config = task_config(task, defaults)
-    if (run_dir / "trace.jsonl").exists():
+    trace = run_dir / "trace.jsonl"
+    if trace.exists() and not any(e["type"] == "start" for e in read_trace(trace)):
+        shutil.rmtree(run_dir)  # killed before its first event was whole: nothing to continue, start it again
+    if trace.exists():
         result = resume_agent(run_dir, client, config)
     else:
         result = run_agent(task.prompt, run_dir, client, config, files=task.files, repo=task.repo,
