@@ -336,3 +336,14 @@ def test_newest_model_is_the_latest_checkpoint_under_runs(tmp_path):
     (tmp_path / "runs/nomodel").mkdir()
     assert newest_model(tmp_path / "runs") == tmp_path / "runs/new/model"
     assert serve_command(8123, None)[-6:] == ["--preset", "nano", "--host", "127.0.0.1", "--port", "8123"]
+
+
+def test_the_agent_never_imports_torch_the_model_or_the_engine():
+    code = ("import sys\n"
+            "import glm5.agent.loop, glm5.agent.cli, glm5.agent.eval.harness, glm5.agent.eval.report, "
+            "glm5.agent.eval.verify, glm5.agent.scripted, glm5.agent.local_server, glm5.agent.tools\n"
+            "print(sorted(m for m in ('torch', 'glm5.model', 'glm5.engine', 'glm5.serve') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
