@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=None,
                         help="OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); default: start glm5 serve")
     parser.add_argument("--model", default=None, help="model name to send (default: the endpoint's first model)")
-    parser.add_argument("--api-key", default=None, help="bearer token for a hosted endpoint")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer token for a hosted endpoint (default: $OPENAI_API_KEY)")
     parser.add_argument("--serve-model", default=None,
                         help="checkpoint for the glm5 serve started without --base-url (default: newest runs/*/model)")
     parser.add_argument("--max-steps", type=int_at_least(1), default=None, help="model calls per run at most (default 20)")
