@@ -84,9 +84,12 @@ def check_exportable(cfg: GLM5Config) -> None:
     dense = cfg.mlp_layer_types.count("dense")
     if cfg.mlp_layer_types != ["dense"] * dense + ["sparse"] * (cfg.num_hidden_layers - dense):
         refuse("mlp_layer_types", "dense layers after a MoE layer: glm-dsa has dense layers only at the start")
-    if cfg.index_head_dim & (cfg.index_head_dim - 1):
-        # llama.cpp rotates indexer q and k by a Hadamard matrix of the head's size, built for powers of two
-        refuse("index_head_dim", f"{cfg.index_head_dim} is not a power of two (llama.cpp's Hadamard rotation)")
+    if cfg.index_head_dim < 64 or cfg.index_head_dim & (cfg.index_head_dim - 1):
+        # llama.cpp multiplies the indexer's q and k by a Hadamard matrix (orthogonal: the scores are unchanged)
+        # of the largest power of two >= 64 dividing the head size, so the two sizes must be equal; anything
+        # else stops it with GGML_ASSERT(ggml_can_mul_mat(a, b)) (llama-kv-cache.cpp, build_input_k_rot)
+        refuse("index_head_dim", f"{cfg.index_head_dim}: must be a power of two >= 64 (llama.cpp rotates the "
+                                 "indexer's q and k by a Hadamard matrix of that size)")
 
 
 # ----------------------------------------------------------------------------------------- tensor names
@@ -482,6 +485,17 @@ def read_gguf_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
         state[f"model.layers.{layer}.self_attn.kv_b_proj.weight"] = torch.from_numpy(
             np.ascontiguousarray(joined.reshape(-1, joined.shape[-1])))
     return state, meta
+
+
+def load_gguf_model(path: str | os.PathLike, config_dir: str | os.PathLike):
+    """A GLM5ForCausalLM with the (dequantized) weights of a `glm-dsa` GGUF; its config from `config_dir`."""
+    from glm5.checkpoint import load_hub_tensors
+    from glm5.model.transformer import GLM5ForCausalLM
+
+    state, _ = read_gguf_state_dict(path)
+    model = GLM5ForCausalLM(GLM5Config.from_pretrained(config_dir))
+    load_hub_tensors(model, state.items(), path)
+    return model.eval()
 
 
 def _field(reader, name: str):
