@@ -27,100 +27,164 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make llama-cpp builds it)")
 
+from conftest import randomize_  # noqa: E402
+
 from glm5 import GLM5Config, GLM5ForCausalLM  # noqa: E402
+from glm5.engine import LLM, SamplingParams  # noqa: E402
 from glm5.quant.gguf import export_gguf, load_gguf_model  # noqa: E402
 from glm5.tokenizer import SPECIAL_TOKENS, default_tokenizer  # noqa: E402
 
-from .conftest import randomize_  # noqa: E402
-
 NEW_TOKENS = 32
 GGML_TYPE_F32 = 0
+PROMPT_SEED = 7
+# The smallest gap, relative to the row's scale, that the test's sequence must keep between the k-th and
+# (k+1)-th indexer scores and between the k-th and (k+1)-th router choices: 40x fp32's rounding of a score.
+# At a gap below rounding, any two correct implementations may pick different keys or experts (see below).
+MIN_SELECTION_GAP = 1e-5
 
 
 def _llama(path, **kw):
-    # the K/V caches (latent and indexer keys) in f32, like glm5's: llama.cpp's default f16 cache rounds the
-    # latents to 11 bits, which moves DSA's top-k choice where two scores are close
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=2, logits_all=True,
-                           verbose=False, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **kw)
+    # The latent and indexer-key caches in f32 like glm5's: llama.cpp's default f16 caches round them to 11 bits,
+    # which alone moves logits by ~1e-3 and flips top-k choices. One thread: ggml's spinning thread barrier
+    # stalls when the machine runs more threads than cores.
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=1,
+                           n_threads_batch=1, logits_all=True, verbose=False, type_k=GGML_TYPE_F32,
+                           type_v=GGML_TYPE_F32, **kw)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A demo-sized model (the nano preset) with weights large enough that every path matters."""
+    """A demo-sized model (the nano preset; index_head_dim 64, which llama.cpp needs) with weights large enough
+    that every path matters. The indexer's head weights are positive, so a score is 0 only when every head's dot
+    product is negative, and exact ties at the k-th score (which llama.cpp and glm5 break differently) are rare."""
     tok = default_tokenizer()
     cfg = GLM5Config.from_preset("nano", vocab_size=tok.vocab_size, index_head_dim=64)
     model = randomize_(GLM5ForCausalLM(cfg), std=0.08, seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weights_proj.weight"):
+                p.abs_()
     out = tmp_path_factory.mktemp("model")
     model.save_pretrained(out)
     tok.save(out)
     return out
 
 
-def _prompt(n: int, seed: int) -> list[int]:
+def _prompt(n: int, seed: int = PROMPT_SEED) -> list[int]:
     return torch.randint(0, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@torch.no_grad()
-def _glm5_greedy(model, ids: list[int]) -> tuple[list[int], torch.Tensor]:
-    seq, out, first = list(ids), [], None
-    for _ in range(NEW_TOKENS):
-        logits = model(torch.tensor([seq])).logits[0, -1]
-        first = logits if first is None else first
-        out.append(int(logits.argmax()))
-        seq.append(out[-1])
-    return out, first
+def _glm5_greedy(model, ids: list[int]) -> list[int]:
+    return list(LLM(model).generate([ids], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))[0]
+                .token_ids)
 
 
-def _llama_greedy(llm, ids: list[int]) -> tuple[list[int], np.ndarray]:
+def _llama_teacher_forced(llm, ids: list[int], continuation: list[int]) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's greedy choice after the prompt and after each token of `continuation` (decoded one at a time,
+    as generation does), and its logits at every position."""
     llm.reset()
     llm.eval(ids)
-    first = np.array(llm.scores[len(ids) - 1], dtype=np.float32)
-    out = []
-    for _ in range(NEW_TOKENS):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([out[-1]])
-    return out, first
+    for token in continuation:
+        llm.eval([token])
+    logits = np.array(llm.scores[: len(ids) + len(continuation)], dtype=np.float32)
+    return [int(i) for i in logits[len(ids) - 1:].argmax(axis=-1)], logits
 
 
-def _compare(path, model, n_prompt: int, seed: int, atol_scale: float):
-    llm = _llama(path)
-    ids = _prompt(n_prompt, seed)
-    ours, ours_logits = _glm5_greedy(model, ids)
-    theirs, theirs_logits = _llama_greedy(llm, ids)
-    scale = float(ours_logits.abs().max())
-    diff = float(np.abs(theirs_logits - ours_logits.numpy()).max())
-    return ours, theirs, diff, scale
+def _selection_gaps(model_dir, seq: list[int]) -> tuple[float, float]:
+    """The smallest relative gap between the k-th and (k+1)-th choice of the indexer's top-k and of the router
+    over a forward of `seq`: where one is below rounding, the selection itself is not defined by the arithmetic."""
+    import glm5.model.dsa as dsa
+    import glm5.model.moe as moe
+
+    indexer_gaps, router_gaps = [1.0], [1.0]
+    keep_ties, keep_router = dsa.lowest_position_ties, moe.Router.forward
+
+    def tie_spy(scores, values, indices):
+        k = values.shape[-1]
+        if scores.shape[-1] > k:
+            top = scores.topk(k + 1, dim=-1).values
+            finite = torch.isfinite(top[..., k])
+            scale = scores.masked_fill(~torch.isfinite(scores), 0).abs().amax(-1).clamp_min(1e-30)
+            gap = ((top[..., k - 1] - top[..., k]) / scale)[finite]
+            if gap.numel():
+                indexer_gaps.append(float(gap.min()))
+        return keep_ties(scores, values, indices)
+
+    def router_spy(self, x):
+        choice = torch.nn.functional.linear(x.float(), self.weight.float()).sigmoid() + self.e_score_correction_bias
+        top = choice.topk(self.top_k + 1, dim=-1).values
+        router_gaps.append(float((top[:, self.top_k - 1] - top[:, self.top_k]).min()))
+        return keep_router(self, x)
+
+    dsa.lowest_position_ties, moe.Router.forward = tie_spy, router_spy
+    try:
+        reference = GLM5ForCausalLM.from_pretrained(model_dir, attn_impl="reference").eval()
+        with torch.no_grad():
+            reference(torch.tensor([seq]))
+    finally:
+        dsa.lowest_position_ties, moe.Router.forward = keep_ties, keep_router
+    return min(indexer_gaps), min(router_gaps)
+
+
+def _check_parity(llama_path, model, ids, rtol, what):
+    ours = _glm5_greedy(model, ids)
+    theirs, logits = _llama_teacher_forced(_llama(llama_path), ids, ours)
+    with torch.no_grad():
+        reference = model(torch.tensor([ids + ours])).logits[0].numpy()
+    assert theirs[:-1] == ours, (f"{what}: greedy tokens part at "
+                                 f"{next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)}")
+    scale = float(np.abs(reference).max())
+    diff = np.abs(logits - reference).max(axis=-1)
+    worst = int(diff.argmax())
+    assert diff[worst] <= rtol * scale, f"{what}: logits at position {worst} differ by {diff[worst]:.3g} (scale {scale:.3g})"
+    return diff, scale
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n_prompt", [40, 150])
-def test_f32_gguf_runs_in_llama_cpp_to_the_same_tokens(model_dir, tmp_path, n_prompt):
-    """40 tokens: below index_topk (64), plain causal attention; 150: DSA's top-k selects in prefill and decode."""
+def test_f32_gguf_runs_in_llama_cpp_to_the_same_tokens_and_logits(model_dir, tmp_path, n_prompt):
+    """40 tokens: below index_topk (64), plain causal attention; 150: DSA's top-k selects in prefill and decode.
+    Every position's logits (prompt, then 32 greedy tokens decoded one by one) within fp32 rounding."""
     path = export_gguf(model_dir, tmp_path / "m.gguf")
     model = GLM5ForCausalLM.from_pretrained(model_dir).eval()
-    ours, theirs, diff, scale = _compare(path, model, n_prompt, seed=n_prompt, atol_scale=1e-4)
-    assert theirs == ours, f"greedy tokens part at {next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)}"
-    # fp32 both sides; llama.cpp sums in other orders (and rotates the indexer by a Hadamard matrix): ~1e-6 relative
-    assert diff <= 1e-4 * max(scale, 1.0), f"last-position logits differ by {diff:.3g} (scale {scale:.3g})"
+    ids = _prompt(n_prompt)
+    indexer_gap, router_gap = _selection_gaps(model_dir, ids + _glm5_greedy(model, ids))
+    assert indexer_gap > MIN_SELECTION_GAP and router_gap > MIN_SELECTION_GAP, (
+        f"the test's sequence has a near-tie (indexer {indexer_gap:.2g}, router {router_gap:.2g}): choose another seed")
+    # fp32 on both sides, summed in other orders (llama.cpp also rotates the indexer's q and k by a Hadamard
+    # matrix): ~1.5e-5 of the logits' scale measured; 1e-4 leaves room for other CPUs' kernels
+    _check_parity(path, model, ids, 1e-4, "f32")
+
+
+def _mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(p) || softmax(q)), in nats."""
+    p = torch.log_softmax(torch.from_numpy(p_logits).double(), -1)
+    q = torch.log_softmax(torch.from_numpy(q_logits).double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("out_type, rtol_file, rtol_original", [("q8_0", 2e-2, 5e-2), ("q4_k", 2e-2, 0.5)])
-def test_quantized_gguf_matches_glm5_on_the_same_weights(model_dir, tmp_path, out_type, rtol_file, rtol_original):
+@pytest.mark.parametrize("out_type, kl_same, kl_original", [("q8_0", 0.1, 0.1), ("q4_k", 0.15, 0.6)])
+def test_quantized_gguf_matches_glm5_on_the_same_weights(model_dir, tmp_path, out_type, kl_same, kl_original):
+    """llama.cpp on a q8_0 / q4_k file against glm5 on that file's weights read back (dequantized). llama.cpp also
+    rounds the activations to 8 bits (q8_0 blocks) before each quantized matmul, and on this random-weight model
+    that rounding moves router and top-k choices at some positions, so the comparison is distributional: the mean
+    KL over 150 positions. Measured here: q8_0 0.021 nats (median position 2.5% of the logits' scale), q4_k 0.043;
+    a layout error (a transposed or misordered tensor) gives more than 1. And the file against the unquantized
+    model within the format's own loss: q8_0 0.036, q4_k 0.31 nats (llama.cpp's own q4_k_m quantizer: 0.38)."""
     path = export_gguf(model_dir, tmp_path / "m.gguf", out_type=out_type)
     same_weights = load_gguf_model(path, model_dir)
-    ids = _prompt(150, 7)
+    ids = _prompt(150)
     llm = _llama(path)
-    theirs, theirs_logits = _llama_greedy(llm, ids)
-    ours, ours_logits = _glm5_greedy(same_weights, ids)
-    scale = float(ours_logits.abs().max())
-    diff = float(np.abs(theirs_logits - ours_logits.numpy()).max())
-    # llama.cpp quantizes activations to q8_0 for q8_0 / k-quant matmuls: ~0.4% per product, summed over layers
-    assert diff <= rtol_file * scale, f"{out_type}: logits differ by {diff:.3g} (scale {scale:.3g}) on the same weights"
-    original = GLM5ForCausalLM.from_pretrained(model_dir).eval()
-    _, original_logits = _glm5_greedy(original, ids)
-    drift = float((original_logits - ours_logits).abs().max())
-    assert drift <= rtol_original * scale, f"{out_type}: quantization moved the logits by {drift:.3g}"
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    with torch.no_grad():
+        on_file = same_weights(torch.tensor([ids])).logits[0].numpy()
+        original = GLM5ForCausalLM.from_pretrained(model_dir).eval()(torch.tensor([ids])).logits[0].numpy()
+    kl = _mean_kl(on_file, theirs)
+    assert kl <= kl_same, f"{out_type}: llama.cpp and glm5 on the same weights differ by {kl:.3g} nats per position"
+    loss = _mean_kl(original, on_file)
+    assert loss <= kl_original, f"{out_type}: the file's weights lose {loss:.3g} nats per position"
 
 
 def _strings() -> list[str]:
@@ -192,9 +256,5 @@ def test_llama_cpp_converter_output_agrees(model_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(model_dir), str(out)], cwd=source, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ours_path = export_gguf(model_dir, tmp_path / "ours.gguf")
-    ids = _prompt(150, 11)
-    theirs, theirs_logits = _llama_greedy(_llama(out), ids)
-    ours, ours_logits = _llama_greedy(_llama(ours_path), ids)
-    assert theirs == ours
-    np.testing.assert_allclose(theirs_logits, ours_logits, rtol=0, atol=1e-5 * float(np.abs(ours_logits).max()))
+    model = GLM5ForCausalLM.from_pretrained(model_dir).eval()
+    _check_parity(out, model, _prompt(150), 1e-4, "llama.cpp's converter")
