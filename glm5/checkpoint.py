@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -171,12 +171,19 @@ def hub_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 def load_state_into(model: torch.nn.Module, directory: str | os.PathLike, strict: bool = True) -> list[str]:
     """Copy every tensor of a checkpoint into `model` in place. Returns the keys that were skipped as unexpected
     (only with strict=False). Raises CheckpointError for missing / mis-shaped / unexpected tensors."""
+    return load_hub_tensors(model, iter_checkpoint_tensors(directory), directory, strict=strict)
+
+
+def load_hub_tensors(model: torch.nn.Module, items: Iterable[tuple[str, torch.Tensor]], source: str | os.PathLike,
+                     strict: bool = True) -> list[str]:
+    """`load_state_into` for (hub key, tensor) pairs from anywhere (`source` names them in errors)."""
+    directory = source
     cfg: GLM5Config = model.config
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     filled: dict[str, int] = {}
     unexpected: list[str] = []
-    for key, tensor in iter_checkpoint_tensors(directory):
+    for key, tensor in items:
         if tensor.dtype in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) or key.endswith(
             "weight_scale_inv"
         ):

@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = [
     "glm5.train.cli",
     "glm5.tokenizer",
     "glm5.quant.cli",
+    "glm5.quant.export_cli",
     "glm5.quant.plan",
     "glm5.serve.cli",
     "glm5.agent.cli",
