@@ -387,7 +387,9 @@ class GLM5Config:
             v_head_dim=32,
             index_topk=64,
             index_n_heads=8,
-            index_head_dim=32,
+            # 64, not smaller: llama.cpp rotates the indexer's q and k by a Hadamard matrix of at least 64 rows,
+            # so the model `make demo` trains can be exported to GGUF and run there (glm5 export gguf)
+            index_head_dim=64,
             max_position_embeddings=4096,
             rope_theta=10_000.0,
             pad_token_id=None,

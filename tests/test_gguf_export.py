@@ -64,7 +64,7 @@ def test_k_quants_are_llama_cpp_blocks(fmt):
 def nano_dir(tmp_path_factory):
     torch.manual_seed(0)
     tok = default_tokenizer()
-    cfg = GLM5Config.from_preset("nano", vocab_size=tok.vocab_size, index_head_dim=64)
+    cfg = GLM5Config.from_preset("nano", vocab_size=tok.vocab_size)
     model = GLM5ForCausalLM(cfg)
     out = tmp_path_factory.mktemp("nano")
     model.save_pretrained(out)
@@ -108,7 +108,7 @@ def test_quantized_exports_stay_near_the_weights(nano_dir, tmp_path, out_type, r
 
 
 def test_configs_llama_cpp_cannot_run_are_refused_by_field():
-    base = GLM5Config.from_preset("nano", index_head_dim=64)
+    base = GLM5Config.from_preset("nano")
     check_exportable(base)
     for overrides, field in [(dict(n_group=4, topk_group=2), "n_group"),
                              (dict(mlp_layer_types=["dense", "sparse", "dense", "sparse"]), "mlp_layer_types"),

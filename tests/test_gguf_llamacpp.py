@@ -54,11 +54,11 @@ def _llama(path, **kw):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A demo-sized model (the nano preset; index_head_dim 64, which llama.cpp needs) with weights large enough
+    """A demo-sized model (the nano preset, as `make demo` trains it) with weights large enough
     that every path matters. The indexer's head weights are positive, so a score is 0 only when every head's dot
     product is negative, and exact ties at the k-th score (which llama.cpp and glm5 break differently) are rare."""
     tok = default_tokenizer()
-    cfg = GLM5Config.from_preset("nano", vocab_size=tok.vocab_size, index_head_dim=64)
+    cfg = GLM5Config.from_preset("nano", vocab_size=tok.vocab_size)
     model = randomize_(GLM5ForCausalLM(cfg), std=0.08, seed=3)
     with torch.no_grad():
         for name, p in model.named_parameters():
