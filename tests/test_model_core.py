@@ -250,3 +250,34 @@ def test_inference_under_bf16_autocast_keeps_the_fp32_residual_stream():
             without = model(ids).hidden_states
     assert with_grad.dtype == without.dtype == torch.float32
     assert torch.equal(with_grad, without)
+
+
+@pytest.mark.parametrize("sparse_as_mask", [False, True])
+def test_masked_latent_attention_switch_gives_the_sdpa_numbers(monkeypatch, sparse_as_mask):
+    """USE_MASKED_LATENT_ATTENTION (the CPU's query-blocked MQA over the latent) off runs SDPA on per-head
+    copies: the same loss and gradients within fp32 rounding, for dense attention (T <= index_topk) and for the
+    top-k applied as a mask (training's sparse stages; kernels off so the mask path runs)."""
+    import glm5.model.mla as mla
+
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=64 if not sparse_as_mask else 8)), std=0.05)
+    for module in model.modules():
+        if isinstance(module, mla.MLAttention):
+            module.sparse_as_mask = sparse_as_mask
+    ids = torch.randint(0, 256, (2, 24))
+    results = {}
+    with use_cpu_kernels(False):
+        for on in (True, False):
+            monkeypatch.setattr(mla, "USE_MASKED_LATENT_ATTENTION", on)
+            calls = []
+            monkeypatch.setattr(mla, "masked_latent_attention",
+                                lambda *a, _f=mla.masked_latent_attention, **k: calls.append(1) or _f(*a, **k))
+            model.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            assert bool(calls) == on, f"switch {on}: the masked path ran {len(calls)} times"
+            results[on] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert (results[True][0] - results[False][0]).abs() < 1e-5
+    for name, g in results[False][1].items():
+        err = (results[True][1][name] - g).abs().max().item()
+        assert err < 1e-5, f"{name}: gradient differs by {err:.2e} between the masked path and SDPA"
