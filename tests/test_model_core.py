@@ -266,12 +266,13 @@ def test_masked_latent_attention_switch_gives_the_sdpa_numbers(monkeypatch, spar
             module.sparse_as_mask = sparse_as_mask
     ids = torch.randint(0, 256, (2, 24))
     results = {}
+    original = mla.masked_latent_attention
     with use_cpu_kernels(False):
         for on in (True, False):
             monkeypatch.setattr(mla, "USE_MASKED_LATENT_ATTENTION", on)
             calls = []
             monkeypatch.setattr(mla, "masked_latent_attention",
-                                lambda *a, _f=mla.masked_latent_attention, **k: calls.append(1) or _f(*a, **k))
+                                lambda *a, _calls=calls, **k: _calls.append(1) or original(*a, **k))
             model.zero_grad()
             loss = model(ids, labels=ids).loss
             loss.backward()
