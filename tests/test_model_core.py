@@ -7,8 +7,8 @@ from conftest import randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
 from glm5.kernels import use_cpu_kernels
-from glm5.model.dsa import select_topk_blockwise, select_topk_reference
-from glm5.model.moe import moe_forward_loop
+from glm5.model.experts import experts_reference
+from glm5.model.indexer import select_topk_blockwise, select_topk_reference
 
 
 def test_every_trainable_parameter_gets_a_gradient_except_the_indexer():
@@ -55,42 +55,41 @@ def test_grouped_moe_equals_the_per_expert_loop():
     moe, x, weights, indices = _routed_moe(50)
     with torch.no_grad():
         grouped = moe.experts(x, indices, weights)
-        loop = moe_forward_loop(moe.experts, x, indices, weights)
+        loop = experts_reference(moe.experts, x, indices, weights)
     assert (grouped - loop).abs().max() < 1e-6
 
 
 def test_padded_expert_groups_give_the_same_output_and_gradients(monkeypatch):
     """CPU bf16 pads each expert's rows to PAD_ROWS (oneDNN JIT per shape); forced on in fp64 it must change
     nothing: pad rows read token 0 with weight 0, so outputs and every gradient stay the loop's."""
-    import glm5.model.moe as moe_mod
+    import glm5.model.experts as experts_mod
 
     moe, x, weights, indices = _routed_moe(50, torch.float64)
     results = {}
     for pad in (False, True):
-        monkeypatch.setattr(moe_mod, "_pad_expert_rows", lambda t, pad=pad: pad)
-        monkeypatch.setattr(moe_mod, "PAD_ROWS", 8)
+        monkeypatch.setattr(experts_mod, "PAD_ROWS", 8)
         xi = x.clone().requires_grad_()
         wi = weights.clone().requires_grad_()
         moe.experts.zero_grad()
-        out = moe.experts(xi, indices, wi)
+        out = moe.experts(xi, indices, wi, path="padded_loop" if pad else "loop")
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
         results[pad] = (out.detach(), xi.grad, wi.grad, moe.experts.gate_up_proj.grad.clone(),
                         moe.experts.down_proj.grad.clone())
     for a, b in zip(results[False], results[True]):
         assert (a - b).abs().max() < 1e-12
-    loop = moe_forward_loop(moe.experts, x, indices, weights)
+    loop = experts_reference(moe.experts, x, indices, weights)
     assert (results[True][0] - loop).abs().max() < 1e-12
 
 
 def test_padded_counts_are_powers_of_two_then_multiples():
-    from glm5.model.moe import PAD_ROWS, _padded_counts
+    from glm5.model.experts import PAD_ROWS, _padded_counts
 
     counts = torch.tensor([0, 1, 2, 3, 5, 64, 65, PAD_ROWS, PAD_ROWS + 1, 3 * PAD_ROWS - 7])
     assert _padded_counts(counts).tolist() == [0, 1, 2, 4, 8, 64, 128, PAD_ROWS, 2 * PAD_ROWS, 3 * PAD_ROWS]
 
 
 def test_expert_padding_is_on_only_for_low_precision_cpu_matmuls():
-    from glm5.model.moe import _pad_expert_rows
+    from glm5.model.experts import _pad_expert_rows
 
     x = torch.zeros(4, 8)
     assert not _pad_expert_rows(x)
@@ -136,8 +135,9 @@ def test_blockwise_topk_selects_the_same_tokens_as_the_full_matrix(batch, seq, b
         _, _, q_resid = attn.project_q(x, cos, sin)
         q, w = attn.indexer.queries(x, q_resid, cos, sin)
         k = attn.indexer.keys(x, cos, sin)
-        full = select_topk_reference(attn.indexer, q, w, k, pos)
-        blocks = select_topk_blockwise(attn.indexer, q, w, k, pos, block=block)
+        w, topk = w * attn.indexer.softmax_scale, attn.indexer.index_topk
+        full = select_topk_reference(q, w, k, topk, pos)
+        blocks = select_topk_blockwise(q, w, k, topk, pos, block=block)
     for t in range(seq):
         for b in range(batch):
             want = {int(i) for i in full[b, t] if i <= t}
