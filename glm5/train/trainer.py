@@ -1,6 +1,7 @@
 """The training loop shared by every stage: pretraining, the two DSA stages and SFT.
 
-    from glm5.train.trainer import Trainer, TrainConfig
+    from glm5.train.config import TrainConfig
+    from glm5.train.trainer import Trainer
     trainer = Trainer(model, rows, TrainConfig(stage="pretrain", steps=200), out_dir="runs/x")
     summary = trainer.run()                  # or trainer.run(resume=True) to continue from the last checkpoint
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from glm5.train import losses
 from glm5.train.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from glm5.train.config import STAGES, TrainConfig  # noqa: F401  (TrainConfig's home is glm5.train.config)
+from glm5.train.config import TrainConfig
 from glm5.train.data import Batches, PackedRows
 from glm5.train.moe_balance import all_reduce_loads, expert_loads, imbalance, update_router_bias
 from glm5.train.optim import build_optimizer, lr_factor
