@@ -13,39 +13,38 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# after the CLI ran, print the heavy packages it imported (none may be there)
-PROBE = """
-import runpy, sys
-sys.argv = ["glm5", *sys.argv[1:]]
-try:
-    runpy.run_module("glm5.cli", run_name="__main__")
-except SystemExit:
-    pass
-print("HEAVY:" + ",".join(sorted(m for m in ("torch", "numpy", "tokenizers", "transformers") if m in sys.modules)))
-"""
-
 SUBCOMMANDS = ["params", "demo", "train", "tokenizer", "quantize", "plan", "serve"]
 
+# in one fresh interpreter: `glm5 --help`, then each `glm5 SUB --help`; after each, the heavy packages loaded so far
+PROBE = """
+import contextlib, io, sys
+from glm5.cli import main
+HEAVY = ("torch", "numpy", "tokenizers", "transformers")
+for argv in [["--help"]] + [[name, "--help"] for name in sys.argv[1:]]:
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+    loaded = ",".join(m for m in HEAVY if m in sys.modules)
+    print(" ".join(argv) + "|" + loaded + "|" + str("usage: glm5" in text.getvalue()) + "|" + text.getvalue().replace(chr(10), " "))
+"""
 
-def _heavy_imports(*argv: str) -> tuple[str, str]:
+
+def test_help_does_not_import_torch():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run([sys.executable, "-c", PROBE, *SUBCOMMANDS], capture_output=True, text=True, env=env,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
-    line = [x for x in out.stdout.splitlines() if x.startswith("HEAVY:")][-1]
-    return line[len("HEAVY:"):], out.stdout
-
-
-@pytest.mark.parametrize("argv", [["--help"]] + [[name, "--help"] for name in SUBCOMMANDS], ids=lambda a: " ".join(a))
-def test_help_does_not_import_torch(argv):
-    heavy, text = _heavy_imports(*argv)
-    assert heavy == "", f"`glm5 {' '.join(argv)}` imported {heavy}"
-    assert "usage: glm5" in text
-
-
-def test_every_subcommand_is_listed_in_the_top_help():
-    _, text = _heavy_imports("--help")
-    for name in SUBCOMMANDS:
-        assert name in text, f"{name} missing from `glm5 --help`"
+    rows = [line.split("|", 3) for line in out.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["--help"] + [f"{name} --help" for name in SUBCOMMANDS]
+    for argv, loaded, usage, _ in rows:
+        assert loaded == "", f"`glm5 {argv}` imported {loaded}"
+        assert usage == "True", f"`glm5 {argv}` printed no usage"
+    top = rows[0][3]
+    missing = [name for name in SUBCOMMANDS if name not in top]
+    assert not missing, f"{missing} missing from `glm5 --help`"
 
 
 def test_train_flags_become_train_config_fields():

@@ -28,8 +28,9 @@ router's (fp32) weights. The paths, in the order `experts_path` tries them:
                                                                            that has tokens
   reference     only by name                                               transformers' per-expert loop (tests)
 
-All paths compute the same sums; they differ in the order of floating-point operations only (tests/
-test_model_core.py, tests/test_kernels.py, tests/test_cuda_graphs.py check each against `reference`).
+All paths compute the same sums; they differ in the order of floating-point operations only
+(tests/test_experts.py checks each against `reference` and the dispatcher against this table;
+tests/test_kernels.py the CPU kernels' backward, tests/test_cuda_graphs.py the static forms in the engine).
 """
 
 from __future__ import annotations
