@@ -134,7 +134,7 @@ def load_library(name: str) -> ctypes.CDLL | None:
     cannot be built (a warning says why, once)."""
     if not cpu_kernels_enabled():
         return None
-    from glm5.tokenizer import cache_dir
+    from glm5.common import cache_dir
 
     with _lock:  # one build per process even when threads ask at once
         return _load(name, str(cache_dir()))
