@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    from glm5.cli import int_at_least
+    from glm5.common import int_at_least
 
     parser.add_argument("--base-url", default=None,
                         help="OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); default: start glm5 serve")
@@ -45,7 +45,7 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from glm5.cli import int_at_least
+    from glm5.common import int_at_least
 
     parser = subparsers.add_parser("agent", help="Agent Mode: run a task with tools, or evaluate reliability (pass^k)")
     sub = parser.add_subparsers(dest="agent_command", metavar="{run,eval}")

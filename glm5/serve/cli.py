@@ -31,7 +31,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from glm5.cli import int_at_least
+    from glm5.common import int_at_least
 
     parser = subparsers.add_parser("serve", help="HTTP server: OpenAI chat/completions/Responses, Anthropic Messages, metrics, a chat page at /")
     add_engine_arguments(parser)
