@@ -4,7 +4,7 @@
     .venv/bin/python bench/forward.py --seqs 512 2048 --ours-only 8192 --repeats 3
 
 Same random weights in both (ours built from a seed, copied into transformers), the `tiny-bench` preset
-(the tiny config of ../shared/reference/machine.md), fp32, batch 1, `--threads` CPU threads. Every
+(vocab 4096, hidden 256, 4 layers, 16 experts top-4, index_topk 64), fp32, batch 1, `--threads` CPU threads. Every
 measurement runs in a fresh subprocess so its peak memory is its own: "peak MiB" is the forward's
 high-water mark of resident memory above what the process held before the first forward (Linux VmHWM,
 reset through /proc/self/clear_refs). Reports medians, tokens/s and the ratios; writes JSON. Growth with

@@ -12,7 +12,7 @@ graphs (the prefill's shape and every decode shape) are captured before timing (
 runs with cuda_graphs=False as "glm5_eager". Metrics, per batch size:
   ttft_s          time to the first new token (the prefill), median
   decode_tok_s    new tokens after the first / time after the first
-  e2e_tok_s       all new tokens / total time (what ../shared/reference/machine.md calls new tokens/s)
+  e2e_tok_s       all new tokens / total time (new tokens/s end to end)
 Writes bench/results/generate.json.
 """
 

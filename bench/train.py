@@ -8,8 +8,8 @@ sides use the AdamW kernel glm5.train picks, `adamw_kernel`: fused on cpu / cuda
 glm5's `model(ids, targets=ids).lm_loss_sum` as glm5.train computes it, transformers' `labels=`), same
 random weights in both (ours copied into transformers; ours with `MLAttention.sparse_as_mask` set as glm5.train
 sets it for the sparse stage: the top-k as a mask over dense latent attention, or, where the CPU kernels of
-glm5.kernels run, their sparse attention, forward and backward), the `tiny-bench` preset (the tiny config of
-../shared/reference/machine.md; DSA top-64, so at 512 tokens each query attends to 64 keys). The two sides
+glm5.kernels run, their sparse attention, forward and backward), the `tiny-bench` preset (vocab 4096,
+hidden 256, 4 layers, 16 experts top-4; DSA top-64, so at 512 tokens each query attends to 64 keys). The two sides
 alternate step by step so machine load hits both alike; medians of --repeats timed steps after a warm-up.
 MFU is against the matmul peak measured in this same run (2048^3 torch.matmul, median), per dtype:
     model FLOPs per token = 6 * (active non-embedding params - indexer) + 2 * indexer params
@@ -17,7 +17,7 @@ MFU is against the matmul peak measured in this same run (2048^3 torch.matmul, m
                             + 2 * indexer layers * index heads * index_head_dim * seq
 (nanochat's estimate, with DSA's attention over the top-k keys as nanochat caps a sliding window; head_dim =
 mean of the q/k and v widths; the indexer, whose top-k passes no gradient, forward only, scoring every key).
-Until session 11 the attention term used all seq keys and the indexer 6 FLOPs per weight: 37.1M vs 31.8M
+An earlier version's attention term used all seq keys and the indexer 6 FLOPs per weight: 37.1M vs 31.8M
 FLOPs per token at 512 (MFU 1.17x too high), 55.9M vs 35.0M at 2048 (1.60x).
 Writes bench/results/train.json.
 """

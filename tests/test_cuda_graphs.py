@@ -200,7 +200,7 @@ def test_refreshed_weights_drop_the_graphs_and_the_prefix_cache():
 
 @pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
 def test_refresh_while_running_registers_no_cut_chain(cuda_graphs):
-    # review: after reset_prefix_cache a running sequence's hash chain restarted at None, so its block 2 was
+    # after reset_prefix_cache a running sequence's hash chain restarted at None, so its block 2 was
     # found as the first block of an unrelated prompt (latents of other positions and context)
     model = _model(index_n_heads=16)
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -33,7 +33,7 @@ def greedy(n=12, **kw):
 # ---------------------------------------------------------------------------------------- cache layout
 def test_latent_cache_stores_576_plus_128_values_per_token_per_layer_for_glm5():
     cfg = GLM5Config.from_preset("glm5-744b")
-    # ../shared/reference/glm5-model.md: 109,824 bytes per token in BF16 over 78 layers
+    # 78 layers x (512 latent + 64 rope + 128 indexer key) x 2 bytes = 109,824 bytes per token in BF16
     assert bytes_per_token(cfg, torch.bfloat16) == 109_824
 
 
