@@ -4,8 +4,10 @@
     .venv/bin/python bench/forward.py --seqs 512 2048 --ours-only 8192 --repeats 3
 
 Same random weights in both (ours built from a seed, copied into transformers), the `tiny-bench` preset
-(the tiny config of ../shared/reference/machine.md), fp32, batch 1, `--threads` CPU threads. Every
-measurement runs in a fresh subprocess so its peak memory is its own: "peak MiB" is the forward's
+(vocab 4096, hidden 256, 4 layers, 16 experts top-4, index_topk 64), fp32, batch 1, `--threads` CPU threads. Every
+measurement runs in a fresh subprocess so its peak memory is its own, after an untimed pass whose logits
+(64 rows) are compared with the other side's (both with glm5's tie rule for DSA's top-k, bench/peer.py; they
+must agree within fp32 rounding or the benchmark stops) and a warm-up pass: "peak MiB" is the forward's
 high-water mark of resident memory above what the process held before the first forward (Linux VmHWM,
 reset through /proc/self/clear_refs). Reports medians, tokens/s and the ratios; writes JSON. Growth with
 length is also given without glm5's top-k selection (timed around each `select_topk` call): DSA's
@@ -21,9 +23,10 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
-from results_io import write_results  # bench/ is on sys.path when a bench runs
+from results_io import describe_cpu, write_results  # bench/ is on sys.path when a bench runs
 
 
 def _rss_kib(field: str) -> int:
@@ -34,7 +37,15 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu") -> dict:
+# Rows of the logits each side saves for the comparison: evenly spaced over the sequence (first and last included)
+CHECK_ROWS = 64
+
+
+def check_rows(seq: int) -> list[int]:
+    return sorted({round(i * (seq - 1) / (CHECK_ROWS - 1)) for i in range(CHECK_ROWS)})
+
+
+def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu", logits_to: str | None = None) -> dict:
     import gc
 
     import torch
@@ -51,7 +62,10 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
         from glm5.checkpoint import to_transformers_config
 
         model = GlmMoeDsaForCausalLM(to_transformers_config(cfg, "sdpa")).eval()
-        model.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mtp.")}, strict=False)
+        loaded = model.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("mtp.")}, strict=False)
+        if loaded.missing_keys or loaded.unexpected_keys:  # a name that did not match would leave random weights
+            raise SystemExit(f"transformers did not take glm5's weights: missing {loaded.missing_keys[:5]}, "
+                             f"unexpected {loaded.unexpected_keys[:5]}")
         del ours
     else:
         model = ours
@@ -82,6 +96,12 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
 
         mla.select_topk = timed_select
     times, indexer_times = [], []
+    if logits_to:  # the correctness check, untimed and before the memory high-water mark is reset (the sort
+        from peer import lowest_position_topk  # that stands in for topk needs memory of its own)
+
+        with torch.inference_mode(), lowest_position_topk():
+            torch.save(model(ids).logits[0, check_rows(seq)].float().cpu(), logits_to)
+        gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # reset the peak-RSS high-water mark
@@ -93,8 +113,7 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
         base_cuda = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        if seq <= 2048 or cuda:
-            model(ids)  # warm-up (skipped on CPU at long lengths where one transformers pass takes many seconds)
+        model(ids)  # warm-up at every length, with the timed passes' own ops
         for _ in range(repeats):
             sync()
             indexer_s[0] = 0.0
@@ -116,13 +135,33 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
     }
 
 
-def run_one(impl: str, seq: int, repeats: int, threads: int, device: str) -> dict:
+def run_one(impl: str, seq: int, repeats: int, threads: int, device: str, logits_to: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, str(seq), "--repeats", str(repeats), "--threads", str(threads),
-           "--device", device]
+           "--device", device] + (["--logits-to", logits_to] if logits_to else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{impl} at {seq} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def torch_load(path: str):
+    import torch
+
+    return torch.load(path)
+
+
+def compare_logits(seq: int, ours, theirs) -> dict:
+    """The two sides' logits at check_rows(seq) must agree within fp32 rounding (the tests' 1e-4 of the logits'
+    scale: the same sums in a different order); a benchmark whose sides compute different things stops here."""
+    scale = theirs.abs().max().item()
+    err = (ours - theirs).abs().max().item()
+    check = {"seq": seq, "rows": len(check_rows(seq)), "max_abs_diff": err, "logit_scale": scale,
+             "tolerance": 1e-4 * max(scale, 1.0)}
+    print(f"[bench] logits at {check['rows']} rows of {seq}: max |glm5 - transformers| {err:.2e} (scale {scale:.2f})")
+    if not err <= check["tolerance"]:
+        raise SystemExit(f"seq {seq}: glm5 and transformers logits differ by {err:.3e} (> {check['tolerance']:.1e}): "
+                         "the timings would compare different computations")
+    return check
 
 
 def main() -> int:
@@ -134,18 +173,27 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="cpu (the goal's setting) or cuda (peak = device memory)")
     p.add_argument("--out", default="bench/results/forward.json", help="where the JSON goes")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "SEQ"), help=argparse.SUPPRESS)
+    p.add_argument("--logits-to", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads, args.device)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads, args.device,
+                                args.logits_to)))
         return 0
 
-    rows = []
+    print(f"[bench] cpu: {describe_cpu()}", flush=True)
+    rows, checks = [], []
     plan = [(s, impl) for s in args.seqs for impl in ("glm5", "transformers")] + [(s, "glm5") for s in args.ours_only]
-    for seq, impl in plan:
-        print(f"[bench] {impl:<12} seq {seq:>6} ...", end=" ", flush=True)
-        r = run_one(impl, seq, args.repeats, args.threads, args.device)
-        print(f"{r['median_s'] * 1000:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mib']:8.1f} MiB")
-        rows.append(r)
+    with tempfile.TemporaryDirectory() as scratch:
+        for seq, impl in plan:
+            print(f"[bench] {impl:<12} seq {seq:>6} ...", end=" ", flush=True)
+            compared = seq in args.seqs
+            r = run_one(impl, seq, args.repeats, args.threads, args.device,
+                        os.path.join(scratch, f"{impl}-{seq}.pt") if compared else None)
+            print(f"{r['median_s'] * 1000:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mib']:8.1f} MiB")
+            rows.append(r)
+            if compared and impl == "transformers":
+                checks.append(compare_logits(seq, *(torch_load(os.path.join(scratch, f"{side}-{seq}.pt"))
+                                                    for side in ("glm5", "transformers"))))
 
     by = {(r["impl"], r["seq"]): r for r in rows}
     print("\n| seq | glm5 ms | transformers ms | speed-up | glm5 tok/s | glm5 peak MiB | transformers peak MiB | memory ratio |")
@@ -185,7 +233,7 @@ def main() -> int:
         "benchmark": "forward", "preset": "tiny-bench", "dtype": "float32", "batch": 1, "threads": args.threads,
         "device": args.device,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "rows": rows, "summary": summary, "growth": growth,
+        "rows": rows, "summary": summary, "growth": growth, "logits_check": checks,
     }
     write_results(args.out, result)
     return 0

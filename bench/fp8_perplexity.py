@@ -68,7 +68,7 @@ def main() -> None:
         from glm5.tokenizer import default_corpus
 
         # text the demo never trained on: its corpus and tokenizer read the first ~2.5 / 3 MB of this stream (the
-        # stdlib tail used until session 11 was 81% lines the demo had pretrained on)
+        # stdlib tail an earlier version used was 81% lines the demo had pretrained on)
         held_out = torch.tensor(tokenizer.encode("".join(default_corpus(max_bytes=3_300_000))[3_000_000:]))
         print(f"checkpoint {args.checkpoint}: {len(held_out):,} held-out tokens of stdlib text")
     else:

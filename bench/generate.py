@@ -9,10 +9,13 @@ with sdpa attention and its default DynamicCache). Runs alternate (transformers,
 busy machine slows both alike; medians are reported. Every repetition feeds fresh random prompts (the same to
 both), so the engine, built once per batch size, never reuses a cached prefix. On CUDA the engine's decode
 graphs (the prefill's shape and every decode shape) are captured before timing (reported as graph_capture_s), and the engine also
-runs with cuda_graphs=False as "glm5_eager". Metrics, per batch size:
+runs with cuda_graphs=False as "glm5_eager". Both sides' new tokens are compared: in fp32 on a CPU a
+difference stops the benchmark (the timings would compare different work); otherwise it is recorded
+(`same_tokens`, `token_mismatches`). Each side is timed in one run per repetition: transformers' first token
+and each later one are stamped by a streamer inside its one `generate` call. Metrics, per batch size:
   ttft_s          time to the first new token (the prefill), median
   decode_tok_s    new tokens after the first / time after the first
-  e2e_tok_s       all new tokens / total time (what ../shared/reference/machine.md calls new tokens/s)
+  e2e_tok_s       all new tokens / total time (new tokens/s end to end)
 Writes bench/results/generate.json.
 """
 
@@ -26,7 +29,8 @@ import sys
 import time
 
 import torch
-from results_io import write_results  # bench/ is on sys.path when a bench runs
+from peer import lowest_position_topk  # bench/ is on sys.path when a bench runs
+from results_io import describe_cpu, write_results
 
 from glm5.engine.config import EngineConfig
 
@@ -38,39 +42,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_transformers(twin, prompts: torch.Tensor, new: int) -> tuple[float, float]:
-    kwargs = dict(do_sample=False, pad_token_id=0)
+class _TokenClock:
+    """A `generate(streamer=...)`: transformers calls put() with the prompt, then once per generated step with
+    that step's tokens (already on the host for the stopping check), and end() at the end. So one generate call
+    gives the time to the first token and the decode time after it, each measured on its own, as the engine's
+    side is (not a 1-token call's time subtracted from another call's)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps, self.calls = device, [], 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls > 1:  # the first call carries the prompt
+            _sync(self.device)
+            self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_transformers(twin, prompts: torch.Tensor, new: int) -> tuple[float, float, list[list[int]]]:
+    """(time to the first new token, total time, the new tokens per prompt), one generate call."""
+    clock = _TokenClock(prompts.device)
     _sync(prompts.device)
     t = time.perf_counter()
-    twin.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    _sync(prompts.device)
-    ttft = time.perf_counter() - t
-    t = time.perf_counter()
-    out = twin.generate(prompts, max_new_tokens=new, min_new_tokens=new, **kwargs)
+    out = twin.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, streamer=clock)
     _sync(prompts.device)
     total = time.perf_counter() - t
-    assert out.shape[1] == prompts.shape[1] + new
-    return ttft, total
+    assert out.shape[1] == prompts.shape[1] + new and len(clock.stamps) == new, (out.shape, len(clock.stamps))
+    return clock.stamps[0] - t, total, out[:, prompts.shape[1]:].tolist()
 
 
-def run_glm5(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
-    """(every step ends in the sampler's copy of the tokens to the host: the clock sees finished work)"""
+def same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> str | None:
+    """None when both sides produced the same tokens, else where they first differ."""
+    for row, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return f"sequence {row}: first difference at new token {at} (glm5 {a[at:at + 4]}, transformers {b[at:at + 4]})"
+    return None if len(ours) == len(theirs) else f"{len(ours)} vs {len(theirs)} sequences"
+
+
+def run_glm5(engine, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+    """(time to the first token of every sequence, total time, the new tokens per prompt). Every step ends in
+    the sampler's copy of the tokens to the host: the clock sees finished work."""
     from glm5.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     t = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
+    ids = [engine.add_request(p, params).request_id for p in prompts]
     first = None
-    produced = 0
+    tokens: dict = {i: [] for i in ids}
     while engine.has_unfinished():
         for out in engine.step():
-            produced += len(out.new_token_ids)
-        if first is None and produced >= len(prompts):
+            tokens[out.request_id].extend(out.new_token_ids)
+        if first is None and all(tokens.values()):
             first = time.perf_counter() - t
     total = time.perf_counter() - t
-    assert produced == new * len(prompts)
-    return first, total
+    assert sum(map(len, tokens.values())) == new * len(prompts)
+    return first, total, [tokens[i] for i in ids]
 
 
 def main() -> int:
@@ -100,6 +129,7 @@ def main() -> int:
     twin = transformers_twin(model, "sdpa").to(device=device, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"[bench] cpu: {describe_cpu()}", flush=True)
     results = {"config": args.preset, "prompt_tokens": args.prompt, "new_tokens": args.new, "threads": args.threads,
                "device": str(device), "dtype": args.dtype, "torch": torch.__version__, "machine": machine, "runs": {}}
     for batch in args.batch:
@@ -123,15 +153,24 @@ def main() -> int:
             capture_s = time.perf_counter() - t
             print(f"  captured {n_graphs} CUDA graphs (prefill and decode) in {capture_s:.2f} s", flush=True)
         warm = torch.randint(0, cfg.vocab_size, (batch, 8), generator=gen)
-        run_transformers(twin, warm.to(device), 2)  # warm-up all
+        run_transformers(twin, warm.to(device), 2)  # warm-up all (both paths: prefill and decode)
         for engine in engines.values():
             run_glm5(engine, warm.tolist(), 2)
         times: dict[str, list] = {"transformers": [], **{name: [] for name in engines}}
+        mismatches = []
         for _ in range(args.reps):
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=gen)  # fresh: no prefix hits
-            times["transformers"].append(run_transformers(twin, prompts.to(device), args.new))
+            times["transformers"].append(run_transformers(twin, prompts.to(device), args.new)[:2])
+            with lowest_position_topk():  # untimed: transformers' tokens under glm5's tie rule
+                reference = run_transformers(twin, prompts.to(device), args.new)[2]
             for name, engine in engines.items():
-                times[name].append(run_glm5(engine, prompts.tolist(), args.new))
+                ttft, total, tokens = run_glm5(engine, prompts.tolist(), args.new)
+                times[name].append((ttft, total))
+                if (differ := same_tokens(tokens, reference)) is not None:
+                    mismatches.append(f"{name}: {differ}")
+        if mismatches and args.dtype == "float32" and device.type == "cpu":
+            # greedy fp32 on the same weights must agree token for token, or the timings compare different work
+            raise SystemExit(f"batch {batch}: glm5 and transformers generated different tokens: {mismatches[0]}")
 
         def summary(runs, batch=batch):
             ttft = statistics.median(r[0] for r in runs)
@@ -141,6 +180,9 @@ def main() -> int:
 
         print("  runs (ttft, total):", {name: [tuple(round(x, 4) for x in r) for r in runs] for name, runs in times.items()})
         row = {name: summary(runs) for name, runs in times.items()}
+        # fp32 on a CPU must match (checked above); bf16 or GPU kernels may round a near-tie the other way
+        row["same_tokens"] = not mismatches
+        row["token_mismatches"] = mismatches[:4]
         if capture_s is not None:
             graphs = engines["glm5"].graphs
             row["graph_capture_s"] = capture_s

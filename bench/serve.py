@@ -7,7 +7,7 @@
 Each client sends streaming chat requests back to back (thinking off, fixed max_tokens, ignore_eos so every
 request generates exactly max_tokens). Reported per concurrency: requests/s, output tokens/s, and p50/p99 of
 request latency and of time to first token. Writes bench/results/serve.json. The server is the real CLI
-in a process of its own: a load generator in the server's process would share its interpreter (session 11:
+in a process of its own: a load generator in the server's process would share its interpreter (measured:
 40.5 vs 59.4 req/s at 32 clients), and a test helper's server would differ from what users run.
 """
 

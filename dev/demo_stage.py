@@ -30,7 +30,7 @@ from glm5.train.trainer import Trainer, release_stage
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--run", default="/work/main/runs/demo5")
+    p.add_argument("--run", default="runs/latest")
     p.add_argument("--start", default="dsa-warmup")
     p.add_argument("--stage", default="dsa-sparse")
     p.add_argument("--steps", type=int, default=60)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a lent H100/H200 (its image has torch + transformers; nothing is installed
+# The GPU checks, as one script for an H100/H200 (its image has torch + transformers; nothing is installed
 # from a registry: wheels placed in .whl/ and carried along are installed to /tmp/site, e.g. the transformers
 # version pyproject.toml pins, so the oracle is the same as on the CPU).
 #   bash dev/gpu_check.sh [OUT_DIR]

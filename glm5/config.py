@@ -433,7 +433,8 @@ def _glm52_744b(**overrides: Any) -> GLM5Config:
 
 
 def _tiny_bench(**overrides: Any) -> GLM5Config:
-    """The tiny config of ../shared/reference/machine.md, used by bench/forward.py against transformers."""
+    """A tiny GLM-5-shaped config (vocab 4096, hidden 256, 4 layers, 16 experts top-4, index_topk 64): the size
+    the benchmarks run glm5 and transformers at on a CPU."""
     cfg = dict(
         vocab_size=4096,
         hidden_size=256,

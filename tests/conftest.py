@@ -59,3 +59,20 @@ def transformers_twin(model, attn_implementation: str = "eager"):
     missing, unexpected = twin.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return twin
+
+
+def greedy_difference(model, prompt: list[int], got: list[int], expected: list[int], rel: float = 1e-4) -> str | None:
+    """None when two greedy continuations of `prompt` agree, up to a near tie: paths that sum in a different order
+    (a paged cache, another matmul blocking, another CPU) may round two logits within ~1e-6 of each other the
+    other way, and after such a step the continuations rightly part. So at the first difference the two chosen
+    tokens' logits (from `model`'s full forward) must be within `rel` of the logits' scale; else a message."""
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if at is None:
+        return None if len(got) == len(expected) else f"lengths {len(got)} vs {len(expected)}"
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + expected[:at]])).logits[0, -1].float()
+    gap = abs(logits[got[at]] - logits[expected[at]]).item()
+    scale = logits.abs().max().item()
+    if gap <= rel * max(scale, 1.0):
+        return None
+    return f"first difference at new token {at}: {got[at]} vs {expected[at]}, logits {gap:.3g} apart (scale {scale:.3g}): {got} vs {expected}"

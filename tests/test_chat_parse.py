@@ -289,7 +289,7 @@ def test_fuzz_ten_thousand_outputs_never_raise_and_stream_consistently():
             raise AssertionError(f"input #{n} {text!r} split at {sorted(splits)}: {err!r}") from err
 
 
-# ---- from the session-11 review: typed arguments, NaN, additionalProperties, format detection ----------------
+# ---- typed arguments, NaN, additionalProperties, format detection ----------------
 _TYPED = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
     "coords": {"type": "array"}, "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import greedy_difference, randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
@@ -67,7 +67,9 @@ def test_static_engine_equals_eager_as_sequences_leave_and_join():
     eager = [c.token_ids for c in LLM(model, block_size=4).generate(prompts, params)]
     llm = LLM(model, block_size=4, cuda_graphs=True)
     static = [c.token_ids for c in llm.generate(prompts, params)]
-    assert static == eager
+    # (the static path pads the batch: other matmul shapes, so a near tie may round the other way)
+    for prompt, got, want in zip(prompts, static, eager):
+        assert (differ := greedy_difference(model, prompt, got, want)) is None, differ
     shapes = set(llm.graphs.entries)
     assert (4, 64, 64) in shapes  # the prefill: 4 prompts of up to 40 tokens, padded to 64 each
     decode = {shape for shape in shapes if shape[1] == 1}
@@ -81,7 +83,8 @@ def test_static_engine_equals_eager_as_sequences_leave_and_join():
     while late.has_unfinished():
         late.step()
     expected_first = LLM(model, block_size=4).generate([prompts[2]], params[0])[0].token_ids
-    assert first.output_token_ids == expected_first and second.output_token_ids == eager[1]
+    assert greedy_difference(model, prompts[2], first.output_token_ids, expected_first) is None
+    assert greedy_difference(model, prompts[1], second.output_token_ids, eager[1]) is None
 
 
 def test_padding_rows_write_only_the_scratch_slot():
@@ -199,7 +202,7 @@ def test_refreshed_weights_drop_the_graphs_and_the_prefix_cache():
 
 @pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
 def test_refresh_while_running_registers_no_cut_chain(cuda_graphs):
-    # review: after reset_prefix_cache a running sequence's hash chain restarted at None, so its block 2 was
+    # after reset_prefix_cache a running sequence's hash chain restarted at None, so its block 2 was
     # found as the first block of an unrelated prompt (latents of other positions and context)
     model = _model(index_n_heads=16)
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -212,4 +215,6 @@ def test_refresh_while_running_registers_no_cut_chain(cuda_graphs):
     prompt = running.token_ids[8:12] + [7]  # its first block holds the running sequence's block-2 tokens
     got = llm.generate([prompt], greedy)[0]
     assert got.num_cached_tokens == 0
-    assert got.token_ids == LLM(model, block_size=4).generate([prompt], greedy)[0].token_ids
+    # a block served from another prompt's cache would change the tokens far beyond a near tie
+    want = LLM(model, block_size=4).generate([prompt], greedy)[0].token_ids
+    assert (differ := greedy_difference(model, prompt, got.token_ids, want)) is None, differ

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config, transformers_twin
+from conftest import greedy_difference, randomize_, tiny_config, transformers_twin
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
@@ -16,7 +16,8 @@ PROMPT_LENGTHS = (3, 9, 17, 40)
 
 
 def _model(seed: int = 0, **overrides):
-    # 16 indexer heads: exact ties in the top-k (a score of exactly 0) become vanishingly rare, see dsa.md
+    # 16 indexer heads: exact ties in the top-k (a key scores exactly 0 when all 16 heads' ReLU terms are 0, 1 in
+    # 65,536) become vanishingly rare; transformers keeps an arbitrary subset of such ties, glm5 the lowest positions
     torch.manual_seed(seed)
     return randomize_(GLM5ForCausalLM(tiny_config(index_n_heads=16, **overrides)), seed=seed).eval()
 
@@ -38,10 +39,6 @@ def _reference_greedy(model, prompt, n=NEW_TOKENS):
     return ids[len(prompt):]
 
 
-def _first_difference(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-
-
 @pytest.fixture(scope="module")
 def model_and_twin():
     model = _model()
@@ -59,9 +56,8 @@ def test_greedy_matches_transformers_generate_per_prompt(model_and_twin, cuda_gr
         out = twin.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                             do_sample=False, pad_token_id=0)
         expected = out[0, len(prompt):].tolist()
-        assert completion.token_ids == expected, (
-            f"prompt of {len(prompt)} tokens: first difference at new token "
-            f"{_first_difference(completion.token_ids, expected)}: ours {completion.token_ids} vs {expected}")
+        differ = greedy_difference(model, prompt, completion.token_ids, expected)
+        assert differ is None, f"prompt of {len(prompt)} tokens: {differ}"
 
 
 @pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
@@ -76,7 +72,8 @@ def test_greedy_matches_transformers_on_a_left_padded_mixed_length_batch(model_a
     ours = LLM(model, block_size=8, cuda_graphs=cuda_graphs).generate(prompts, _greedy())
     for i, (prompt, completion) in enumerate(zip(prompts, ours)):
         expected = out[i, longest:].tolist()
-        assert completion.token_ids == expected, f"prompt {i} ({len(prompt)} tokens): {completion.token_ids} vs {expected}"
+        differ = greedy_difference(model, prompt, completion.token_ids, expected)
+        assert differ is None, f"prompt {i} ({len(prompt)} tokens): {differ}"
 
 
 @pytest.mark.parametrize("cuda_graphs", [None, True], ids=["eager", "static"])
@@ -88,4 +85,15 @@ def test_greedy_matches_full_forward_with_chunked_prefill_and_small_blocks(index
     ours = LLM(model, block_size=3, max_num_batched_tokens=7, cuda_graphs=cuda_graphs).generate(prompts, _greedy(12))
     for prompt, completion in zip(prompts, ours):
         expected = _reference_greedy(model, prompt, 12)
-        assert completion.token_ids == expected, f"{len(prompt)}-token prompt: {completion.token_ids} vs {expected}"
+        differ = greedy_difference(model, prompt, completion.token_ids, expected)
+        assert differ is None, f"{len(prompt)}-token prompt: {differ}"
+
+
+def test_greedy_difference_forgives_only_a_near_tie():
+    model = _model()
+    prompt = _prompts()[1]
+    expected = _reference_greedy(model, prompt, 4)
+    assert greedy_difference(model, prompt, expected, expected) is None
+    with torch.no_grad():
+        worst = int(model(torch.tensor([prompt])).logits[0, -1].argmin())
+    assert "first difference at new token 0" in greedy_difference(model, prompt, [worst] + expected[1:], expected)

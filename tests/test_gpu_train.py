@@ -1,5 +1,5 @@
 """Training on CUDA: the Trainer moves its batches to the model's GPU, and two steps follow the CPU run.
-Skipped without CUDA (conftest); run by dev/gpu_check.sh on a lent GPU."""
+Skipped without CUDA (conftest); run by dev/gpu_check.sh on a GPU machine."""
 
 import pytest
 import torch

@@ -433,7 +433,7 @@ def test_cpu_experts_function_matches_the_expert_loop(tokens, monkeypatch):
 
 def test_swiglu_backward_with_a_non_contiguous_gradient():
     """The incoming gradient is made contiguous into a named tensor: a temporary copy passed by pointer was freed
-    before the kernel read it (garbage or a crash; review)."""
+    before the kernel read it (garbage or a crash)."""
     import torch.nn.functional as F
 
     from glm5.kernels import swiglu
@@ -450,7 +450,7 @@ def test_swiglu_backward_with_a_non_contiguous_gradient():
 
 def test_indexer_kernel_never_leaves_a_slot_unwritten_with_nan_scores():
     """A NaN score makes the k-th value NaN, which matches neither selection test: the slots are -1, not
-    whatever the output buffer held (review)."""
+    whatever the output buffer held."""
     q, w, k = _integer_inputs(1, 12, 12, 4, 16, seed=1)
     w[0, 8] = float("nan")
     for _ in range(3):  # fresh torch.empty buffers each time
@@ -490,7 +490,7 @@ def test_use_cpu_kernels_blocks_in_two_threads_exit_out_of_order():
 
 def test_fallbacks_with_no_visible_key_and_no_query():
     """The PyTorch paths at the edges the kernels already handle: a block of queries before position 0 selects
-    nothing (-1), and zero queries give an empty attention output (review)."""
+    nothing (-1), and zero queries give an empty attention output."""
     from glm5.model.dsa import sparse_latent_attention
 
     indexer = _indexer(4, 16, 4)

@@ -130,3 +130,53 @@ def test_bad_attn_impl_and_bad_input_shape():
         ours.set_attn_impl("flash")
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         ours(torch.zeros(5, dtype=torch.long))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("name", ["long-seq", "no-norm-topk"])
+def test_mtp_logits_follow_the_deepseek_v3_mtp_formula(name):
+    """DeepSeek-V3 (arXiv:2412.19437, section 2.2) with depth 1, written out here apart from glm5's MTPLayer:
+        h'_t = M [RMSNorm(h_t); RMSNorm(Emb(t_{t+1}))]      h_t: the main model's final (normed) hidden state
+        h''  = TransformerBlock(h'_{0..T-2})                a causal decoder layer over the shifted sequence
+        P_{t+2} = OutHead(RMSNorm(h''_t))                    the main model's lm_head, the MTP layer's own norm
+    The paper writes the hidden state first; the released checkpoints' eh_proj takes the embedding half first
+    (as vLLM's and SGLang's DeepSeek MTP code read it: cat([enorm(embeds), hnorm(hidden)])), which is M here.
+    The block is transformers' GlmMoeDsa decoder layer holding the MTP layer's weights, the outside oracle."""
+    from transformers import GlmMoeDsaForCausalLM
+
+    from glm5.checkpoint import to_transformers_config
+
+    ours = build(name)
+    cfg = ours.config
+    mtp = ours.mtp[0]
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = ours(ids, return_mtp=True)
+        h = out.hidden_states[:, :-1]                       # h_t, t = 0 .. T-2
+        emb = ours.model.embed_tokens.weight[ids[:, 1:]]    # Emb(t_{t+1})
+        eps = cfg.rms_norm_eps
+        joined = torch.cat([_rms_norm(emb, mtp.enorm.weight, eps), _rms_norm(h, mtp.hnorm.weight, eps)], dim=-1)
+        h_prime = joined @ mtp.eh_proj.weight.T
+
+        # the block: a one-layer transformers model whose layer 0 is the MTP layer's decoder block, whose final
+        # norm is the MTP layer's shared_head.norm and whose head is the main lm_head
+        block_cfg = cfg.replace(num_hidden_layers=1, num_nextn_predict_layers=0,
+                                first_k_dense_replace=0 if cfg.num_hidden_layers >= cfg.first_k_dense_replace else 1)
+        twin = GlmMoeDsaForCausalLM(to_transformers_config(block_cfg, "eager")).eval()
+        state = {"model.layers.0." + k: v for k, v in mtp.state_dict().items()
+                 if not k.startswith(("enorm.", "hnorm.", "eh_proj.", "shared_head."))}
+        state["model.norm.weight"] = mtp.shared_head.norm.weight
+        state["lm_head.weight"] = ours.lm_head.weight
+        state["model.embed_tokens.weight"] = ours.model.embed_tokens.weight
+        missing, unexpected = twin.load_state_dict(state, strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        expected = twin(inputs_embeds=h_prime).logits       # [B, T-1, vocab]: position t predicts token t + 2
+    got = out.mtp_logits[0]
+    assert got.shape == expected.shape == (2, 23, cfg.vocab_size)
+    # fp32, the same tolerance as the main model's logits against transformers (sums in a different order)
+    scale = expected.abs().max().item()
+    err = (got - expected).abs().max().item()
+    assert err < 1e-4 * max(scale, 1.0), f"{name}: MTP logits differ from the formula by {err:.3e} (scale {scale:.2f})"

@@ -1,4 +1,4 @@
-"""OpenAI API details the serving tests found wrong in review (each test failed before its fix).
+"""OpenAI API details that were once wrong (each test failed before its fix).
 
 A real `glm5 serve --preset nano` on loopback; where the output must be known, the engine is scripted
 (`serve_helpers.script_engine`: the texts it 'generates'; everything around it is the real server).

@@ -562,6 +562,9 @@ def test_linear_cross_entropy_chunks_and_no_grad_path():
     logits = hidden @ weight.t()
     want = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
     want_correct = int(((logits.argmax(-1) == targets) & (targets != -100)).sum())
+    # the count compares argmaxes of two matmuls blocked differently: no row may sit on a near tie
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4 * logits.abs().max(), "a near tie: pick another seed"
     for chunk in (1, 5, 37, 64):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         total, correct = linear_cross_entropy(h, w, targets, count_correct=True, chunk=chunk)
@@ -572,3 +575,26 @@ def test_linear_cross_entropy_chunks_and_no_grad_path():
         assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
         with torch.no_grad():
             assert torch.allclose(linear_cross_entropy(hidden, weight, targets, chunk=chunk)[0], want)
+
+
+def test_sft_packing_counts_what_it_drops_or_cuts():
+    from glm5.train.data import PackStats
+
+    short = ([1, 2, 3], [False, True, True])
+    long_late_answer = ([5] * 10 + [6, 7], [False] * 10 + [True, True])   # its answer lies past token 8
+    long_early_answer = ([8, 9] + [4] * 10, [False, True] + [False] * 10)
+    samples = [short, long_late_answer, long_early_answer]
+
+    stats = PackStats()
+    rows = pack_conversations(samples, seq_len=8, pad_id=0, stats=stats)
+    assert (stats.conversations, stats.longer, stats.dropped_longer, stats.truncated, stats.kept) == (3, 2, 2, 0, 1)
+    assert rows.ids.tolist() == [[1, 2, 3, 0, 0, 0, 0, 0]]
+    assert stats.describe() == "3 conversations, 1 kept; 2 longer than 8 tokens: 2 dropped (--truncate cuts them instead)"
+
+    stats = PackStats()
+    rows = pack_conversations(samples, seq_len=8, pad_id=0, truncate=True, stats=stats)
+    # the late answer is cut away entirely: nothing left to learn, so that conversation is dropped too
+    assert (stats.longer, stats.truncated, stats.dropped_longer, stats.dropped_no_target, stats.kept) == (2, 2, 0, 1, 2)
+    assert rows.ids.tolist() == [[1, 2, 3, 0, 0, 0, 0, 0], [8, 9, 4, 4, 4, 4, 4, 4]]
+    assert rows.labels[1].tolist() == [IGNORE_INDEX, 9] + [IGNORE_INDEX] * 6
+    assert "2 cut to 8; 1 dropped with no assistant token left after the cut" in stats.describe()

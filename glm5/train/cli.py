@@ -8,7 +8,8 @@
     torchrun --nproc_per_node 2 -m glm5.cli train pretrain --parallel ddp ...     # or --parallel fsdp
 
 Data: .txt, .jsonl ({"text": ...} for pretraining, {"messages": [...], "tools": [...]} for SFT), .parquet,
-or a `datasets.save_to_disk` folder; several paths may be given. The model comes from --init (a model
+or a `datasets.save_to_disk` folder; several paths may be given. SFT leaves out a conversation longer than
+--seq-len (--truncate cuts it instead); the log line and OUT/data.json say how many. The model comes from --init (a model
 directory, e.g. a previous stage's OUT/model), --config (a config.json) or --preset. The result is written
 to OUT/model (config.json + safetensors + tokenizer), which the next stage, the engine and the server load.
 Every input is checked before any work starts, and nothing in OUT is overwritten without --resume.
@@ -17,6 +18,9 @@ Every input is checked before any work starts, and nothing in OUT is overwritten
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 from pathlib import Path
 
 
@@ -70,17 +74,27 @@ def _build_model(args, cfg):
     return GLM5ForCausalLM.from_pretrained(args.init) if args.init else GLM5ForCausalLM(cfg)
 
 
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _rows(args, tokenizer):
+    """The packed rows of the stage, and for SFT what packing did with the conversations (PackStats; else None)."""
     from glm5.chat import render_messages_with_mask
-    from glm5.train.data import load_conversations, load_documents, pack_conversations, pack_documents
+    from glm5.train.data import PackStats, load_conversations, load_documents, pack_conversations, pack_documents
 
     if args.stage == "sft":
         conversations = load_conversations(args.data)
         samples = (render_messages_with_mask(c["messages"], tokenizer, c.get("tools")) for c in conversations)
-        return pack_conversations(samples, args.seq_len, tokenizer.pad_token_id or 0)
+        stats = PackStats()
+        rows = pack_conversations(samples, args.seq_len, tokenizer.pad_token_id or 0, truncate=args.truncate, stats=stats)
+        return rows, stats
     docs = load_documents(args.data)
     eos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return pack_documents(tokenizer.encode_batch(docs), args.seq_len, eos)
+    return pack_documents(tokenizer.encode_batch(docs), args.seq_len, eos), None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,11 +119,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {cfg.max_position_embeddings} positions")
     check_fits_memory(cfg, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len, device=device)
     model = _build_model(args, cfg).to(device)
-    rows = _rows(args, tokenizer)
+    rows, pack_stats = _rows(args, tokenizer)
     config = TrainConfig.from_args(args)
     trainer = Trainer(model, rows, config, args.out, rank=rank, world_size=world_size)
     print0(f"[train] {args.stage}: {len(rows)} rows x {rows.seq_len} tokens, {config.steps} steps x {config.batch_size} "
            f"rows, {world_size} process(es) on {device.type}, parallel={args.parallel}")
+    if pack_stats is not None:
+        print0(f"[train] {args.stage} data: {pack_stats.describe()}")
+        if rank == 0:  # beside metrics.jsonl: what was read, kept, cut and dropped
+            _write_json_atomic(Path(args.out) / "data.json", {**dataclasses.asdict(pack_stats), "kept": pack_stats.kept,
+                                                              "rows": len(rows), "truncate": args.truncate})
     summary = trainer.run(resume=args.resume)
     # the model directory: full weights gathered on every rank (a collective under FSDP), written by rank 0
     state = trainer.state_dict()["model"] if args.parallel == "fsdp" and is_distributed() else None
@@ -155,6 +174,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="global rows per step, all processes (default 8)")
     p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward per process; smaller means gradient accumulation (default: no accumulation)")
     p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per row (default 256)")
+    p.add_argument("--truncate", action="store_true",
+                   help="sft: cut a conversation longer than --seq-len to its first --seq-len tokens instead of leaving "
+                        "it out (either way the log line and OUT/data.json count them)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
     p.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate (default 0.02)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw, or muon for hidden matrices + adamw (default adamw)")

@@ -177,18 +177,58 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) 
     return PackedRows(ids, ids.clone())
 
 
-def pack_conversations(samples: Iterable[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> PackedRows:
+@dataclass
+class PackStats:
+    """What pack_conversations did with its conversations: how many it read, how many were longer than a row,
+    and of those how many it cut to the row's length (truncate=True) or left out whole (the default); and how
+    many it left out because no assistant token was left to learn from."""
+
+    conversations: int = 0
+    longer: int = 0
+    truncated: int = 0
+    dropped_longer: int = 0
+    dropped_no_target: int = 0
+    seq_len: int = 0
+
+    @property
+    def kept(self) -> int:
+        return self.conversations - self.dropped_longer - self.dropped_no_target
+
+    def describe(self) -> str:
+        """One line: "5 conversations, 1 kept; 4 longer than 512 tokens: 4 dropped (--truncate cuts them instead)"."""
+        line = f"{self.conversations} conversations, {self.kept} kept"
+        if self.longer:
+            line += f"; {self.longer} longer than {self.seq_len} tokens: "
+            line += (f"{self.truncated} cut to {self.seq_len}" if self.truncated
+                     else f"{self.dropped_longer} dropped (--truncate cuts them instead)")
+        if self.dropped_no_target:
+            line += f"; {self.dropped_no_target} dropped with no assistant token" + (" left after the cut" if self.truncated else "")
+        return line
+
+
+def pack_conversations(samples: Iterable[tuple[list[int], list[bool]]], seq_len: int, pad_id: int,
+                       truncate: bool = False, stats: PackStats | None = None) -> PackedRows:
     """Pack (ids, target mask) samples whole into rows of seq_len (first fit in order, no sample split);
     labels are the ids where the mask is set, IGNORE_INDEX elsewhere and on padding.
-    A sample longer than seq_len is cut to it."""
+    A sample longer than seq_len is left out, or with truncate=True cut to its first seq_len tokens; a sample
+    with no target left is left out. `stats` (a PackStats), when given, is filled with the counts."""
+    stats = stats if stats is not None else PackStats()
+    stats.seq_len = seq_len
     rows: list[tuple[list[int], list[int]]] = []
     current_ids: list[int] = []
     current_labels: list[int] = []
-    samples_seen = cut = 0
     for ids, mask in samples:
-        samples_seen += 1
-        cut += len(ids) > seq_len
+        stats.conversations += 1
+        if len(ids) > seq_len:
+            stats.longer += 1
+            if not truncate:
+                stats.dropped_longer += 1
+                continue
+            stats.truncated += 1
         ids, mask = list(ids)[:seq_len], list(mask)[:seq_len]
+        if not any(mask):  # nothing to learn (e.g. a cut that kept only the prompt): it would only pad a row
+            stats.dropped_no_target += 1
+            continue
         if len(current_ids) + len(ids) > seq_len:
             rows.append((current_ids, current_labels))
             current_ids, current_labels = [], []
@@ -196,10 +236,8 @@ def pack_conversations(samples: Iterable[tuple[list[int], list[bool]]], seq_len:
         current_labels.extend(i if m else IGNORE_INDEX for i, m in zip(ids, mask))
     if current_ids:
         rows.append((current_ids, current_labels))
-    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r[1])]
     if not rows:
-        why = f" within its first {seq_len} tokens ({cut} of {samples_seen} conversations are longer and were cut)" if cut else ""
-        raise ValueError(f"empty dataset: no conversation has an assistant token to learn{why}")
+        raise ValueError(f"empty dataset: no conversation has an assistant token to learn ({stats.describe()})")
     ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
     for n, (row_ids, row_labels) in enumerate(rows):

@@ -1,4 +1,4 @@
-"""Engine behaviours a review found wrong (each test failed before its fix): MTP drafts under cache pressure,
+"""Engine accounting under pressure (each test failed before its fix): MTP drafts under cache pressure,
 cached-token counts after preemption, prefix-cache statistics, request ids, and generate() on a bad prompt."""
 
 from __future__ import annotations

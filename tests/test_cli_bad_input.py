@@ -1,4 +1,4 @@
-"""Command-line bad input a review found mishandled (each test failed before its fix): a one-line error and exit
+"""Command-line bad input (each test failed before its fix): a one-line error and exit
 status 2 (argparse's usage errors too), nothing deleted or overwritten, and checks that run before heavy work."""
 
 from __future__ import annotations

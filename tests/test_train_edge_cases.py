@@ -1,4 +1,4 @@
-"""Training-library behaviours a review found wrong (each test failed before its fix): MTP off, MTP loss under
+"""Training-library edge cases (each test failed before its fix): MTP off, MTP loss under
 accumulation on masked rows, stratified batches under accumulation, metrics after a restart, loaders, temp
 checkpoint files, the memory check with micro-batches, and clear errors for bad settings."""
 
@@ -201,3 +201,26 @@ def test_padding_is_neither_throughput_nor_expert_load(tmp_path):
 def test_mtp_accuracy_is_none_when_nothing_was_measured(tmp_path):
     record = Trainer(model_of(), rows_of(), quick(mtp_weight=0.0), out_dir=tmp_path).train_step()
     assert record["mtp_acc"] is None and record["mtp_loss"] == 0
+
+
+def test_sft_reports_the_conversations_longer_than_a_row_and_truncate_keeps_them(tmp_path, capsys):
+    from glm5.cli import main
+
+    chats = tmp_path / "chats.jsonl"
+    with open(chats, "w") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+        for i in range(4):  # a long question: the answer lies past --seq-len
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"question {i} " + "word " * 80},
+                                              {"role": "assistant", "content": "answer"}]}) + "\n")
+    common = ["--data", str(chats), "--preset", "nano", "--steps", "1", "--batch-size", "1", "--seq-len", "64",
+              "--no-progress", "--device", "cpu", "--threads", "1"]
+    assert main(["train", "sft", *common, "--out", str(tmp_path / "drop")]) == 0
+    out = capsys.readouterr().out
+    assert "5 conversations, 1 kept; 4 longer than 64 tokens: 4 dropped (--truncate cuts them instead)" in out, out
+    data = json.loads((tmp_path / "drop" / "data.json").read_text())
+    assert (data["conversations"], data["kept"], data["dropped_longer"], data["rows"]) == (5, 1, 4, 1)
+    assert main(["train", "sft", *common, "--truncate", "--out", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    # cut to their first 64 tokens, the long ones keep no assistant token (the answer was past the cut)
+    assert "4 longer than 64 tokens: 4 cut to 64; 4 dropped with no assistant token left after the cut" in out, out
+    assert json.loads((tmp_path / "cut" / "data.json").read_text())["truncated"] == 4
