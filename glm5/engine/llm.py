@@ -125,7 +125,10 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
                         **kwargs) -> LLMEngine:
-        return cls(GLM5ForCausalLM.from_pretrained(directory, device=device, dtype=dtype), **kwargs)
+        """Any checkpoint glm5 writes: bf16/fp32, FP8 or low-bit (glm5.quant.load.load_any_checkpoint)."""
+        from glm5.quant.load import load_any_checkpoint
+
+        return cls(load_any_checkpoint(directory, device=device, dtype=dtype), **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, *, seed: int = 0, device: str = "cpu", **kwargs) -> LLMEngine:

@@ -34,7 +34,7 @@ from glm5.engine.scheduler import ScheduledBatch
 from glm5.model import moe as moe_module
 from glm5.model.dsa import lowest_position_ties, lowest_position_ties_static
 from glm5.model.mla import MLAttention
-from glm5.model.moe import MoE, _grouped_mm_ok
+from glm5.model.moe import Experts, MoE, _grouped_mm_ok
 from glm5.model.transformer import GLM5ForCausalLM
 
 
@@ -158,8 +158,9 @@ class ModelRunner:
         for n, row in enumerate(indices.tolist()):
             xn = flat[n : n + 1]
             for j, e in enumerate(row):
-                gate, up = F.linear(xn, experts.gate_up_proj[e]).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * w[n][j]
+                gate_up, down = expert_weights(experts, e, flat.dtype)
+                gate, up = F.linear(xn, gate_up).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, down) * w[n][j]
                 out[n : n + 1] += y.to(out.dtype)
         return out.unsqueeze(0)
 
@@ -246,19 +247,21 @@ def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
     N, k = indices.shape
     E = experts.num_experts
     flat = indices.reshape(-1)
-    if moe_module.USE_GROUPED_MM and _grouped_mm_ok(x):
+    if moe_module.USE_GROUPED_MM and _grouped_mm_ok(x) and isinstance(experts, Experts):
         routed = experts(x, indices, weights)  # its grouped path has no host sync
-    elif E <= 2 * N * k:
-        h = torch.matmul(x, experts.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
+        return routed + dense_mlp(mlp.shared_experts, x)
+    gate_up_w, down_w = expert_stack(experts, x.dtype)  # quantized experts: dequantized here, every step
+    if E <= 2 * N * k:
+        h = torch.matmul(x, gate_up_w.transpose(1, 2))  # [E, N, 2I]
         gate, up = h.chunk(2, dim=-1)
-        ys = torch.bmm(F.silu(gate) * up, experts.down_proj.transpose(1, 2))  # [E, N, hidden]
+        ys = torch.bmm(F.silu(gate) * up, down_w.transpose(1, 2))  # [E, N, hidden]
         dense = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, indices, weights.float())
         routed = torch.einsum("ne,enh->nh", dense, ys.float()).to(x.dtype)
     else:
         rows = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, hidden]
-        h = torch.bmm(rows, experts.gate_up_proj.index_select(0, flat).transpose(1, 2))
+        h = torch.bmm(rows, gate_up_w.index_select(0, flat).transpose(1, 2))
         gate, up = h.chunk(2, dim=-1)
-        ys = torch.bmm(F.silu(gate) * up, experts.down_proj.index_select(0, flat).transpose(1, 2)).squeeze(1)
+        ys = torch.bmm(F.silu(gate) * up, down_w.index_select(0, flat).transpose(1, 2)).squeeze(1)
         ys = ys.float() * weights.reshape(-1, 1)
         routed = ys.view(N, k, -1).sum(dim=1).to(x.dtype)
     return routed + dense_mlp(mlp.shared_experts, x)
@@ -283,8 +286,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def dense_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """An MLP (SwiGLU) on x [N, hidden] without autograd: `linear` for each projection, SwiGLU in place."""
-    gate, up = linear(x, mlp.gate_proj.weight), linear(x, mlp.up_proj.weight)
-    return linear(F.silu(gate, inplace=True).mul_(up), mlp.down_proj.weight)
+    gate, up = linear(x, dense_weight(mlp.gate_proj, x.dtype)), linear(x, dense_weight(mlp.up_proj, x.dtype))
+    return linear(F.silu(gate, inplace=True).mul_(up), dense_weight(mlp.down_proj, x.dtype))
+
+
+# Quantized modules (FP8Linear / FP8Experts, glm5.quant.lowbit_model's QuantLinear / QuantExperts) hold packed
+# weights; the runner asks each module for its dense weight instead of reading `.weight`, so every checkpoint
+# format runs through the same fused paths. Linears read this way are dequantized per step (the memory stays
+# the packed one); FusedMLA's weights are built once, dense.
+def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear-like module's weight [out, in] in `dtype`: nn.Linear's own, a quantized module's expanded."""
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight(dtype)
+    return module.weight if module.weight.dtype == dtype else module.weight.to(dtype)
+
+
+def expert_weights(experts, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e's gate_up [2I, H] and down [H, I] from any experts module."""
+    if hasattr(experts, "expert_weights"):
+        return experts.expert_weights(e, dtype)
+    return experts.gate_up_proj[e], experts.down_proj[e]
+
+
+def expert_stack(experts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's gate_up [E, 2I, H] and down [E, H, I] from any experts module."""
+    if hasattr(experts, "dequantized_stack"):
+        return experts.dequantized_stack(dtype)
+    if hasattr(experts, "expert_weights"):  # FP8Experts: one expert at a time
+        pairs = [experts.expert_weights(e, dtype) for e in range(experts.num_experts)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    return experts.gate_up_proj, experts.down_proj
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -306,15 +337,15 @@ class FusedMLA:
         H, nope, R, L = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.latent_dim
         self.H, self.R, self.L = H, R, L
         self.q_lora = attn.q_a_proj.out_features
-        dtype = attn.q_a_proj.weight.dtype
+        dtype = attn.kv_b_proj.weight.dtype  # kv_b_proj is never packed (MLA takes its weight apart)
         indexer = attn.indexer
         w_uk, w_uv = (w.double() for w in attn.absorbed_weights())  # [H, nope, L], [H, v, L]
         # from the layer input: q_a | kv_a (latent, rope key) | indexer key | indexer head weights (fp32 only)
-        rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
+        rows = [dense_weight(attn.q_a_proj, dtype), dense_weight(attn.kv_a_proj_with_mqa, dtype)]
         biases = [attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias]
         self.index_weights_fused = False
         if indexer is not None:
-            rows.append(indexer.wk.weight)
+            rows.append(dense_weight(indexer.wk, dtype))
             biases.append(None)
             self.index_heads, self.index_dim = indexer.n_heads, indexer.head_dim
             # relu(c * s) = c * relu(s), c > 0: the indexer's two scales fold into its head weights
@@ -333,14 +364,14 @@ class FusedMLA:
                                    for r, b in zip(rows, biases)])
         self.in_splits = [r.shape[0] for r in rows]
         # from the q residual: per-head latent query (W_UK absorbed) | rope query, both scaled | indexer query
-        w_qb = attn.q_b_proj.weight.double().view(H, nope + R, self.q_lora)
+        w_qb = dense_weight(attn.q_b_proj, dtype).double().view(H, nope + R, self.q_lora)
         q_latent = torch.einsum("hnl,hnq->hlq", w_uk, w_qb[:, :nope]).reshape(H * L, self.q_lora) * attn.scale
         q_rope = w_qb[:, nope:].reshape(H * R, self.q_lora) * attn.scale
-        q_rows = [q_latent, q_rope] + ([indexer.wq_b.weight.double()] if indexer is not None else [])
+        q_rows = [q_latent, q_rope] + ([dense_weight(indexer.wq_b, dtype).double()] if indexer is not None else [])
         self.w_q = torch.cat(q_rows, 0).to(dtype)
         self.q_splits = [r.shape[0] for r in q_rows]
         # output: o_proj(W_UV out_latent) = (o_proj . W_UV) out_latent
-        w_o = attn.o_proj.weight.double().view(-1, H, attn.v_dim)  # [hidden, H, v]
+        w_o = dense_weight(attn.o_proj, dtype).double().view(-1, H, attn.v_dim)  # [hidden, H, v]
         self.w_o = torch.einsum("ohv,hvl->ohl", w_o, w_uv).reshape(-1, H * L).to(dtype)
         self.b_o = attn.o_proj.bias
         self.q_norm = (attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)

@@ -62,7 +62,9 @@ def build_server(args):
     device = str(pick_device(args.device))
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.model:
-        model = GLM5ForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
+        from glm5.quant.load import load_any_checkpoint  # bf16, FP8 or low-bit, by its quantization_config
+
+        model = load_any_checkpoint(args.model, device=device, dtype=dtype)
         has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer.json"))
         tokenizer = Tokenizer.from_pretrained(args.model) if has_tokenizer else default_tokenizer()
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
