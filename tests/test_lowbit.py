@@ -11,11 +11,26 @@ from conftest import randomize_, tiny_config
 
 from glm5.quant.calibrate import allocate_bits, average_bits, collect_hessians, output_error
 from glm5.quant.lowbit import (
-    TERNARY, absmean_ternary, bits_per_weight, dequantize, pack_bits, pack_ternary, quantize_gptq, quantize_rtn,
-    quantize_ternary, unpack_bits, unpack_ternary,
+    TERNARY,
+    absmean_ternary,
+    bits_per_weight,
+    dequantize,
+    pack_bits,
+    pack_ternary,
+    quantize_gptq,
+    quantize_rtn,
+    quantize_ternary,
+    unpack_bits,
+    unpack_ternary,
 )
 from glm5.quant.lowbit_model import (
-    QuantExperts, QuantLinear, dequantize_model, load_quantized_model, quantize_model_lowbit, save_quantized, tensor_units,
+    QuantExperts,
+    QuantLinear,
+    dequantize_model,
+    load_quantized_model,
+    quantize_model_lowbit,
+    save_quantized,
+    tensor_units,
 )
 
 
