@@ -31,16 +31,16 @@ DEFAULT_AVG_BITS = 2.56  # glm5 plan --avg-bits's default (the published UD-IQ2_
 
 
 def calibration_rows(tokenizer, rows: int = 16, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
-    """Token ids [rows, seq_len] from the demo corpus's training split (documents packed end to end)."""
+    """Token ids [rows, seq_len] from the demo corpus's training split (documents packed end to end): the
+    corpus `glm5 demo` builds with its defaults, so nothing the demo holds out is calibrated on."""
     from glm5.train.corpus import build_demo_corpus
 
     if rows < 1 or seq_len < 2:
         raise ValueError(f"calibration needs rows >= 1 and seq_len >= 2, got {rows} x {seq_len}")
-    corpus = build_demo_corpus(stdlib_bytes=max(200_000, rows * seq_len * 8), conversations=max(50, rows * 4),
-                               sft_conversations=0, tasks=0, seed=seed)
+    corpus = build_demo_corpus(stdlib_bytes=2_500_000, conversations=2000, sft_conversations=0, tasks=0, seed=seed)
     ids: list[int] = []
     for text in corpus.train_texts:
-        ids.extend(tokenizer.encode(text))
+        ids.extend(tokenizer.encode(text, allow_special=True))  # rendered chats carry their special tokens
         if len(ids) >= rows * seq_len:
             break
     if len(ids) < rows * seq_len:
