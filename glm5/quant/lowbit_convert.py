@@ -6,7 +6,7 @@
     from glm5.quant.lowbit_convert import quantize_checkpoint_lowbit
     quantize_checkpoint_lowbit("runs/demo/model", "out-int4", "int4", method="gptq")
 
-The model is loaded whole (low-bit formats need calibration forwards; the FP8 converter, which needs none,
+Unquantized tensors are written in bf16. The model is loaded whole (low-bit formats need calibration forwards; the FP8 converter, which needs none,
 streams instead), quantized in memory and written with `save_quantized` (a temporary folder, then moved into
 place). Tokenizer files beside the weights are copied. `load_quantized_model(DST)` or any loader that goes
 through `glm5.quant.load.load_any_checkpoint` (the engine, `glm5 serve --model`) reads it back.
@@ -77,6 +77,9 @@ def quantize_checkpoint_lowbit(src: str, dst: str, fmt: str, *, method: str = "r
     quantize_model_lowbit(model, FORMATS[fmt], method=method if fmt != "ternary" else "rtn", bits=4,
                           tensor_bits=tensor_bits, hessians=hessians if method == "gptq" else None,
                           symmetric=symmetric, log=log)
+    # what stays unquantized (embeddings, heads, norms, router) is written in bf16, as every low-bit format
+    # and `glm5 plan` assume; packed buffers and scales keep their dtypes (the modules refuse the cast)
+    model = model.to(torch.bfloat16)
     tmp = dst + ".tmp-quantize"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
