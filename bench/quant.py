@@ -170,6 +170,10 @@ def main() -> int:
 
     rows = []
     reference_rate = None
+    name, flags = cpu_model()
+    results = {"benchmark": "quant", "model": os.path.relpath(model_dir, ROOT), "cpu": name, "isa": flags,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "ternary_steps": args.ternary_steps,
+               "heldout_rows": args.heldout_rows, "tasks": len(tasks), "decode_tokens": args.decode_tokens, "rows": rows}
     for name, directory in [("fp32 (source)", model_dir)] + list(dirs.items()):
         model = load_any_checkpoint(directory, dtype=torch.float32)
         qcfg = json.load(open(os.path.join(directory, "config.json"))).get("quantization_config") or {}
@@ -184,11 +188,7 @@ def main() -> int:
                "decode_tok_s": round(rate, 1), "decode_vs_fp32": round(rate / reference_rate, 3)}
         rows.append(row)
         log(json.dumps(row))
-    name, flags = cpu_model()
-    results = {"benchmark": "quant", "model": os.path.relpath(model_dir, ROOT), "cpu": name, "isa": flags,
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "ternary_steps": args.ternary_steps,
-               "heldout_rows": args.heldout_rows, "tasks": len(tasks), "decode_tokens": args.decode_tokens, "rows": rows}
-    write_results(args.out, results)
+        write_results(args.out, results)  # after every format: a long run leaves what it measured
     print("\n| format | MB on disk | bits/weight (quantized) | ppl stdlib | ppl chats | tool valid / right / exact | decode tok/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
