@@ -168,7 +168,7 @@ def test_quantize_save_load_engine_greedy_equals_the_dequantized_model(tiny, cal
     with torch.no_grad():
         for _ in range(8):
             seq.append(int(dense(torch.tensor([seq])).logits[0, -1].argmax()))
-    out = LLM(loaded).generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=8))
+    out = LLM.from_pretrained(str(tmp_path / "q")).generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=8))
     assert out[0].token_ids == seq[12:]
 
 
