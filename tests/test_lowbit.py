@@ -168,8 +168,10 @@ def test_quantize_save_load_engine_greedy_equals_the_dequantized_model(tiny, cal
     with torch.no_grad():
         for _ in range(8):
             seq.append(int(dense(torch.tensor([seq])).logits[0, -1].argmax()))
-    out = LLM.from_pretrained(str(tmp_path / "q")).generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=8))
-    assert out[0].token_ids == seq[12:]
+    for graphs in (False, True):  # True on a CPU: the sync-free static forward (moe_static), uncaptured
+        engine = LLM.from_pretrained(str(tmp_path / "q"), cuda_graphs=graphs)
+        out = engine.generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=8))
+        assert out[0].token_ids == seq[12:], f"cuda_graphs={graphs}"
 
 
 def test_ternary_checkpoint_is_exactly_ternary_on_disk(tiny, tmp_path):
@@ -201,3 +203,21 @@ def test_quantize_cli_errors_are_one_line(tiny, tmp_path, capsys):
     assert os.path.exists(tmp_path / "tern" / "model.safetensors")
     assert main(["quantize", "int4", str(tmp_path / "tern"), str(tmp_path / "again")]) != 0
     assert "already quantized" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["glm5-int4", "glm5-ternary"])
+def test_cuda_engine_greedy_on_low_bit_weights_equals_the_dequantized_model(tiny, tmp_path, fmt):
+    from glm5.engine import LLM, SamplingParams
+
+    save_quantized(quantize_model_lowbit(_copy(tiny), fmt), tmp_path / "q")
+    loaded = load_quantized_model(str(tmp_path / "q"), device="cuda")
+    dense = dequantize_model(load_quantized_model(str(tmp_path / "q"), device="cuda"))
+    prompt = list(range(5, 17))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(dense(torch.tensor([seq], device="cuda")).logits[0, -1].argmax()))
+    for graphs in (False, True):
+        out = LLM(loaded, cuda_graphs=graphs).generate([prompt], SamplingParams(temperature=0, max_tokens=8))
+        assert out[0].token_ids == seq[12:], f"cuda_graphs={graphs}"

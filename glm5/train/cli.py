@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             from glm5.quant.lowbit_model import save_quantized
             from glm5.train.ternary import finish_ternary
 
-            save_quantized(finish_ternary(model), out_model)
+            # the unquantized rest (embeddings, heads, norms, router) in bf16, as `glm5 quantize` writes it
+            save_quantized(finish_ternary(model).to(torch.bfloat16), out_model)
         else:
             model.save_pretrained(out_model)
         tokenizer.save(out_model)
