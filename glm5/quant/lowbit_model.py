@@ -14,8 +14,9 @@ On disk, a quantized `X.weight` becomes `X.qweight` (uint8, packed along the inp
 ([out, groups], float16; float32 for ternary) and, if asymmetric, `X.qzeros` (uint8 [out, groups]); routed
 experts keep transformers' per-expert names (`mlp.experts.E.gate_proj.qweight`, …). What stays unquantized is
 FP8's list (`glm5.quant.fp8.MODULES_TO_NOT_CONVERT`: embeddings, heads, router, indexer weights_proj, MTP
-eh_proj, norms) for the same reasons; `self_attn.kv_b_proj` is packed on disk and dequantized on load, because
-MLA's absorbed attention takes its weight apart.
+eh_proj, norms) for the same reasons. `self_attn.kv_b_proj` is quantized but kept as a dense weight holding its
+quantized values (in memory and as written by `save_quantized`), because MLA's absorbed attention takes its weight
+apart; the loader also accepts it packed (qweight / scales), and then expands it once.
 """
 
 from __future__ import annotations
