@@ -271,9 +271,11 @@ def load_pretrained(cls, directory, *, device="cpu", dtype=None, attn_impl="spar
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, *, max_shard_size: int = 2 << 30) -> str:
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, *, max_shard_size: int = 2 << 30,
+                    items: Iterable[tuple[str, torch.Tensor]] | None = None) -> str:
     """Write config.json and sharded safetensors (+ index) to `directory`, atomically: everything is written
-    to a temporary folder beside it first; files of an earlier save that the new one does not have are removed."""
+    to a temporary folder beside it first; files of an earlier save that the new one does not have are removed.
+    `items` (hub key, tensor) replaces `hub_state_items(model)` (the low-bit formats name their packed parts)."""
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
@@ -286,7 +288,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, *, max
         cfg.save_pretrained(tmp)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for key, tensor in hub_state_items(model):
+        for key, tensor in (hub_state_items(model) if items is None else items):
             nbytes = tensor.numel() * tensor.element_size()
             if shards[-1] and size + nbytes > max_shard_size:
                 shards.append({})

@@ -123,11 +123,14 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, config: EngineConfig | None = None, *,
                         device: str | None = None, dtype: torch.dtype | str | None = None, **options) -> LLMEngine:
-        """Load a checkpoint onto `device` (default: the config's, else the CPU) in `dtype` (default: the config's)."""
+        """Any checkpoint glm5 writes (bf16/fp32, FP8 or low-bit: glm5.quant.load.load_any_checkpoint), onto
+        `device` (default: the config's, else the CPU) in `dtype` (default: the config's)."""
+        from glm5.quant.load import load_any_checkpoint
+
         config = (config or EngineConfig()).replace(**options)
         device = device or config.device or "cpu"
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or config.torch_dtype())
-        return cls(GLM5ForCausalLM.from_pretrained(directory, device=device, dtype=dtype), config)
+        return cls(load_any_checkpoint(directory, device=device, dtype=dtype), config)
 
     @classmethod
     def from_preset(cls, name: str, config: EngineConfig | None = None, *, seed: int = 0, device: str | None = None,

@@ -236,8 +236,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def dense_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """An MLP (SwiGLU) on x [N, hidden] without autograd: `linear` for each projection, SwiGLU in place."""
-    gate, up = linear(x, mlp.gate_proj.weight), linear(x, mlp.up_proj.weight)
-    return linear(F.silu(gate, inplace=True).mul_(up), mlp.down_proj.weight)
+    gate, up = linear(x, dense_weight(mlp.gate_proj, x.dtype)), linear(x, dense_weight(mlp.up_proj, x.dtype))
+    return linear(F.silu(gate, inplace=True).mul_(up), dense_weight(mlp.down_proj, x.dtype))
+
+
+# Quantized modules (FP8Linear / FP8Experts, glm5.quant.lowbit_model's QuantLinear / QuantExperts) hold packed
+# weights; the runner asks each module for its dense weight instead of reading `.weight`, so every checkpoint
+# format runs through the same fused paths. Linears read this way are dequantized per step (the memory stays
+# the packed one); FusedMLA's weights are built once, dense.
+def dense_weight(module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear-like module's weight [out, in] in `dtype`: nn.Linear's own, a quantized module's expanded."""
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight(dtype)
+    return module.weight if module.weight.dtype == dtype else module.weight.to(dtype)
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -259,15 +270,15 @@ class FusedMLA:
         H, nope, R, L = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.latent_dim
         self.H, self.R, self.L = H, R, L
         self.q_lora = attn.q_a_proj.out_features
-        dtype = attn.q_a_proj.weight.dtype
+        dtype = attn.kv_b_proj.weight.dtype  # kv_b_proj is never packed (MLA takes its weight apart)
         indexer = attn.indexer
         w_uk, w_uv = (w.double() for w in attn.absorbed_weights())  # [H, nope, L], [H, v, L]
         # from the layer input: q_a | kv_a (latent, rope key) | indexer key | indexer head weights (fp32 only)
-        rows = [attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight]
+        rows = [dense_weight(attn.q_a_proj, dtype), dense_weight(attn.kv_a_proj_with_mqa, dtype)]
         biases = [attn.q_a_proj.bias, attn.kv_a_proj_with_mqa.bias]
         self.index_weights_fused = False
         if indexer is not None:
-            rows.append(indexer.wk.weight)
+            rows.append(dense_weight(indexer.wk, dtype))
             biases.append(None)
             self.index_heads, self.index_dim = indexer.n_heads, indexer.head_dim
             # relu(c * s) = c * relu(s), c > 0: the indexer's two scales fold into its head weights
@@ -286,14 +297,14 @@ class FusedMLA:
                                    for r, b in zip(rows, biases)])
         self.in_splits = [r.shape[0] for r in rows]
         # from the q residual: per-head latent query (W_UK absorbed) | rope query, both scaled | indexer query
-        w_qb = attn.q_b_proj.weight.double().view(H, nope + R, self.q_lora)
+        w_qb = dense_weight(attn.q_b_proj, dtype).double().view(H, nope + R, self.q_lora)
         q_latent = torch.einsum("hnl,hnq->hlq", w_uk, w_qb[:, :nope]).reshape(H * L, self.q_lora) * attn.scale
         q_rope = w_qb[:, nope:].reshape(H * R, self.q_lora) * attn.scale
-        q_rows = [q_latent, q_rope] + ([indexer.wq_b.weight.double()] if indexer is not None else [])
+        q_rows = [q_latent, q_rope] + ([dense_weight(indexer.wq_b, dtype).double()] if indexer is not None else [])
         self.w_q = torch.cat(q_rows, 0).to(dtype)
         self.q_splits = [r.shape[0] for r in q_rows]
         # output: o_proj(W_UV out_latent) = (o_proj . W_UV) out_latent
-        w_o = attn.o_proj.weight.double().view(-1, H, attn.v_dim)  # [hidden, H, v]
+        w_o = dense_weight(attn.o_proj, dtype).double().view(-1, H, attn.v_dim)  # [hidden, H, v]
         self.w_o = torch.einsum("ohv,hvl->ohl", w_o, w_uv).reshape(-1, H * L).to(dtype)
         self.b_o = attn.o_proj.bias
         self.q_norm = (attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)

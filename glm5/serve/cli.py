@@ -117,8 +117,6 @@ def build_server(args):
     if args.model:
         cfg = GLM5Config.from_pretrained(args.model)
         quant = (cfg.extra.get("quantization_config") or {}).get("quant_method")
-        if quant not in (None, "fp8"):
-            raise ValueError(f"{args.model}: quantization {quant!r} cannot be served (bf16/fp32 or block-wise fp8)")
         weights_dtype = dtype or getattr(torch, cfg.torch_dtype)
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     else:
@@ -138,6 +136,11 @@ def build_server(args):
         # the engine fuses and absorbs the attention weights itself, so FP8 weights are dequantized once on load
         model = load_fp8_model(args.model, device=device, dtype=dtype or torch.bfloat16, dequantize=True)
         print(f"glm5 serve: {args.model} is FP8; weights dequantized to {dtype or torch.bfloat16} on load", flush=True)
+    elif args.model and quant:
+        from glm5.quant.load import load_any_checkpoint  # low-bit: packed weights, dequantized where they are used
+
+        model = load_any_checkpoint(args.model, device=device, dtype=dtype)
+        print(f"glm5 serve: {args.model} is {quant}; weights stay packed", flush=True)
     elif args.model:
         model = GLM5ForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
     else:

@@ -31,6 +31,8 @@ def _check_inputs(args) -> None:
     for path in args.data:
         if not Path(path).exists():
             raise FileNotFoundError(f"no such data file or folder: {path}")
+    if args.ternary and args.parallel == "fsdp":
+        raise ValueError("--ternary runs without FSDP (its parametrized weights are not sharded); use ddp or none")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder")
     ckpt_dir = Path(args.out) / "checkpoints" / args.stage
@@ -71,7 +73,14 @@ def _model_config(args, tokenizer):
 def _build_model(args, cfg):
     from glm5.model.transformer import GLM5ForCausalLM
 
-    return GLM5ForCausalLM.from_pretrained(args.init) if args.init else GLM5ForCausalLM(cfg)
+    if not args.init:
+        return GLM5ForCausalLM(cfg)
+    if cfg.extra.get("quantization_config"):  # a quantized model trains from its dequantized weights
+        from glm5.quant.load import load_any_checkpoint
+        from glm5.quant.lowbit_model import dequantize_model
+
+        return dequantize_model(load_any_checkpoint(args.init))
+    return GLM5ForCausalLM.from_pretrained(args.init)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -119,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {cfg.max_position_embeddings} positions")
     check_fits_memory(cfg, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len, device=device)
     model = _build_model(args, cfg).to(device)
+    if args.ternary:
+        from glm5.train.ternary import make_ternary
+
+        print0(f"[train] ternary: {make_ternary(model)} weight tensors train through absmean-ternary views")
     rows, pack_stats = _rows(args, tokenizer)
     config = TrainConfig.from_args(args)
     trainer = Trainer(model, rows, config, args.out, rank=rank, world_size=world_size)
@@ -140,7 +153,14 @@ def run(args: argparse.Namespace) -> int:
             model.load_state_dict(state)
         release_stage(model)
         out_model = Path(args.out) / "model"
-        model.save_pretrained(out_model)
+        if args.ternary:  # the shadow weights packed as glm5-ternary: the trained forward's weights exactly
+            from glm5.quant.lowbit_model import save_quantized
+            from glm5.train.ternary import finish_ternary
+
+            # the unquantized rest (embeddings, heads, norms, router) in bf16, as `glm5 quantize` writes it
+            save_quantized(finish_ternary(model).to(torch.bfloat16), out_model)
+        else:
+            model.save_pretrained(out_model)
         tokenizer.save(out_model)
         last = summary["last"] or {}
         print0(f"[train] {args.stage}: {summary['steps']} steps, loss {last.get('loss', float('nan')):.4f}; "
@@ -199,4 +219,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads per process (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--ternary", action="store_true",
+                   help="1.58-bit training (BitNet b1.58): forward on absmean-ternary weights and 8-bit activations, "
+                        "gradients to full-precision shadow weights; OUT/model is saved as glm5-ternary")
     p.set_defaults(func=run)

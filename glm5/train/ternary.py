@@ -1,0 +1,95 @@
+"""Ternary (1.58-bit) training: BitNet b1.58's straight-through estimator over full-precision shadow weights.
+
+    glm5 train pretrain --data corpus.txt --preset nano --out runs/tern --steps 200 --ternary
+    from glm5.train.ternary import make_ternary, finish_ternary
+    make_ternary(model)            # every quantizable matrix: forward sees absmean-ternary weights
+    finish_ternary(model)          # drop the parametrizations, pack: the model is now glm5-ternary (save_quantized)
+
+Forward (Ma et al., "The Era of 1-bit LLMs", arXiv:2402.17764): each quantizable weight W (the low-bit formats'
+set: attention projections, indexer wq_b / wk, dense and shared MLPs, routed experts — not embeddings, heads,
+router, indexer weights_proj, MTP eh_proj) is replaced in the forward by scale · clip(round(W / scale), -1, 1),
+scale = mean|W| per matrix (gate and up of an expert are two matrices, as on disk); the backward passes the
+gradient to W unchanged (straight-through: W + (Q(W) - W).detach()). The optimizer updates W, the shadow.
+Activations entering those linears (and the routed experts' input) are fake-quantized to 8 bits per token,
+absmax (x · 127 / max|x| rounded), also straight-through, as BitNet b1.58 does. Not the routed experts' down
+input: it never leaves the fused expert kernel (glm5.model.moe). Inference in glm5 runs activations in full
+precision (the engine's fused paths have no 8-bit activation step), which differs from the trained forward by
+at most max|x| / 254 per element; the weights are exactly the trained ternary ones.
+Built on torch.nn.utils.parametrize, so the model's code is untouched and `model.weight` reads the ternary view.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from glm5.quant.lowbit import absmean_ternary
+
+
+def ste_ternary(weight: torch.Tensor, halves: bool = False) -> torch.Tensor:
+    """weight [..., out, in] -> its absmean-ternary value with an identity gradient. halves: [E, 2I, H] fused
+    gate_up, whose gate and up halves are separate matrices with separate scales."""
+    w = weight.unflatten(-2, (2, weight.shape[-2] // 2)) if halves else weight
+    trits, scale = absmean_ternary(w.detach())
+    q = (trits * scale).reshape(weight.shape)
+    return weight + (q - weight).detach()
+
+
+def ste_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """8-bit absmax fake quantization per token (last dimension), identity gradient."""
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127
+    return x + (torch.round(x.detach() / scale).clamp(-128, 127) * scale - x).detach()
+
+
+class TernaryWeight(nn.Module):
+    """A parametrization: the stored tensor is the shadow weight, the module reads its ternary view."""
+
+    def __init__(self, halves: bool = False):
+        super().__init__()
+        self.halves = halves
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return ste_ternary(weight, self.halves)
+
+
+def _quantize_input(module, args):
+    return (ste_int8_per_token(args[0]), *args[1:])
+
+
+def make_ternary(model: nn.Module, activations: bool = True) -> int:
+    """Put the ternary view on every quantizable weight of `model` (in place); returns how many tensors."""
+    from glm5.quant.lowbit_model import quant_targets
+
+    count = 0
+    for _, module in quant_targets(model):
+        if type(module) is nn.Linear:
+            parametrize.register_parametrization(module, "weight", TernaryWeight())
+            count += 1
+        else:
+            parametrize.register_parametrization(module, "gate_up_proj", TernaryWeight(halves=True))
+            parametrize.register_parametrization(module, "down_proj", TernaryWeight())
+            count += 2
+        if activations:
+            module._ternary_act_hook = module.register_forward_pre_hook(_quantize_input)
+    return count
+
+
+def is_ternary(model: nn.Module) -> bool:
+    return any(isinstance(m, TernaryWeight) for m in model.modules())
+
+
+def finish_ternary(model: nn.Module) -> nn.Module:
+    """Remove the views (keeping the shadow weights) and pack them: the ternary values and scales are the
+    trained forward's exactly (the same absmean of the same shadow). Returns the glm5-ternary model."""
+    from glm5.quant.lowbit_model import quantize_model_lowbit
+
+    for module in list(model.modules()):
+        hook = getattr(module, "_ternary_act_hook", None)
+        if hook is not None:
+            hook.remove()
+            del module._ternary_act_hook
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    return quantize_model_lowbit(model, "glm5-ternary")
