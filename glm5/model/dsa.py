@@ -21,6 +21,8 @@ from torch import nn
 
 from glm5.config import GLM5Config
 from glm5.kernels import indexer_topk, latent_attention
+from glm5.kernels.build import grad_wanted
+from glm5.kernels.check import kernel_or_fallback, size_class
 from glm5.model.layers import apply_rope_interleaved
 
 # Upper bounds on the elements of one block: indexer scores [B, block, heads, keys] and gathered latents
@@ -185,11 +187,6 @@ def select_topk_blockwise(
     Each block only scores the keys up to its last query's position (causality). Slots that would
     hold an invisible (future or padded) key are set to -1. -> [B, S, topk] int64.
     """
-    if block is None and q.device.type == "cpu":
-        # the fused C kernel (glm5.kernels, switch GLM5_CPU_KERNELS); None when it cannot run here
-        fast = indexer_topk(q, w * indexer.softmax_scale, k, q_positions, indexer.index_topk, key_mask)
-        if fast is not None:
-            return fast
     B, S, H, _ = q.shape
     T = k.shape[1]
     topk = indexer.index_topk
@@ -197,6 +194,13 @@ def select_topk_blockwise(
         # at least MIN_INDEXER_BLOCK queries: at 32K tokens, 16-query blocks cost 13.4 s vs 11.9 s (per-block overhead)
         block = max(MIN_INDEXER_BLOCK, _block_budget(INDEXER_BLOCK_ELEMENTS, q.device) // max(1, B * H * T))
         block = min(S, block)
+        if q.device.type == "cpu":
+            # the fused C kernel (glm5.kernels, switch GLM5_CPU_KERNELS) where it can run and beats this code
+            shape_class = (size_class(B * S), size_class(T), H, q.shape[-1], topk, key_mask is not None)
+            return kernel_or_fallback(
+                "indexer_topk", shape_class,
+                lambda: indexer_topk(q, w * indexer.softmax_scale, k, q_positions, topk, key_mask),
+                lambda: select_topk_blockwise(indexer, q, w, k, q_positions, key_mask, block))
     out = torch.full((B, S, topk), -1, dtype=torch.long, device=q.device)
     for start in range(0, S, block):
         end = min(S, start + block)
@@ -259,18 +263,23 @@ def sparse_latent_attention(
     B, S, H, D = q.shape
     T = kv.shape[1]
     K = topk_indices.shape[-1]
-    if block is None and not dropout_p and q.device.type == "cpu":
-        # the C kernel (glm5.kernels; fp32, forward and backward; None otherwise): reads each selected row where
-        # it lies instead of gathering copies; same softmax over the same rows
-        visible = (topk_indices >= 0) & (topk_indices <= q_positions[..., None])
-        offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
-        rows = torch.where(visible, topk_indices + offset, -1)
-        fast = latent_attention(q.reshape(B * S, H, D), kv.reshape(B * T, D), rows.view(B * S, K), scale, latent_dim,
-                                sequences=B)
-        if fast is not None:
-            return fast.view(B, S, H, latent_dim)
     if block is None:
         block = max(1, min(S, _block_budget(GATHER_BLOCK_ELEMENTS, q.device) // max(1, B * K * D)))
+        if not dropout_p and q.device.type == "cpu":
+            # the C kernel (glm5.kernels; fp32, forward and backward; None otherwise): reads each selected row
+            # where it lies instead of gathering copies; same softmax over the same rows. Where it beats this code.
+            def kernel():
+                visible = (topk_indices >= 0) & (topk_indices <= q_positions[..., None])
+                offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
+                rows = torch.where(visible, topk_indices + offset, -1)
+                fast = latent_attention(q.reshape(B * S, H, D), kv.reshape(B * T, D), rows.view(B * S, K), scale,
+                                        latent_dim, sequences=B)
+                return None if fast is None else fast.view(B, S, H, latent_dim)
+
+            shape_class = (size_class(B * S), H, D, latent_dim, size_class(K), grad_wanted(q, kv))
+            return kernel_or_fallback("latent_attention", shape_class, kernel,
+                                      lambda: sparse_latent_attention(q, kv, topk_indices, q_positions, scale,
+                                                                      latent_dim, block))
     flat_kv = kv.reshape(B * T, D)
     batch_offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
     outputs = []
