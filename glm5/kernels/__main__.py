@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from glm5.kernels import build, check
 
-    isa, why = build.selected_isa()
+    try:
+        isa, why = build.selected_isa()
+    except ValueError as err:  # an unknown GLM5_CPU_ISA: one line, no traceback
+        parser.exit(2, f"python -m glm5.kernels: {err}\n")
     report = {"cpu": build.cpu_model(), "isa": isa, "why": why, "available": build.available_isas(),
               "threads": torch.get_num_threads(), "kernels_enabled": build.cpu_kernels_enabled(),
               "check_enabled": check.check_enabled(), "kernels": []}
