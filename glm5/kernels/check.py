@@ -10,6 +10,7 @@ and the thread count), so later calls and later processes pay nothing but a dict
 round sizes up to powers of two (a few classes per model). Both paths compute the same numbers (tested), so
 either answer is correct; the check only picks the faster.
 
+With autograd the forward alone is timed (the kernels' backwards follow their forwards' choice).
 Under torch.compile the fallback is traced (inductor generates its own fused code; a ctypes call would
 break the graph). `GLM5_KERNEL_CHECK=0` skips the check: a kernel runs wherever it can (the kernel tests use it, so they test
 the kernel whichever path wins here). `python -m glm5.kernels` prints the decisions.
