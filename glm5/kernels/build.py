@@ -217,15 +217,16 @@ def load_library(name: str) -> ctypes.CDLL | None:
         return _load(name, str(cache_dir()), isa)
 
 
-_bound: dict[int, object] = {}
+_bound: dict[int, tuple[ctypes.CDLL, object]] = {}
 
 
 def bound_functions(lib: ctypes.CDLL, bind_all):
     """bind_all(lib) -> the library's functions with their argtypes, once per loaded library (one per ISA)."""
-    functions = _bound.get(id(lib))
-    if functions is None:
-        functions = _bound[id(lib)] = bind_all(lib)  # libraries stay loaded (`_load` keeps them): ids are stable
-    return functions
+    entry = _bound.get(id(lib))
+    if entry is None or entry[0] is not lib:
+        # the entry holds the library itself, so its id can never be reused by another while it is here
+        entry = _bound[id(lib)] = (lib, bind_all(lib))
+    return entry[1]
 
 
 def library_isa(lib: ctypes.CDLL) -> tuple[str, int]:
