@@ -5,7 +5,7 @@
 
 One process, one model (the `tiny-bench` preset, fp32, batch 1, random weights); per length, the paths are
 alternated pass by pass (so machine load falls on all alike) and each reports its median forward time and the
-median time in the top-k selection (the lightning indexer, timed around `select_topk_blockwise`). A path is
+median time in the top-k selection (the lightning indexer, timed around `select_topk`). A path is
 an ISA forced with GLM5_CPU_ISA (avx512, avx2, neon, portable: the builds an AVX-512, AVX2-only, ARM or older
 CPU runs), the startup check off so the kernel itself is timed, or `pytorch` (GLM5_CPU_KERNELS=0: the
 fallbacks) or `auto` (the default: the CPU's best path, with the startup check choosing kernel or fallback).
@@ -63,7 +63,7 @@ def main() -> int:
     import glm5.model.mla as mla
     from glm5 import GLM5Config, GLM5ForCausalLM
 
-    select = mla.select_topk_blockwise
+    select = mla.select_topk
     indexer_s = [0.0]
     clock = time.perf_counter if args.clock == "wall" else time.process_time
 
@@ -73,7 +73,7 @@ def main() -> int:
         indexer_s[0] += clock() - t0
         return out
 
-    mla.select_topk_blockwise = timed_select
+    mla.select_topk = timed_select
     torch.manual_seed(0)
     cfg = GLM5Config.from_preset("tiny-bench")
     model = GLM5ForCausalLM(cfg).eval()

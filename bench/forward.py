@@ -8,7 +8,7 @@ Same random weights in both (ours built from a seed, copied into transformers), 
 measurement runs in a fresh subprocess so its peak memory is its own: "peak MiB" is the forward's
 high-water mark of resident memory above what the process held before the first forward (Linux VmHWM,
 reset through /proc/self/clear_refs). Reports medians, tokens/s and the ratios; writes JSON. Growth with
-length is also given without glm5's top-k selection (timed around each `select_topk_blockwise` call): DSA's
+length is also given without glm5's top-k selection (timed around each `select_topk` call): DSA's
 lightning indexer scores every earlier token, so it alone stays O(T^2) by design.
 """
 
@@ -70,7 +70,7 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
     if impl == "glm5":
         import glm5.model.mla as mla
 
-        select = mla.select_topk_blockwise
+        select = mla.select_topk
 
         def timed_select(*a, **kw):
             sync()
@@ -80,7 +80,7 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu")
             indexer_s[0] += time.perf_counter() - t0
             return out
 
-        mla.select_topk_blockwise = timed_select
+        mla.select_topk = timed_select
     times, indexer_times = [], []
     try:
         with open("/proc/self/clear_refs", "w") as fh:

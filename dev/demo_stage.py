@@ -21,10 +21,11 @@ from glm5.config import GLM5Config
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.tokenizer import Tokenizer
 from glm5.train.checkpoints import latest_checkpoint, load_checkpoint
+from glm5.train.config import TrainConfig
 from glm5.train.corpus import build_demo_corpus
 from glm5.train.data import PackedRows, pack_conversations, pack_documents
 from glm5.train.evaluate import heldout_loss, tool_call_eval
-from glm5.train.trainer import TrainConfig, Trainer, release_stage
+from glm5.train.trainer import Trainer, release_stage
 
 
 def main() -> None:

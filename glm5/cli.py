@@ -14,7 +14,10 @@ import argparse
 import importlib
 import sys
 
-# Modules that add subcommands. Add yours here; keep each module's import cheap (import heavy things in func).
+from glm5.common import int_at_least  # noqa: F401  (subcommands written against glm5.cli.int_at_least)
+
+# Modules that add subcommands. Add yours here; keep each module's import cheap (import heavy things in func):
+# `glm5 --help` builds every parser and must not load torch (tests/test_cli_help.py).
 SUBCOMMAND_MODULES = [
     "glm5.params",
     "glm5.demo",
@@ -24,19 +27,6 @@ SUBCOMMAND_MODULES = [
     "glm5.quant.plan",
     "glm5.serve.cli",
 ]
-
-
-def int_at_least(low: int, high: int | None = None):
-    """An argparse `type` for subcommands: an integer in [low, high], else argparse's one-line usage error."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value}: must be >= {low}" + (f" and <= {high}" if high is not None else ""))
-        return value
-
-    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

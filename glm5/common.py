@@ -1,17 +1,48 @@
-"""Small shared helpers: device and dtype pick, rank-0 printing. Imports only torch and the standard library."""
+"""Small shared helpers: device and dtype pick, rank-0 printing, the cache folder, argparse integer types.
+
+Imports only the standard library at import time (torch inside the functions that need it), so the CLI can
+register every subcommand's parser, and `glm5 --help` answer, without loading torch; glm5.kernels and
+glm5.tokenizer both take `cache_dir` from here rather than one importing the other.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# dtype names accepted on command lines and in configs -> torch attribute names
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+def cache_dir() -> Path:
+    """Where glm5 caches what it builds (tokenizers; compiled CPU kernels, glm5.kernels): `$GLM5_CACHE`, else
+    `~/.cache/glm5`."""
+    return Path(os.environ.get("GLM5_CACHE") or Path.home() / ".cache" / "glm5")
+
+
+def int_at_least(low: int, high: int | None = None):
+    """An argparse `type` for subcommands: an integer in [low, high], else argparse's one-line usage error."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {low}" + (f" and <= {high}" if high is not None else ""))
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
 
 
 def pick_device(name: str | None = None) -> torch.device:
     """`name` if given, else cuda, then mps, then cpu."""
+    import torch
+
     if name and name != "auto":
         try:
             device = torch.device(name)
@@ -28,11 +59,13 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def to_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def rank() -> int:

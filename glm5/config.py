@@ -205,6 +205,13 @@ class GLM5Config:
             fail("num_experts_per_tok", "must be <= topk_group * experts per group (the experts the router may pick)")
         if self.first_k_dense_replace > self.num_hidden_layers:
             fail("first_k_dense_replace", f"must be <= num_hidden_layers={self.num_hidden_layers}")
+        # fields of the released config.json that name a variant this model does not build: refused rather than
+        # read and ignored (a checkpoint trained with them would load and give wrong numbers)
+        if self.mlp_bias is not False:
+            fail("mlp_bias", "must be false: GLM-5's MLPs and experts have no biases (nor do transformers' glm_moe_dsa)")
+        if self.indexer_rope_interleave is not True:
+            fail("indexer_rope_interleave", "must be true: the indexer's RoPE rotates interleaved pairs, as GLM-5's "
+                 "does (the rotate-half form is not implemented)")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             fail("hidden_act", f"must be one of {SUPPORTED_ACTIVATIONS}")
         if self.topk_method not in SUPPORTED_TOPK_METHODS:

@@ -40,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
     from glm5.config import GLM5Config
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import train_tokenizer
+    from glm5.train.config import TrainConfig
     from glm5.train.conversations import TOOLS, run_tool
     from glm5.train.corpus import build_demo_corpus
     from glm5.train.data import PackedRows, pack_conversations, pack_documents
     from glm5.train.evaluate import generate, heldout_loss, tool_call_eval
     from glm5.train.report import stage_table, write_report
     from glm5.train.resources import check_fits_memory
-    from glm5.train.trainer import TrainConfig, Trainer, release_stage
+    from glm5.train.trainer import Trainer, release_stage
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
@@ -215,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from glm5.cli import int_at_least
+    from glm5.common import int_at_least
+    from glm5.train.config import DTYPES, OPTIMIZERS
 
     p = subparsers.add_parser("demo", help="the CPU speedrun: corpus, tokenizer, pretrain, DSA, SFT, eval, report (no arguments needed)")
     p.add_argument("--name", default=None, help="run name; output goes to OUT/NAME (default demo-<date>-<time>)")
@@ -232,8 +234,8 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per pretraining row; a whole chat (280-380) fits, so SFT meets no unseen positions (default 512)")
     p.add_argument("--sft-seq-len", type=int_at_least(2), default=512, help="tokens per SFT row; a chat with its tools block and 1-3 calls is 280-510 (default 512)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate of pretraining (default 3e-3)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="optimizer (default adamw)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32)")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer (default adamw)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size (default 4096)")
     p.add_argument("--stdlib-bytes", type=int, default=2_500_000, help="bytes of Python stdlib text (default 2.5M)")
     p.add_argument("--conversations", type=int, default=2000, help="synthetic chats in the pretraining corpus, half without the tools block (default 2000)")

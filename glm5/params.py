@@ -3,6 +3,9 @@
     glm5 params glm5-744b            # a table
     glm5 params glm5-744b --json     # {"total_params": ..., "mtp_params": ..., "active_params": ..., ...}
 
+Every tensor a checkpoint holds is counted (`checkpoint_tensors`): the parameters and the routers'
+`e_score_correction_bias` buffers; `glm5 plan` counts from the same function.
+
 total_params      the main model (embedding, layers, final norm, lm_head), MTP excluded
 mtp_params        the MTP module's own weights (its embedding and output head are the main model's)
 active_params     what one token touches in the main model: every weight except the routed experts it is
@@ -15,18 +18,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from glm5.config import PRESETS, GLM5Config
 
 
-def count_parameters(cfg: GLM5Config) -> dict[str, int]:
+def checkpoint_tensors(cfg: GLM5Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of `cfg` holds: the parameters and the persistent buffers (the
+    routers' `e_score_correction_bias`, learned by the trainer's bias update and saved with the weights), from
+    the model built on the meta device; a tied lm_head is listed once, as the embedding. The one count that
+    `glm5 params` and `glm5 plan` (glm5.quant.plan) both read."""
     import torch
 
     from glm5.model.transformer import GLM5ForCausalLM
 
     with torch.device("meta"):
         model = GLM5ForCausalLM(cfg)
-    numel = {name: p.numel() for name, p in model.named_parameters()}
+    seen: set[int] = set()
+    shapes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # tied weights: one tensor under two names
+            seen.add(id(tensor))
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def count_parameters(cfg: GLM5Config) -> dict[str, int]:
+    numel = {name: math.prod(shape) for name, shape in checkpoint_tensors(cfg).items()}
     mtp = sum(n for k, n in numel.items() if k.startswith("mtp."))
     total = sum(numel.values()) - mtp
     embedding = numel["model.embed_tokens.weight"]

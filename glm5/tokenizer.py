@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+from glm5.common import cache_dir
+
 # GLM-5's chat-format tokens; each is one id and never the result of encoding ordinary text.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -275,12 +277,6 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[str]:
     if total < 100_000:
         raise RuntimeError(f"found only {total} bytes of text under {stdlib}; cannot build the default tokenizer")
     return texts
-
-
-def cache_dir() -> Path:
-    """Where glm5 caches what it builds (tokenizers; compiled CPU kernels, glm5.kernels): `$GLM5_CACHE`, else
-    `~/.cache/glm5`."""
-    return Path(os.environ.get("GLM5_CACHE") or Path.home() / ".cache" / "glm5")
 
 
 def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:

@@ -120,3 +120,16 @@ def test_from_depth_is_one_size_knob():
         GLM5Config.from_depth(0)
     with pytest.raises(ValueError, match="unknown preset"):
         GLM5Config.from_preset("gpt-5")
+
+
+@pytest.mark.parametrize("field, value", [("mlp_bias", True), ("indexer_rope_interleave", False)])
+def test_variants_the_model_does_not_build_are_refused(field, value, tmp_path):
+    """A config.json field the model would otherwise read and ignore: refused with the field named, both when
+    built in code and when loaded from a file; the released value is accepted."""
+    with pytest.raises(ValueError, match=field):
+        GLM5Config.from_preset("nano", **{field: value})
+    released = GLM5Config.from_preset("nano").to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**released, field: value}))
+    with pytest.raises(ValueError, match=field):
+        GLM5Config.from_pretrained(tmp_path)
+    assert getattr(GLM5Config.from_preset("glm5-744b"), field) == (not value)

@@ -11,8 +11,7 @@ from conftest import randomize_, tiny_config
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
 from glm5.engine.cuda_graphs import batch_buckets, context_bucket
-from glm5.engine.runner import moe_static
-from glm5.model.dsa import lowest_position_ties, lowest_position_ties_static
+from glm5.model.indexer import lowest_position_ties, lowest_position_ties_static
 from glm5.model.moe import MoE
 
 
@@ -48,7 +47,7 @@ def test_static_moe_equals_the_moe(n, groups):
     x = torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(n))
     with torch.no_grad():
         expected = moe(x.unsqueeze(0))[0]
-        got = moe_static(moe, x)
+        got = moe.routed(x, static=True) + moe.shared_experts(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -72,7 +72,7 @@ def test_quantize_model_replaces_linears_and_experts_but_keeps_the_bf16_list(tin
 
 
 def test_fp8_experts_equal_the_dequantized_fused_experts(tiny):
-    from glm5.model.moe import moe_forward_loop
+    from glm5.model.experts import experts_reference
 
     model, _ = tiny
     experts = model.model.layers[3].mlp.experts
@@ -86,7 +86,7 @@ def test_fp8_experts_equal_the_dequantized_fused_experts(tiny):
     x = torch.randn(40, experts.gate_up_proj.shape[2])
     indices = torch.stack([torch.randperm(experts.num_experts)[:4] for _ in range(40)])
     weights = torch.rand(40, 4)
-    expected = moe_forward_loop(reference, x, indices, weights)
+    expected = experts_reference(reference, x, indices, weights)
     got = fp8(x, indices, weights)
     assert (got - expected).abs().max().item() < 1e-5, f"max diff {(got - expected).abs().max().item():.3g}"
     # and the dequantized experts are the original ones within FP8 rounding

@@ -50,8 +50,7 @@ def test_cuda_graphs_replay_decode_and_match_the_cpu_engine():
 
 
 def test_static_moe_grouped_mm_in_bf16_matches_the_moe():
-    from glm5.engine.runner import moe_static
-    from glm5.model.moe import _grouped_mm_ok
+    from glm5.model.experts import _grouped_mm_ok, experts_path
 
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
@@ -61,7 +60,9 @@ def test_static_moe_grouped_mm_in_bf16_matches_the_moe():
     assert _grouped_mm_ok(x)
     with torch.no_grad():
         expected = moe(x.unsqueeze(0))[0].float()
-        got = moe_static(moe, x).float()
+        _, weights, indices = moe.gate(x)
+        assert experts_path(moe.experts, x, indices, weights, static=True) == "grouped_mm"
+        got = (moe.routed(x, static=True) + moe.shared_experts(x)).float()
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 

@@ -6,8 +6,9 @@ import torch
 from conftest import tiny_config
 
 from glm5 import GLM5ForCausalLM
+from glm5.train.config import TrainConfig
 from glm5.train.data import PackedRows
-from glm5.train.trainer import TrainConfig, Trainer
+from glm5.train.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
 

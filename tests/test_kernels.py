@@ -15,7 +15,7 @@ import torch
 from conftest import randomize_, tiny_config
 
 from glm5.kernels import build, cpu_kernels_enabled, indexer_topk, latent_attention, load_library, use_cpu_kernels
-from glm5.model.dsa import Indexer, lowest_position_ties, select_topk_blockwise, select_topk_reference
+from glm5.model.indexer import Indexer, lowest_position_ties, select_topk
 
 if load_library("indexer_topk") is None:  # no C compiler here: the fallback is all there is to test
     pytest.skip("the CPU kernels cannot be built on this machine", allow_module_level=True)
@@ -43,6 +43,11 @@ def isa(request, monkeypatch):
 def _indexer(heads: int, dim: int, topk: int) -> Indexer:
     return Indexer(tiny_config(index_n_heads=heads, index_head_dim=dim, index_topk=topk,
                                qk_rope_head_dim=min(16, dim)))
+
+
+def _select(indexer: Indexer, q, w, k, pos, key_mask=None, path=None) -> torch.Tensor:
+    """The model's selection (glm5.model.indexer.select_topk): the kernel on a CPU when it is on, else blockwise."""
+    return select_topk(q, w * indexer.softmax_scale, k, indexer.index_topk, q_positions=pos, key_mask=key_mask, path=path)
 
 
 def _rows(sel: torch.Tensor) -> list[list[set[int]]]:
@@ -73,7 +78,7 @@ def test_indexer_kernel_selects_exactly_the_pytorch_keys(B, S, T, H, D, topk, fi
     q, w, k = _integer_inputs(B, S, T, H, D, seed=S + T)
     pos = torch.arange(first, first + S).view(1, S).expand(B, S)
     with use_cpu_kernels(False):
-        want = select_topk_blockwise(indexer, q, w, k, pos)
+        want = _select(indexer, q, w, k, pos)
     got = indexer_topk(q, w * indexer.softmax_scale, k, pos, topk)
     assert got is not None and got.shape == (B, S, topk) and got.dtype == torch.int64
     assert _rows(got) == _rows(want)
@@ -82,7 +87,7 @@ def test_indexer_kernel_selects_exactly_the_pytorch_keys(B, S, T, H, D, topk, fi
             visible = min(topk, first + i + 1)
             assert (got[b, i] >= 0).sum() == visible and (got[b, i] <= first + i).all()
     # and through the public entry point (kernels on), the same
-    assert _rows(select_topk_blockwise(indexer, q, w, k, pos)) == _rows(want)
+    assert _rows(_select(indexer, q, w, k, pos)) == _rows(want)
 
 
 def test_indexer_kernel_with_a_padding_mask_and_per_row_positions(isa):
@@ -94,7 +99,7 @@ def test_indexer_kernel_with_a_padding_mask_and_per_row_positions(isa):
     mask[2, torch.randperm(T, generator=torch.Generator().manual_seed(1))[:60]] = 0
     pos = torch.arange(T).expand(B, T)
     with use_cpu_kernels(False):
-        want = select_topk_blockwise(indexer, q, w, k, pos, key_mask=mask)
+        want = _select(indexer, q, w, k, pos, key_mask=mask)
     got = indexer_topk(q, w * indexer.softmax_scale, k, pos, topk, key_mask=mask)
     assert _rows(got) == _rows(want)
     assert all(mask[b, i] for b, batch in enumerate(_rows(got)) for row in batch for i in row)
@@ -229,8 +234,8 @@ def test_exact_ties_keep_the_lowest_positions_in_every_path():
     last = T - 1
     expected = {0, 1, 2, 4}
     with use_cpu_kernels(False):
-        assert _rows(select_topk_blockwise(indexer, q, w, k, pos))[0][last] == expected
-    assert _rows(select_topk_reference(indexer, q, w, k, pos))[0][last] == expected
+        assert _rows(_select(indexer, q, w, k, pos))[0][last] == expected
+    assert _rows(_select(indexer, q, w, k, pos, path="reference"))[0][last] == expected
     assert _rows(indexer_topk(q, w * indexer.softmax_scale, k, pos, topk))[0][last] == expected
     scores = torch.tensor([[5.0, 1.0, 1.0, 1.0, 0.0, 1.0]])
     values, idx = torch.tensor([[5.0, 1.0, 1.0]]), torch.tensor([[0, 5, 3]])
@@ -242,7 +247,7 @@ def test_switch_off_and_unbuildable_kernels_fall_back(monkeypatch, tmp_path):
     q, w, k = _integer_inputs(1, 40, 40, 4, 16, seed=3)
     pos = torch.arange(40).view(1, 40)
     with use_cpu_kernels(False):
-        want = _rows(select_topk_blockwise(indexer, q, w, k, pos))
+        want = _rows(_select(indexer, q, w, k, pos))
         assert not cpu_kernels_enabled() and indexer_topk(q, w, k, pos, 8) is None
     monkeypatch.setenv("GLM5_CPU_KERNELS", "0")
     assert load_library("indexer_topk") is None
@@ -256,7 +261,7 @@ def test_switch_off_and_unbuildable_kernels_fall_back(monkeypatch, tmp_path):
         assert load_library("indexer_topk") is None
     assert any("could not build indexer_topk" in str(c.message) for c in caught)
     with pytest.warns(UserWarning, match="could not build indexer_topk .*exit status 1"):
-        assert _rows(select_topk_blockwise(indexer, q, w, k, pos)) == want
+        assert _rows(_select(indexer, q, w, k, pos)) == want
 
 
 def test_built_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
@@ -501,7 +506,7 @@ def test_cpu_experts_function_matches_the_expert_loop(tokens, monkeypatch):
     """The fp32 CPU experts (`_CPUExperts`: matmuls into one buffer, C SwiGLU and combine, written-out
     backward) against the per-expert loop they replace: output and the gradients of the input, both expert
     weight tensors and the router (through the combine weights)."""
-    import glm5.model.moe as moe_module
+    import glm5.model.experts as experts_module
     from glm5.model.moe import MoE
 
     torch.manual_seed(tokens)
@@ -510,7 +515,7 @@ def test_cpu_experts_function_matches_the_expert_loop(tokens, monkeypatch):
     grad_out = torch.randn(tokens, 64)
     results = {}
     for on in (True, False):
-        monkeypatch.setattr(moe_module, "USE_CPU_EXPERTS", on)
+        monkeypatch.setattr(experts_module, "USE_CPU_EXPERTS", on)
         moe.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_()
         out = moe(xx)
@@ -589,7 +594,7 @@ def test_fallbacks_with_no_visible_key_and_no_query():
     q, w, k = _integer_inputs(1, 6, 6, 4, 16, seed=2)
     pos = torch.full((1, 6), -3)
     with use_cpu_kernels(False):
-        assert (select_topk_blockwise(indexer, q, w, k, pos) == -1).all()
+        assert (_select(indexer, q, w, k, pos) == -1).all()
         empty = sparse_latent_attention(torch.randn(2, 0, 3, 24), torch.randn(2, 5, 24),
                                         torch.zeros(2, 0, 4, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
                                         0.5, 16)

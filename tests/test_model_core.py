@@ -7,8 +7,8 @@ from conftest import randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
 from glm5.kernels import use_cpu_kernels
-from glm5.model.dsa import select_topk_blockwise, select_topk_reference
-from glm5.model.moe import moe_forward_loop
+from glm5.model.experts import experts_reference
+from glm5.model.indexer import select_topk_blockwise, select_topk_reference
 
 
 def test_every_trainable_parameter_gets_a_gradient_except_the_indexer():
@@ -55,42 +55,41 @@ def test_grouped_moe_equals_the_per_expert_loop():
     moe, x, weights, indices = _routed_moe(50)
     with torch.no_grad():
         grouped = moe.experts(x, indices, weights)
-        loop = moe_forward_loop(moe.experts, x, indices, weights)
+        loop = experts_reference(moe.experts, x, indices, weights)
     assert (grouped - loop).abs().max() < 1e-6
 
 
 def test_padded_expert_groups_give_the_same_output_and_gradients(monkeypatch):
     """CPU bf16 pads each expert's rows to PAD_ROWS (oneDNN JIT per shape); forced on in fp64 it must change
     nothing: pad rows read token 0 with weight 0, so outputs and every gradient stay the loop's."""
-    import glm5.model.moe as moe_mod
+    import glm5.model.experts as experts_mod
 
     moe, x, weights, indices = _routed_moe(50, torch.float64)
     results = {}
     for pad in (False, True):
-        monkeypatch.setattr(moe_mod, "_pad_expert_rows", lambda t, pad=pad: pad)
-        monkeypatch.setattr(moe_mod, "PAD_ROWS", 8)
+        monkeypatch.setattr(experts_mod, "PAD_ROWS", 8)
         xi = x.clone().requires_grad_()
         wi = weights.clone().requires_grad_()
         moe.experts.zero_grad()
-        out = moe.experts(xi, indices, wi)
+        out = moe.experts(xi, indices, wi, path="padded_loop" if pad else "loop")
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
         results[pad] = (out.detach(), xi.grad, wi.grad, moe.experts.gate_up_proj.grad.clone(),
                         moe.experts.down_proj.grad.clone())
     for a, b in zip(results[False], results[True]):
         assert (a - b).abs().max() < 1e-12
-    loop = moe_forward_loop(moe.experts, x, indices, weights)
+    loop = experts_reference(moe.experts, x, indices, weights)
     assert (results[True][0] - loop).abs().max() < 1e-12
 
 
 def test_padded_counts_are_powers_of_two_then_multiples():
-    from glm5.model.moe import PAD_ROWS, _padded_counts
+    from glm5.model.experts import PAD_ROWS, _padded_counts
 
     counts = torch.tensor([0, 1, 2, 3, 5, 64, 65, PAD_ROWS, PAD_ROWS + 1, 3 * PAD_ROWS - 7])
     assert _padded_counts(counts).tolist() == [0, 1, 2, 4, 8, 64, 128, PAD_ROWS, 2 * PAD_ROWS, 3 * PAD_ROWS]
 
 
 def test_expert_padding_is_on_only_for_low_precision_cpu_matmuls():
-    from glm5.model.moe import _pad_expert_rows
+    from glm5.model.experts import _pad_expert_rows
 
     x = torch.zeros(4, 8)
     assert not _pad_expert_rows(x)
@@ -136,8 +135,9 @@ def test_blockwise_topk_selects_the_same_tokens_as_the_full_matrix(batch, seq, b
         _, _, q_resid = attn.project_q(x, cos, sin)
         q, w = attn.indexer.queries(x, q_resid, cos, sin)
         k = attn.indexer.keys(x, cos, sin)
-        full = select_topk_reference(attn.indexer, q, w, k, pos)
-        blocks = select_topk_blockwise(attn.indexer, q, w, k, pos, block=block)
+        w, topk = w * attn.indexer.softmax_scale, attn.indexer.index_topk
+        full = select_topk_reference(q, w, k, topk, pos)
+        blocks = select_topk_blockwise(q, w, k, topk, pos, block=block)
     for t in range(seq):
         for b in range(batch):
             want = {int(i) for i in full[b, t] if i <= t}
@@ -250,3 +250,35 @@ def test_inference_under_bf16_autocast_keeps_the_fp32_residual_stream():
             without = model(ids).hidden_states
     assert with_grad.dtype == without.dtype == torch.float32
     assert torch.equal(with_grad, without)
+
+
+@pytest.mark.parametrize("sparse_as_mask", [False, True])
+def test_masked_latent_attention_switch_gives_the_sdpa_numbers(monkeypatch, sparse_as_mask):
+    """USE_MASKED_LATENT_ATTENTION (the CPU's query-blocked MQA over the latent) off runs SDPA on per-head
+    copies: the same loss and gradients within fp32 rounding, for dense attention (T <= index_topk) and for the
+    top-k applied as a mask (training's sparse stages; kernels off so the mask path runs)."""
+    import glm5.model.mla as mla
+
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=64 if not sparse_as_mask else 8)), std=0.05)
+    for module in model.modules():
+        if isinstance(module, mla.MLAttention):
+            module.sparse_as_mask = sparse_as_mask
+    ids = torch.randint(0, 256, (2, 24))
+    results = {}
+    original = mla.masked_latent_attention
+    with use_cpu_kernels(False):
+        for on in (True, False):
+            monkeypatch.setattr(mla, "USE_MASKED_LATENT_ATTENTION", on)
+            calls = []
+            monkeypatch.setattr(mla, "masked_latent_attention",
+                                lambda *a, _calls=calls, **k: _calls.append(1) or original(*a, **k))
+            model.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            assert bool(calls) == on, f"switch {on}: the masked path ran {len(calls)} times"
+            results[on] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert (results[True][0] - results[False][0]).abs() < 1e-5
+    for name, g in results[False][1].items():
+        err = (results[True][1][name] - g).abs().max().item()
+        assert err < 1e-5, f"{name}: gradient differs by {err:.2e} between the masked path and SDPA"

@@ -6,7 +6,7 @@ from conftest import randomize_, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from glm5 import GLM5ForCausalLM
-from glm5.model.dsa import Indexer
+from glm5.model.indexer import Indexer
 
 
 class LargestTensor(TorchDispatchMode):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from glm5.model.dsa import topk_grouped
+from glm5.model.indexer import topk_grouped
 
 
 @pytest.mark.parametrize("T,n", [(100, 8), (1000, 8), (1003, 8), (4096, 64), (9000, 64), (512, 64)])

@@ -12,8 +12,9 @@ import torch
 from conftest import tiny_config
 
 from glm5.model.transformer import GLM5ForCausalLM
+from glm5.train.config import TrainConfig
 from glm5.train.data import IGNORE_INDEX, PackedRows, load_documents
-from glm5.train.trainer import TrainConfig, Trainer
+from glm5.train.trainer import Trainer
 
 
 def rows_of(n=8, seq=16, vocab=256, seed=0):

@@ -13,11 +13,12 @@ from conftest import randomize_, tiny_config
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.train import losses
 from glm5.train.checkpoints import load_checkpoint, save_checkpoint
+from glm5.train.config import TrainConfig
 from glm5.train.data import IGNORE_INDEX, Batches, PackedRows, load_documents, pack_conversations, pack_documents
 from glm5.train.moe_balance import imbalance, update_router_bias
 from glm5.train.optim import Muon, build_optimizer, lr_factor, newton_schulz
 from glm5.train.resources import check_fits_memory
-from glm5.train.trainer import TrainConfig, Trainer, configure_stage
+from glm5.train.trainer import Trainer, configure_stage
 
 
 def rows_of(n=16, seq=32, vocab=256, seed=0):

@@ -7,7 +7,10 @@
 The template is what `Tokenizer.save` writes into `tokenizer_config.json`, so transformers'
 `apply_chat_template` and vLLM give the same prompt as `render_messages`. The renderer sets up the
 environment those tools use (trim_blocks, lstrip_blocks, a `tojson` that keeps non-ASCII, `raise_exception`,
-`{% generation %}` blocks) so a checkpoint's own template renders here as it does there.
+`{% generation %}` blocks) so a checkpoint's own template renders here as it does there: it is the path for
+a checkpoint's own `chat_template` (`Tokenizer.chat_template`, read from its tokenizer_config.json), and
+`detect_chat_format` tells a GLM-4.5/4.6-style template (a /nothink switch) from GLM-5's, which decides how
+the model's output is parsed.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ dozen tiny kernels. `StepGraphs` captures the runner's whole forward for a step'
     one copy in       ids, positions, slots and the padded slot table travel in one int64 tensor
 
 The captured forward is the runner's own with `StepInputs.static` set, its only differences being sync-free:
-the top-k's tie rule (`lowest_position_ties_static`) and the MoE (`runner.moe_static`). Since the context is
+the top-k's tie rule (`lowest_position_ties_static`) and the MoE (`glm5.model.experts.run_experts(..., static=True)`). Since the context is
 padded to its bucket, a step whose longest context is at most `index_topk` may take the sparse path, where all
 visible keys are selected: the same keys, the same softmax. Steps that feed MTP drafts (speculative decoding)
 run eagerly.

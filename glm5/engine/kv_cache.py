@@ -44,7 +44,3 @@ class LatentKVCache:
             for has in has_indexer
         ]
         self.bytes_per_token = bytes_per_token(cfg, dtype, num_mtp_layers)
-
-    @property
-    def num_bytes(self) -> int:
-        return self.bytes_per_token * self.num_blocks * self.block_size

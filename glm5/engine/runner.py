@@ -31,10 +31,9 @@ import torch.nn.functional as F
 
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.scheduler import ScheduledBatch
-from glm5.model import moe as moe_module
-from glm5.model.dsa import lowest_position_ties, lowest_position_ties_static
+from glm5.model.indexer import select_topk
 from glm5.model.mla import MLAttention
-from glm5.model.moe import MoE, _grouped_mm_ok
+from glm5.model.moe import MoE
 from glm5.model.transformer import GLM5ForCausalLM
 
 
@@ -143,25 +142,13 @@ class ModelRunner:
         return _norm(model.norm, x)[0]
 
     def mlp(self, mlp, x: torch.Tensor, static: bool = False) -> torch.Tensor:
-        """The layer's dense MLP or MoE on x [1, N, hidden]; a short path for MoE at decode batch sizes."""
-        if static and isinstance(mlp, MoE):
-            return moe_static(mlp, x[0]).unsqueeze(0)
-        if not isinstance(mlp, MoE):
-            return dense_mlp(mlp, x[0]).unsqueeze(0)
-        if x.shape[1] > 4 or mlp.record_routing:
-            return mlp(x)
+        """The layer's dense MLP or MoE on x [1, N, hidden]. The routed experts go through the model's own
+        dispatcher (`glm5.model.experts`: the per-token path at decode sizes, the sync-free forms when `static`);
+        the shared expert and dense MLPs through `dense_mlp` (the runner's `linear`)."""
         flat = x[0]
-        _, weights, indices = mlp.gate(flat)
-        experts = mlp.experts
-        out = dense_mlp(mlp.shared_experts, flat)
-        w = weights.tolist()
-        for n, row in enumerate(indices.tolist()):
-            xn = flat[n : n + 1]
-            for j, e in enumerate(row):
-                gate, up = F.linear(xn, experts.gate_up_proj[e]).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * w[n][j]
-                out[n : n + 1] += y.to(out.dtype)
-        return out.unsqueeze(0)
+        if not isinstance(mlp, MoE):
+            return dense_mlp(mlp, flat).unsqueeze(0)
+        return (mlp.routed(flat, static=static) + dense_mlp(mlp.shared_experts, flat)).unsqueeze(0)
 
     @torch.no_grad()
     def forward_mtp(self, inputs: StepInputs, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
@@ -228,40 +215,6 @@ class ModelRunner:
         self.fused.clear()
         if self.graphs is not None:
             self.graphs.reset()
-
-
-def moe_static(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The MoE on x [N, hidden] with no host sync (CUDA graphs). Routed experts, by what suits the sizes:
-      grouped   the model's own `Experts` forward, whose `torch._grouped_mm` path (CUDA, bf16) needs no host
-                sync: the form for the released widths
-      dense     every expert on every row, each row's output weighted by its (mostly zero) routing weights:
-                when the experts are few (E <= 2 N k), reading all of them once is cheaper than gathering
-                N k weight matrices
-      gathered  each (row, expert) pair's weights gathered, one batched matmul: small N
-    The last two are for small models (at the released widths in fp32 either would move gigabytes per step;
-    there the graphs want bf16 and the grouped form).
-    """
-    weights, indices = mlp.gate(x)[1:]
-    experts = mlp.experts
-    N, k = indices.shape
-    E = experts.num_experts
-    flat = indices.reshape(-1)
-    if moe_module.USE_GROUPED_MM and _grouped_mm_ok(x):
-        routed = experts(x, indices, weights)  # its grouped path has no host sync
-    elif E <= 2 * N * k:
-        h = torch.matmul(x, experts.gate_up_proj.transpose(1, 2))  # [E, N, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        ys = torch.bmm(F.silu(gate) * up, experts.down_proj.transpose(1, 2))  # [E, N, hidden]
-        dense = torch.zeros(N, E, dtype=torch.float32, device=x.device).scatter_(1, indices, weights.float())
-        routed = torch.einsum("ne,enh->nh", dense, ys.float()).to(x.dtype)
-    else:
-        rows = x.repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, hidden]
-        h = torch.bmm(rows, experts.gate_up_proj.index_select(0, flat).transpose(1, 2))
-        gate, up = h.chunk(2, dim=-1)
-        ys = torch.bmm(F.silu(gate) * up, experts.down_proj.index_select(0, flat).transpose(1, 2)).squeeze(1)
-        ys = ys.float() * weights.reshape(-1, 1)
-        routed = ys.view(N, k, -1).sum(dim=1).to(x.dtype)
-    return routed + dense_mlp(mlp.shared_experts, x)
 
 
 # fp32 matmuls of a few rows on CUDA: cuBLAS's own kernel choice took ~30 us for [8, 256] x [256, 256] on an
@@ -381,24 +334,9 @@ class FusedMLA:
                 if not decode:
                     q_idx, w_idx = q_idx[inputs.pad_index], w_idx[inputs.pad_index]
                 keys = key_cache.index_select(0, inputs.ctx_slots.view(-1)).view(S, T, -1).float()  # [S, T, d]
-                scores = torch.bmm(q_idx.float().reshape(S, Q * self.index_heads, -1), keys.transpose(1, 2))
-                scores = torch.relu_(scores).view(S, Q, self.index_heads, T)
-                scores = torch.matmul(w_idx.float().view(S, Q, 1, -1), scores).view(S, Q, T)
-                scores.masked_fill_(~inputs.visible, float("-inf"))
-                if T > index_topk and inputs.static:
-                    values, topk = scores.topk(index_topk, dim=-1)
-                    topk = lowest_position_ties_static(scores, values, topk)
-                elif T > index_topk:
-                    # one more than kept, sorted: only when the (k+1)-th equals the k-th can an exact tie cross
-                    # the cut, and only then does the model's tie rule have work (one tiny comparison per step)
-                    values, topk = scores.topk(index_topk + 1, dim=-1)
-                    tie = bool((values[..., -1] == values[..., -2]).any())
-                    values, topk = values[..., :-1], topk[..., :-1]
-                    if tie:  # it leaves rows with a -inf k-th value alone: `values` still marks empty slots
-                        topk = lowest_position_ties(scores, values, topk)
-                else:
-                    values, topk = scores.topk(T, dim=-1)
-                topk = topk.masked_fill(values == float("-inf"), -1)
+                # the model's own selection (glm5.model.indexer), over the cached keys
+                topk = select_topk(q_idx.reshape(S, Q, self.index_heads, -1), w_idx.reshape(S, Q, -1), keys, index_topk,
+                                   visible=inputs.visible, static=inputs.static)
             else:
                 topk = prev_topk
                 if topk is None:

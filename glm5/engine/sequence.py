@@ -111,7 +111,3 @@ class Sequence:
     def num_pending_tokens(self) -> int:
         """Tokens not yet in the KV cache (a prompt's remainder, or the last sampled token)."""
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED

@@ -34,7 +34,8 @@ def _cases(tokens: int):
     when it cannot run."""
     from glm5 import GLM5Config
     from glm5.kernels import indexer_topk, latent_attention, rms_norm, swiglu, use_cpu_kernels
-    from glm5.model.dsa import Indexer, select_topk_blockwise, sparse_latent_attention
+    from glm5.model.dsa import sparse_latent_attention
+    from glm5.model.indexer import Indexer, select_topk_blockwise
 
     cfg = GLM5Config.from_preset("tiny-bench")
     g = torch.Generator().manual_seed(0)
@@ -54,7 +55,7 @@ def _cases(tokens: int):
     aq = torch.randn(1, T, heads, latent + rope, generator=g)
     akv = torch.randn(1, T, latent + rope, generator=g)
     with use_cpu_kernels(False):
-        selected = select_topk_blockwise(indexer, q, w, k, pos, block=block)
+        selected = select_topk_blockwise(q, w * indexer.softmax_scale, k, topk, pos, block=block)
     rows = selected[0]
     x = torch.randn(T, cfg.hidden_size, generator=g)
     norm_w = torch.randn(cfg.hidden_size, generator=g)
@@ -62,7 +63,7 @@ def _cases(tokens: int):
     return [
         (f"indexer_topk   [{T} queries x {T} keys, {H} heads x {D}, top-{topk}]",
          lambda: indexer_topk(q, w * indexer.softmax_scale, k, pos, topk),
-         fallback(lambda: select_topk_blockwise(indexer, q, w, k, pos, block=block))),
+         fallback(lambda: select_topk_blockwise(q, w * indexer.softmax_scale, k, topk, pos, block=block))),
         (f"latent_attention [{T} queries, {heads} heads x {latent + rope}, {topk} rows each]",
          lambda: latent_attention(aq[0], akv[0], rows, 0.1, latent),
          fallback(lambda: sparse_latent_attention(aq, akv, selected, pos, 0.1, latent, block=block))),

@@ -210,7 +210,7 @@ def load_library(name: str) -> ctypes.CDLL | None:
     kernels are off or it cannot be built (a warning says why, once)."""
     if not cpu_kernels_enabled():
         return None
-    from glm5.tokenizer import cache_dir
+    from glm5.common import cache_dir
 
     isa = selected_isa()[0]
     with _lock:  # one build per process even when threads ask at once

@@ -51,7 +51,7 @@ def size_class(n: int) -> int:
 
 
 def _check_file() -> Path:
-    from glm5.tokenizer import cache_dir
+    from glm5.common import cache_dir
 
     return _check_file_for(selected_isa()[0], torch.get_num_threads(), str(cache_dir()))
 

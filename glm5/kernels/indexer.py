@@ -2,7 +2,7 @@
 
     idx = indexer_topk(q, w, k, q_positions, topk)   # None: not a CPU tensor, kernels off, or no compiler
 
-Same contract as `glm5.model.dsa.select_topk_blockwise`, whose PyTorch code is the fallback: the positions
+Same contract as `glm5.model.indexer.select_topk_blockwise`, whose PyTorch code is the fallback: the positions
 of each query's `topk` highest-scoring visible keys, unsorted, -1 in the slots left when fewer are visible.
 Scores are fp32 sums in another order than torch's matmul, so two keys whose scores agree to rounding
 (~1e-6 relative) may swap in or out of the set, as between any two top-k implementations.

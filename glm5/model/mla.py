@@ -28,13 +28,8 @@ from torch import nn
 
 from glm5.config import GLM5Config
 from glm5.kernels import latent_attention_runs
-from glm5.model.dsa import (
-    Indexer,
-    causal_key_mask,
-    select_topk_blockwise,
-    select_topk_reference,
-    sparse_latent_attention,
-)
+from glm5.model.dsa import sparse_latent_attention
+from glm5.model.indexer import Indexer, causal_key_mask, select_topk
 from glm5.model.layers import RMSNorm, apply_rope_interleaved
 from glm5.model.masked_attention import masked_latent_attention
 
@@ -116,8 +111,8 @@ class MLAttention(nn.Module):
             q_idx, w_idx = self.indexer.queries(idx_x, idx_resid, cos, sin)
             k_idx = self.indexer.keys(idx_x, cos, sin)
             if need_topk:
-                select = select_topk_blockwise if sparse else select_topk_reference
-                topk = select(self.indexer, q_idx, w_idx, k_idx, q_positions, key_mask)
+                topk = select_topk(q_idx, w_idx * self.indexer.softmax_scale, k_idx, self.indexer.index_topk,
+                                   q_positions=q_positions, key_mask=key_mask, path=None if sparse else "reference")
             if kl_mode:
                 selected = topk if (need_topk and kl_mode == "sparse") else None
                 self.indexer_kl = self._indexer_kl(q_idx, w_idx, k_idx, q_nope, q_rope, kv, selected, q_positions, key_mask)

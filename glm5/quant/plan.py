@@ -93,26 +93,23 @@ def _format_bytes(weights: str, params: int, fp8_blocks: int, int4_groups: int, 
 
 
 def weight_groups(cfg) -> tuple[WeightGroups, WeightGroups]:
-    """(main model, MTP module) parameter groups, read off the model built on the meta device."""
-    import torch
-
-    from glm5.model.transformer import GLM5ForCausalLM
+    """(main model, MTP module) parameter groups of the tensors a checkpoint holds (glm5.params.checkpoint_tensors,
+    the count `glm5 params` gives)."""
+    from glm5.params import checkpoint_tensors
     from glm5.quant.fp8 import should_quantize
 
-    with torch.device("meta"):
-        model = GLM5ForCausalLM(cfg)
     main, mtp = WeightGroups(), WeightGroups()
-    for name, tensor in model.state_dict(keep_vars=True).items():  # parameters + persistent buffers
+    for name, shape in checkpoint_tensors(cfg).items():
         group = mtp if name.startswith("mtp.") else main
-        n = tensor.numel()
-        if tensor.ndim == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            experts, rows, cols = tensor.shape
+        n = math.prod(shape)
+        if len(shape) == 3 and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, rows, cols = shape
             group.routed += n
             matrices = (2, rows // 2) if name.endswith("gate_up_proj") else (1, rows)  # gate and up apart on disk
             group.routed_blocks += experts * matrices[0] * math.ceil(matrices[1] / BLOCK) * math.ceil(cols / BLOCK)
             group.routed_groups += experts * rows * math.ceil(cols / BLOCK)
-        elif tensor.ndim == 2 and name.endswith(".weight") and should_quantize(name.removesuffix(".weight")):
-            rows, cols = tensor.shape
+        elif len(shape) == 2 and name.endswith(".weight") and should_quantize(name.removesuffix(".weight")):
+            rows, cols = shape
             group.quantizable += n
             group.other_blocks += math.ceil(rows / BLOCK) * math.ceil(cols / BLOCK)
             group.other_groups += rows * math.ceil(cols / BLOCK)
@@ -120,8 +117,6 @@ def weight_groups(cfg) -> tuple[WeightGroups, WeightGroups]:
             group.kept += n
             if name == "model.embed_tokens.weight":
                 group.embedding += n
-    if cfg.tie_word_embeddings:  # lm_head is the embedding's storage, listed twice
-        main.kept -= cfg.vocab_size * cfg.hidden_size
     return main, mtp
 
 

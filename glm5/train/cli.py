@@ -87,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from glm5.common import keep_freed_memory, print0
+    from glm5.train.config import TrainConfig
     from glm5.train.parallel import init_distributed, is_distributed, training_device
     from glm5.train.resources import check_fits_memory
-    from glm5.train.trainer import TrainConfig, Trainer, release_stage
+    from glm5.train.trainer import Trainer, release_stage
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,14 +106,7 @@ def run(args: argparse.Namespace) -> int:
     check_fits_memory(cfg, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len, device=device)
     model = _build_model(args, cfg).to(device)
     rows = _rows(args, tokenizer)
-    config = TrainConfig(
-        stage=args.stage, steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-        lr=args.lr, muon_lr=args.muon_lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
-        schedule=args.schedule, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip,
-        dtype=args.dtype, mtp_weight=args.mtp_weight, aux_loss_weight=args.aux_loss_weight,
-        bias_update_speed=args.bias_update_speed, save_every=args.save_every, keep_last=args.keep_last,
-        seed=args.seed, parallel=args.parallel, progress=not args.no_progress, max_minutes=args.max_minutes,
-    )
+    config = TrainConfig.from_args(args)
     trainer = Trainer(model, rows, config, args.out, rank=rank, world_size=world_size)
     print0(f"[train] {args.stage}: {len(rows)} rows x {rows.seq_len} tokens, {config.steps} steps x {config.batch_size} "
            f"rows, {world_size} process(es) on {device.type}, parallel={args.parallel}")
@@ -141,10 +135,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from glm5.cli import int_at_least
-    from glm5.train.optim import OPTIMIZERS, SCHEDULES
-    from glm5.train.parallel import PARALLEL_MODES
-    from glm5.train.trainer import STAGES
+    from glm5.common import int_at_least
+
+    # names and defaults from glm5.train.config (no torch): `glm5 --help` builds this parser; each flag is named
+    # after the TrainConfig field it sets (TrainConfig.from_args)
+    from glm5.train.config import DTYPES, OPTIMIZERS, PARALLEL_MODES, SCHEDULES, STAGES
 
     p = subparsers.add_parser("train", help="run one training stage (pretrain, dsa-warmup, dsa-sparse, sft)")
     p.add_argument("stage", choices=STAGES, help="which stage to run")
@@ -168,7 +163,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (default 0.1)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; default 1)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="forward compute dtype (bf16 autocast; default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="forward compute dtype (bf16 autocast; default float32)")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP loss (default 0.3)")
     p.add_argument("--aux-loss-weight", type=float, default=1e-4, help="weight of the sequence-wise MoE balance loss (default 1e-4)")
     p.add_argument("--bias-update-speed", type=float, default=1e-3, help="router-bias step of aux-loss-free balancing (default 1e-3)")
@@ -181,5 +176,5 @@ def register(subparsers) -> None:
                         "each process takes cuda:LOCAL_RANK and the processes talk over nccl, else gloo)")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads per process (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)

@@ -18,8 +18,7 @@ import math
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "wsd", "constant")
-OPTIMIZERS = ("adamw", "muon")
+from glm5.train.config import OPTIMIZERS, SCHEDULES
 
 
 def lr_factor(step: int, total_steps: int, schedule: str = "cosine", warmup: int = 0,

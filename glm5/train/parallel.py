@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-PARALLEL_MODES = ("none", "ddp", "fsdp")
+from glm5.train.config import PARALLEL_MODES
 
 
 def training_device(name: str | None = None) -> torch.device:

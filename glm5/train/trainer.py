@@ -1,6 +1,7 @@
 """The training loop shared by every stage: pretraining, the two DSA stages and SFT.
 
-    from glm5.train.trainer import Trainer, TrainConfig
+    from glm5.train.config import TrainConfig
+    from glm5.train.trainer import Trainer
     trainer = Trainer(model, rows, TrainConfig(stage="pretrain", steps=200), out_dir="runs/x")
     summary = trainer.run()                  # or trainer.run(resume=True) to continue from the last checkpoint
 
@@ -26,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,60 +35,11 @@ from torch import nn
 
 from glm5.train import losses
 from glm5.train.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from glm5.train.config import TrainConfig
 from glm5.train.data import Batches, PackedRows
 from glm5.train.moe_balance import all_reduce_loads, expert_loads, imbalance, update_router_bias
 from glm5.train.optim import build_optimizer, lr_factor
 from glm5.train.parallel import all_reduce_sum, is_distributed, parallelize, unwrap
-
-STAGES = ("pretrain", "dsa-warmup", "dsa-sparse", "sft")
-
-
-@dataclass
-class TrainConfig:
-    stage: str = "pretrain"
-    steps: int = 100
-    batch_size: int = 8  # global rows per optimizer step (all processes, all micro-batches)
-    micro_batch_size: int = 0  # rows per forward on one process; 0: batch_size / processes (no accumulation)
-    lr: float = 3e-3  # AdamW
-    muon_lr: float = 0.02
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup: int = 10
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "float32"  # "bfloat16": autocast the forward (weights and optimizer stay fp32)
-    mtp_weight: float = 0.3
-    aux_loss_weight: float = 1e-4  # the sequence-wise balance loss (alpha)
-    bias_update_speed: float = 1e-3  # aux-loss-free balancing (gamma)
-    indexer_kl_weight: float = 1.0
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    log_every: int = 1
-    seed: int = 0
-    parallel: str = "none"
-    max_minutes: float = 0.0  # stop early once the stage has run this long (0: no limit)
-    progress: bool = True
-    adaptive_threads: bool = False  # ThreadGovernor: one thread while other processes load the CPU
-    probe_threads: int = 0  # torch threads while scoring the probe rows (0: as training)
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r}: must be one of {STAGES}")
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("micro_batch_size", "save_every", "warmup", "keep_last"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1] (below 0 the learning rate turns negative)")
-        for name in ("lr", "muon_lr", "weight_decay", "mtp_weight", "aux_loss_weight", "bias_update_speed", "max_minutes"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}: must be float32 or bfloat16")
 
 
 def configure_stage(model: nn.Module, stage: str, sparse_as_mask: bool = True) -> None:
