@@ -1,9 +1,10 @@
-"""What every benchmark does last: write its results as JSON (creating the folder) and say where, with the CPU
-the figures were measured on (model, ISA flags, threads) beside them, printed and stored.
+"""What every benchmark does last: write its results as JSON (creating the folder) and say where, with the
+machine they came from in the JSON and on screen: the CPU model, its ISA flags (oneDNN / MKL pick GEMM kernels
+by them), the instruction-set path glm5's CPU kernels run, torch's threads and the GPU.
 
-    from results_io import cpu_info, write_results
-    print(cpu_info())                                   # {"model": "AMD EPYC ...", "isa": ["avx2", ...], ...}
-    write_results("bench/results/x.json", {...})        # adds "cpu" unless the results carry their own
+    from results_io import machine, describe_cpu, write_results
+    print(describe_cpu())              # e.g. "CPU AMD EPYC (kernels: avx512; flags avx512f, avx2, fma), 2 threads"
+    write_results("bench/results/x.json", {...})   # adds "machine" (merged into one the results carry)
 """
 
 from __future__ import annotations
@@ -13,48 +14,56 @@ import os
 import platform
 
 # The flags that decide which code runs: oneDNN / MKL pick GEMM kernels by them, and glm5's C kernels are
-# compiled for the native ISA (AVX-512 vs AVX2 + FMA vs NEON), so figures only compare on the same set.
+# compiled per ISA (AVX-512 vs AVX2 + FMA vs NEON), so figures only compare on the same set.
 ISA_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx2", "fma", "neon", "asimd", "sve", "bf16")
 
 
-def cpu_info() -> dict:
-    """The CPU's model name, the ISA flags of ISA_FLAGS it has, its logical CPUs and torch's threads."""
-    model, flags = platform.processor() or platform.machine(), set()
+def _cpu_flags() -> list[str]:
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "hardware", "cpu model") and value.strip():
-                    model = value.strip()
-                elif key in ("flags", "features"):  # x86 "flags", ARM "Features"
+                if key.strip().lower() in ("flags", "features"):  # x86 "flags", ARM "Features"
                     flags.update(value.split())
-    except OSError:  # not Linux: the model name from platform, no flags
+    except OSError:  # not Linux: no flags read
         pass
-    try:
-        import torch
-
-        threads = torch.get_num_threads()
-    except ImportError:
-        threads = None
-    return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags], "machine": platform.machine(),
-            "logical_cpus": os.cpu_count(), "torch_threads": threads}
+    return [f for f in ISA_FLAGS if f in flags]
 
 
-def describe_cpu(info: dict | None = None) -> str:
-    info = info or cpu_info()
-    return f"{info['model']} ({', '.join(info['isa']) or 'no listed ISA flags'}; {info['torch_threads']} torch threads)"
+def machine() -> dict:
+    """The CPU model and ISA flags, the ISA path glm5's CPU kernels run (and every path the CPU could run),
+    torch's thread count and the GPU's name if one is visible; `summary` is one line of it for the screen."""
+    import torch
+
+    from glm5.kernels.build import available_isas, cpu_model, selected_isa
+
+    isa, why = selected_isa()
+    info = {"cpu_model": cpu_model(), "cpu_flags": _cpu_flags(), "cpu_isa": isa, "cpu_isa_reason": why,
+            "cpu_isas_available": available_isas(), "arch": platform.machine(), "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info["summary"] = (f"CPU {info['cpu_model']} (kernels: {isa}; flags {', '.join(info['cpu_flags']) or 'none read'}), "
+                       f"{info['torch_threads']} threads" + (f"; GPU {info['gpu']}" if info["gpu"] else ""))
+    return info
+
+
+def describe_cpu() -> str:
+    return machine()["summary"]
 
 
 def write_results(path: str | os.PathLike, results: dict) -> str:
+    """Write results plus a "machine" entry (merged under one the caller gave) as JSON, atomically; print the
+    machine and the path."""
     path = os.fspath(path)
-    results = {**results, "cpu": results.get("cpu") or cpu_info()}
-    print(f"[bench] cpu: {describe_cpu(results['cpu'])}")
+    results = dict(results)
+    results["machine"] = {**machine(), **(results.get("machine") or {})}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
         fh.write("\n")
     os.replace(tmp, path)
+    print(f"[bench] {results['machine']['summary']}")
     print(f"[bench] wrote {path}")
     return path

@@ -1,4 +1,5 @@
-"""The CPU kernels of glm5.kernels against their PyTorch fallbacks (which the rest of the suite also tests).
+"""The CPU kernels of glm5.kernels against their PyTorch fallbacks (which the rest of the suite also tests), on
+every instruction-set path this CPU can execute (`isa`: avx512, avx2, neon, portable, forced with GLM5_CPU_ISA).
 
 The indexer kernel must select exactly the keys the PyTorch path selects. With small integer queries, keys and
 head weights (and a power-of-two head dim, so the 1/sqrt(D) scale is exact) every score is exact in fp32 in
@@ -18,6 +19,25 @@ from glm5.model.indexer import Indexer, lowest_position_ties, select_topk
 
 if load_library("indexer_topk") is None:  # no C compiler here: the fallback is all there is to test
     pytest.skip("the CPU kernels cannot be built on this machine", allow_module_level=True)
+
+ISAS = build.available_isas()  # e.g. ["avx512", "avx2", "portable"] on an AVX-512 x86 CPU
+VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "neon": 4, "portable": 4}
+
+
+@pytest.fixture(autouse=True)
+def _kernels_unchecked(monkeypatch):
+    """The kernels run wherever they can (no timing check): these tests test the kernels themselves."""
+    monkeypatch.setenv("GLM5_KERNEL_CHECK", "0")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Each instruction-set path this CPU can execute, forced (the library reports the one it was built for)."""
+    monkeypatch.setenv(build.ISA_ENV, request.param)
+    for name in ("indexer_topk", "sparse_attention", "elementwise"):
+        lib = load_library(name)
+        assert build.library_isa(lib) == (request.param, VECTOR_FLOATS[request.param]), name
+    return request.param
 
 
 def _indexer(heads: int, dim: int, topk: int) -> Indexer:
@@ -53,7 +73,7 @@ CASES = [  # B, S (queries), T (keys), H, D, topk, first query position
 
 
 @pytest.mark.parametrize("B,S,T,H,D,topk,first", CASES)
-def test_indexer_kernel_selects_exactly_the_pytorch_keys(B, S, T, H, D, topk, first):
+def test_indexer_kernel_selects_exactly_the_pytorch_keys(B, S, T, H, D, topk, first, isa):
     indexer = _indexer(H, D, topk)
     q, w, k = _integer_inputs(B, S, T, H, D, seed=S + T)
     pos = torch.arange(first, first + S).view(1, S).expand(B, S)
@@ -70,7 +90,7 @@ def test_indexer_kernel_selects_exactly_the_pytorch_keys(B, S, T, H, D, topk, fi
     assert _rows(_select(indexer, q, w, k, pos)) == _rows(want)
 
 
-def test_indexer_kernel_with_a_padding_mask_and_per_row_positions():
+def test_indexer_kernel_with_a_padding_mask_and_per_row_positions(isa):
     B, T, H, D, topk = 3, 150, 4, 16, 24
     indexer = _indexer(H, D, topk)
     q, w, k = _integer_inputs(B, T, T, H, D, seed=7)
@@ -85,7 +105,7 @@ def test_indexer_kernel_with_a_padding_mask_and_per_row_positions():
     assert all(mask[b, i] for b, batch in enumerate(_rows(got)) for row in batch for i in row)
 
 
-def test_indexer_kernel_on_real_valued_scores_is_a_valid_top_k():
+def test_indexer_kernel_on_real_valued_scores_is_a_valid_top_k(isa):
     """Normal inputs, head dim 24 (no exact scale): each selected set is a top-k of the fp64 scores, up to
     rounding at the boundary."""
     S, H, D, topk = 700, 6, 24, 40
@@ -120,7 +140,7 @@ def _attention_fp64(q, kv, rows, scale, L):
 
 
 @pytest.mark.parametrize("N,H,D,T,K,L", [(200, 4, 80, 300, 64, 64), (150, 5, 40, 90, 37, 33), (64, 1, 16, 20, 1, 16)])
-def test_latent_attention_kernel_matches_fp64_and_the_pytorch_path(N, H, D, T, K, L):
+def test_latent_attention_kernel_matches_fp64_and_the_pytorch_path(N, H, D, T, K, L, isa):
     from glm5.model.dsa import sparse_latent_attention
 
     q, kv, rows = _attention_inputs(N, H, D, T, K)
@@ -142,7 +162,7 @@ def test_latent_attention_kernel_matches_fp64_and_the_pytorch_path(N, H, D, T, K
 
 
 @pytest.mark.parametrize("batch,threads", [(3, 2), (1, 2), (4, 1)])
-def test_latent_attention_kernel_backward_matches_fp64_and_the_pytorch_path(batch, threads):
+def test_latent_attention_kernel_backward_matches_fp64_and_the_pytorch_path(batch, threads, isa):
     """dq and dkv from the C backward: rows shared between queries (and, with one sequence and two threads,
     between threads: each adds into its own copy) accumulate like PyTorch's gather backward."""
     from glm5.model.dsa import sparse_latent_attention
@@ -240,7 +260,6 @@ def test_switch_off_and_unbuildable_kernels_fall_back(monkeypatch, tmp_path):
         warnings.simplefilter("always")
         assert load_library("indexer_topk") is None
     assert any("could not build indexer_topk" in str(c.message) for c in caught)
-    monkeypatch.setattr("glm5.kernels.indexer._function", None)
     with pytest.warns(UserWarning, match="could not build indexer_topk .*exit status 1"):
         assert _rows(_select(indexer, q, w, k, pos)) == want
 
@@ -256,45 +275,126 @@ def test_built_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     assert built[0].stat().st_mtime_ns == stamp and not list((tmp_path / "kernels").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("kernel", ["indexer", "sparse_attention"])
-def test_portable_build_without_avx512_gives_the_same_results(kernel, monkeypatch, tmp_path):
-    """The kernels compiled without -march=native (vector extensions lowered to SSE; no AVX-512 intrinsics):
-    what a machine without AVX-512 runs."""
-    import glm5.kernels.indexer as indexer_module
-    import glm5.kernels.sparse_attention as attention_module
+def test_isa_paths_give_the_same_results_as_the_best_one(monkeypatch):
+    """Every path this CPU can run selects the same keys and computes the same attention (to fp32 rounding) as
+    the best one, forward and backward; each library reports the ISA and vector width it was built for."""
+    indexer = _indexer(5, 16, 24)
+    q, w, k = _integer_inputs(2, 400, 400, 5, 16, seed=11)
+    pos = torch.arange(400).view(1, 400).expand(2, 400)
+    aq, akv, arows = _attention_inputs(N=300, H=5, D=40, T=500, K=37)
+    results = {}
+    for isa in ISAS:
+        monkeypatch.setenv(build.ISA_ENV, isa)
+        assert build.selected_isa()[0] == isa
+        assert build.library_isa(load_library("sparse_attention")) == (isa, VECTOR_FLOATS[isa])
+        qq, kk = aq.clone().requires_grad_(), akv.clone().requires_grad_()
+        out = latent_attention(qq, kk, arows, 0.125, 32)
+        out.square().sum().backward()
+        results[isa] = (_rows(indexer_topk(q, w * indexer.softmax_scale, k, pos, 24)), out.detach(), qq.grad, kk.grad)
+    best = results[ISAS[0]]
+    for isa, got in results.items():
+        assert got[0] == best[0], isa
+        assert all((a - b).abs().max() < 1e-5 for a, b in zip(got[1:], best[1:])), isa
 
-    module = indexer_module if kernel == "indexer" else attention_module
-    if kernel == "indexer":
-        indexer = _indexer(5, 16, 24)
-        q, w, k = _integer_inputs(2, 400, 400, 5, 16, seed=11)
-        pos = torch.arange(400).view(1, 400).expand(2, 400)
-        native = indexer_topk(q, w * indexer.softmax_scale, k, pos, 24)
-    else:
-        q, kv, rows = _attention_inputs(N=300, H=5, D=40, T=500, K=37)
-        native = latent_attention(q, kv, rows, 0.125, 32)
-    portable_lib = build._load("indexer_topk" if kernel == "indexer" else "sparse_attention", str(tmp_path),
-                               portable=True)
-    assert portable_lib is not None
-    monkeypatch.setattr(module, "load_library", lambda name: portable_lib)
-    if kernel == "indexer":
-        monkeypatch.setattr(module, "_function", None)
-    else:
-        monkeypatch.setattr(module, "_functions", {})
-    if kernel == "indexer":
-        portable = indexer_topk(q, w * indexer.softmax_scale, k, pos, 24)
-        assert _rows(portable) == _rows(native)
-    else:
-        portable = latent_attention(q, kv, rows, 0.125, 32)
-        assert (portable - native).abs().max() < 1e-5
-        grads = []
-        for lib in (portable_lib, None):
-            if lib is None:  # the native build again
-                monkeypatch.setattr(module, "load_library", build.load_library)
-                monkeypatch.setattr(module, "_functions", {})
-            qq, kk = q.clone().requires_grad_(), kv.clone().requires_grad_()
-            latent_attention(qq, kk, rows, 0.125, 32).square().sum().backward()
-            grads.append((qq.grad, kk.grad))
-        assert all((a - b).abs().max() < 1e-5 for a, b in zip(*grads))
+
+def test_isa_detection_from_cpu_flags(monkeypatch):
+    """The path follows the flags the CPU reports; GLM5_CPU_ISA forces one it can run, refuses to run one it
+    cannot (a warning, the best path instead) and rejects an unknown name with a one-line error."""
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    for flags, want in [("fpu sse2 avx avx2 fma f16c", ["avx2", "portable"]),
+                        ("sse2 avx2 fma avx512f avx512bw avx512vl avx512dq", ["avx512", "avx2", "portable"]),
+                        ("sse2 avx2 avx512f", ["portable"]),  # AVX2 without FMA: no fused multiply-add path
+                        ("sse2 sse4_2", ["portable"])]:
+        monkeypatch.setattr(build, "cpu_features", lambda flags=flags: frozenset(flags.split()))
+        assert build.available_isas() == want, flags
+    monkeypatch.setattr(build, "cpu_features", lambda: frozenset("sse2 avx2 fma".split()))
+    monkeypatch.delenv(build.ISA_ENV, raising=False)
+    assert build.selected_isa() == ("avx2", "the CPU reports avx2, fma")
+    monkeypatch.setenv(build.ISA_ENV, "portable")
+    assert build.selected_isa()[0] == "portable"
+    monkeypatch.setenv(build.ISA_ENV, "avx512")
+    with pytest.warns(UserWarning, match="cannot execute it; using avx2"):
+        assert build.selected_isa()[0] == "avx2"
+    monkeypatch.setenv(build.ISA_ENV, "avx3")
+    with pytest.raises(ValueError, match="GLM5_CPU_ISA='avx3': expected one of avx512, avx2, neon, portable"):
+        build.selected_isa()
+    monkeypatch.setattr(build.platform, "machine", lambda: "arm64")
+    monkeypatch.delenv(build.ISA_ENV)
+    assert build.available_isas() == ["neon", "portable"] and build.selected_isa()[0] == "neon"
+
+
+def test_startup_check_runs_the_faster_path_and_remembers_it(monkeypatch, tmp_path):
+    """kernel_or_fallback: the first call of a shape class times both and keeps the faster (written to the cache
+    directory); later calls, and a fresh process reading the file, run only that one. A kernel that cannot run
+    (None) records nothing."""
+    import time
+
+    from glm5.kernels import check
+
+    monkeypatch.setenv("GLM5_KERNEL_CHECK", "1")
+    monkeypatch.setenv("GLM5_CACHE", str(tmp_path))
+    monkeypatch.setattr(check, "_decisions", {})
+    monkeypatch.setattr(check, "_loaded", set())
+    calls = []
+
+    def slow_kernel():
+        calls.append("kernel")
+        time.sleep(0.06)
+        return "kernel"
+
+    def quick_fallback():
+        calls.append("fallback")
+        return "fallback"
+
+    # measured: the kernel once untimed (it may be compiling), then fallback and kernel alternated
+    assert check.kernel_or_fallback("demo", (64, 8), slow_kernel, quick_fallback) == "kernel"
+    assert calls == ["kernel", "fallback", "kernel"]
+    assert [check.kernel_or_fallback("demo", (64, 8), slow_kernel, quick_fallback) for _ in range(3)] == ["fallback"] * 3
+    assert calls == ["kernel", "fallback", "kernel"] + ["fallback"] * 3
+    entry = check.decisions()["demo|64|8"]
+    assert entry["kernel"] is False and entry["kernel_ms"] > entry["fallback_ms"]
+    # a fast kernel in another shape class wins there; short calls are timed twice each, alternated
+    calls.clear()
+    assert check.kernel_or_fallback("demo", (128, 8), lambda: calls.append("k") or "kernel",
+                                    lambda: (calls.append("f"), time.sleep(0.01))[0] or "fallback") == "kernel"
+    assert calls == ["k", "f", "k", "f", "k"] and check.decisions()["demo|128|8"]["kernel"] is True
+    # a fresh process: the file is read, nothing is timed again
+    monkeypatch.setattr(check, "_decisions", {})
+    monkeypatch.setattr(check, "_loaded", set())
+    calls.clear()
+    assert check.kernel_or_fallback("demo", (64, 8), slow_kernel, quick_fallback) == "fallback"
+    assert calls == ["fallback"]
+    # a kernel that cannot run: the fallback, no decision
+    assert check.kernel_or_fallback("demo", (256, 8), lambda: None, quick_fallback) == "fallback"
+    assert "demo|256|8" not in check.decisions()
+    # the check switched off: the kernel runs wherever it can
+    monkeypatch.setenv("GLM5_KERNEL_CHECK", "0")
+    assert check.kernel_or_fallback("demo", (64, 8), slow_kernel, quick_fallback) == "kernel"
+    with use_cpu_kernels(False):
+        assert check.kernel_or_fallback("demo", (1, 1), slow_kernel, quick_fallback) == "fallback"
+
+
+def test_model_forward_through_the_startup_check_matches_the_fallback(monkeypatch, tmp_path):
+    """With the check on, the model's forward (which measures every kernel on first use) gives the logits of the
+    PyTorch path, and its decisions are recorded for the indexer, the attention and RMSNorm."""
+    from glm5 import GLM5ForCausalLM
+    from glm5.kernels import check
+
+    monkeypatch.setenv("GLM5_KERNEL_CHECK", "1")
+    monkeypatch.setenv("GLM5_CACHE", str(tmp_path))
+    monkeypatch.setattr(check, "_decisions", {})
+    monkeypatch.setattr(check, "_loaded", set())
+    torch.manual_seed(0)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_topk=12))).eval()
+    ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        checked = model(ids).logits
+        again = model(ids).logits  # the decisions now known: one path each
+        with use_cpu_kernels(False):
+            slow = model(ids).logits
+    assert (checked - slow).abs().max() < 1e-5 and (again - slow).abs().max() < 1e-5
+    kinds = {key.split("|")[0] for key in check.decisions()}
+    assert {"indexer_topk", "latent_attention", "rms_norm"} <= kinds, kinds
 
 
 def _rms_reference(x, w, eps=1e-6):
@@ -302,7 +402,7 @@ def _rms_reference(x, w, eps=1e-6):
 
 
 @pytest.mark.parametrize("shape", [(8, 64, 256), (3, 7, 40), (1, 1, 16), (2, 300, 80)])
-def test_rms_norm_kernel_forward_and_backward(shape):
+def test_rms_norm_kernel_forward_and_backward(shape, isa):
     """Against fp64 and the PyTorch fp32 path: value, dx and dw (a sum over every row) to rounding."""
     from glm5.kernels import rms_norm
 
@@ -327,7 +427,7 @@ def test_rms_norm_kernel_forward_and_backward(shape):
 
 
 @pytest.mark.parametrize("rows,inner", [(512, 768), (37, 40), (1, 8)])
-def test_swiglu_kernel_forward_and_backward(rows, inner):
+def test_swiglu_kernel_forward_and_backward(rows, inner, isa):
     import torch.nn.functional as F
 
     from glm5.kernels import swiglu
@@ -391,14 +491,11 @@ def test_kernels_without_openmp_use_the_thread_pool(monkeypatch, tmp_path):
     x = torch.randn(64, 100, 256)
     weight = torch.randn(256)
     native = (indexer_topk(q, w, k, pos, 16), latent_attention(aq, akv, arows, 0.2, 32), rms_norm(x, weight, 1e-6))
-    libs = {name: build._load(name, str(tmp_path), openmp=False)
+    libs = {name: build._load(name, str(tmp_path), build.selected_isa()[0], openmp=False)
             for name in ("indexer_topk", "sparse_attention", "elementwise")}
     assert all(lib is not None and not build.has_openmp(lib) for lib in libs.values())
     for module in (indexer_module, attention_module, elementwise_module):
         monkeypatch.setattr(module, "load_library", lambda name: libs[name])
-    monkeypatch.setattr(indexer_module, "_function", None)
-    monkeypatch.setattr(attention_module, "_functions", {})
-    monkeypatch.setattr(elementwise_module, "_functions", {})
     pooled = (indexer_topk(q, w, k, pos, 16), latent_attention(aq, akv, arows, 0.2, 32), rms_norm(x, weight, 1e-6))
     assert _rows(pooled[0]) == _rows(native[0])
     assert torch.equal(pooled[1], native[1]) and torch.equal(pooled[2], native[2])
@@ -448,7 +545,7 @@ def test_swiglu_backward_with_a_non_contiguous_gradient():
     assert (fast.grad - slow.grad).abs().max() < 1e-4
 
 
-def test_indexer_kernel_never_leaves_a_slot_unwritten_with_nan_scores():
+def test_indexer_kernel_never_leaves_a_slot_unwritten_with_nan_scores(isa):
     """A NaN score makes the k-th value NaN, which matches neither selection test: the slots are -1, not
     whatever the output buffer held."""
     q, w, k = _integer_inputs(1, 12, 12, 4, 16, seed=1)

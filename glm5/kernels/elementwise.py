@@ -14,30 +14,31 @@ import math
 
 import torch
 
-from glm5.kernels.build import bind, grad_wanted, load_library, run_ranges, split_range
+from glm5.kernels.build import bind, bound_functions, grad_wanted, load_library, run_ranges, split_range
 
 MIN_ELEMENTS_PER_THREAD = 1 << 15  # below this a thread's start costs more than its share of the work
-_functions: dict[str, object] = {}
+
+
+def _bind(lib: ctypes.CDLL) -> dict:
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    signatures = {  # argtypes, and where the (begin, end) row range sits in them
+        "rmsnorm_forward": ([p, p, f32, i64, i64, i64, p, p], 4),
+        "rmsnorm_backward": ([p, p, p, p, i64, i64, i64, p, p], 5),
+        "swiglu_forward": ([p, i64, i64, i64, i64, p], 3),
+        "swiglu_backward": ([p, i64, p, i64, i64, i64, p], 4),
+        "moe_combine": ([p, p, p, i64, i64, i64, i64, p], 5),
+        "moe_combine_backward": ([p, p, p, p, i64, i64, i64, p, p], 5),
+    }
+    functions = {}
+    for name, (argtypes, range_at) in signatures.items():
+        # the OpenMP twin takes (bounds, jobs) for the row range: it runs on torch's OpenMP threads
+        functions[name], functions[name + "_jobs"] = bind(lib, name, argtypes, None, range_at)
+    return functions
 
 
 def _kernels():
     lib = load_library("elementwise")
-    if lib is None:
-        return None
-    if not _functions:
-        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        signatures = {  # argtypes, and where the (begin, end) row range sits in them
-            "rmsnorm_forward": ([p, p, f32, i64, i64, i64, p, p], 4),
-            "rmsnorm_backward": ([p, p, p, p, i64, i64, i64, p, p], 5),
-            "swiglu_forward": ([p, i64, i64, i64, i64, p], 3),
-            "swiglu_backward": ([p, i64, p, i64, i64, i64, p], 4),
-            "moe_combine": ([p, p, p, i64, i64, i64, i64, p], 5),
-            "moe_combine_backward": ([p, p, p, p, i64, i64, i64, p, p], 5),
-        }
-        for name, (argtypes, range_at) in signatures.items():
-            # the OpenMP twin takes (bounds, jobs) for the row range: it runs on torch's OpenMP threads
-            _functions[name], _functions[name + "_jobs"] = bind(lib, name, argtypes, None, range_at)
-    return _functions
+    return None if lib is None else bound_functions(lib, _bind)
 
 
 def _run(name: str, head: tuple, ranges: list[tuple[int, int]], tail: tuple, per_job: list | None = None) -> None:

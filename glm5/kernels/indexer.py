@@ -15,30 +15,28 @@ import math
 
 import torch
 
-from glm5.kernels.build import has_openmp, load_library, run_threads
+from glm5.kernels.build import bound_functions, has_openmp, load_library, run_threads
 
 KEY_TILE = 64  # keys per tile in the kernel: the transposed key matrix is zero-padded to a multiple of it
-_function = None
+
+
+def _bind(lib: ctypes.CDLL):
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn = lib.glm5_indexer_topk
+    fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, p]
+    fn.restype = ctypes.c_int
+    jobs = None
+    if has_openmp(lib):
+        jobs = lib.glm5_indexer_topk_jobs
+        jobs.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p]
+        jobs.restype = ctypes.c_int
+    return fn, jobs
 
 
 def _kernel():
     """(the per-range function, the OpenMP jobs function or None), or None when the library cannot be built."""
-    global _function
     lib = load_library("indexer_topk")
-    if lib is None:
-        return None
-    if _function is None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn = lib.glm5_indexer_topk
-        fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, p]
-        fn.restype = ctypes.c_int
-        jobs = None
-        if has_openmp(lib):
-            jobs = lib.glm5_indexer_topk_jobs
-            jobs.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p]
-            jobs.restype = ctypes.c_int
-        _function = (fn, jobs)
-    return _function
+    return None if lib is None else bound_functions(lib, _bind)
 
 
 @torch.no_grad()

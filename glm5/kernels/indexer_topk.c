@@ -10,8 +10,8 @@
  * 64 keys x 4 heads stays in registers from the dot products to the weighted sum, and top-k is a
  * threshold scan (almost every score is below the running k-th largest and costs one compare).
  *
- * Portable C with GCC/Clang vector extensions (16 floats: AVX-512 registers, two or four narrower ones
- * elsewhere); fp32 throughout, no -ffast-math, so the scores match torch's to rounding.
+ * Portable C with GCC/Clang vector extensions at the width of the CPU's registers (vec.h: 16 floats with
+ * AVX-512, 8 with AVX2, 4 with NEON / SSE2); fp32 throughout, no -ffast-math, so the scores match torch's to rounding.
  * Threads: the caller runs disjoint sets of query blocks on its own threads (block_begin, block_step).
  */
 #include <math.h>
@@ -24,45 +24,60 @@
 #include <immintrin.h>
 #endif
 
-                /* floats per vector */
-#define NV 4                  /* vectors per key tile */
-#define KTILE (VL * NV)       /* 64 keys per tile */
+#define KTILE 64              /* keys per tile (the layout glm5.kernels.indexer builds) */
+/* NR: accumulator vectors per head in one pass, so 4 heads x NR accumulators stay in registers. 8 in all on
+ * x86 (AVX-512 zmm, AVX2 ymm, SSE2 xmm): two FMA pipes of latency 4 stay busy, and GCC keeps them in
+ * registers (with 16 zmm accumulators it spilled inside the loop: 25% slower on AVX-512, and 4 zmm were
+ * faster still on a Zen 4, whose 512-bit FMAs are two 256-bit halves); 16 of AArch64's 32 NEON registers. */
+#ifndef NR
+#if defined(__aarch64__)
+#define NR 4
+#else
+#define NR 2
+#endif
+#endif
+#define SUB (NR * VL)         /* keys per pass over a tile: 32 with AVX-512, 16 with AVX2 / NEON, 8 with SSE2 */
 #define QBLOCK 16             /* queries per block: their score rows (16 x T floats) stay in L2 */
 
 /* 4 heads of one query against the 64 keys of one tile (tile [D, 64]: key s0 + j's dim d at d * 64 + j):
- * row[s0 .. s0 + 64) (+)= sum_h w_h relu(q_h . k_s) */
+ * row[s0 .. s0 + 64) (+)= sum_h w_h relu(q_h . k_s), SUB keys at a time so that the 4 x NR accumulators
+ * stay in registers */
 static inline void tile_4heads(const float *q, const float *w, const float *tile, int64_t D, int64_t s0,
                                float *row, int first) {
-    vf a0[NV] = {{0}}, a1[NV] = {{0}}, a2[NV] = {{0}}, a3[NV] = {{0}};
-    for (int64_t d = 0; d < D; d++) {
-        const float *kp = tile + d * KTILE;
-        const float q0 = q[d], q1 = q[D + d], q2 = q[2 * D + d], q3 = q[3 * D + d];
-        for (int j = 0; j < NV; j++) {
-            const vf k = *(const vf *)(kp + j * VL);
-            a0[j] += q0 * k;
-            a1[j] += q1 * k;
-            a2[j] += q2 * k;
-            a3[j] += q3 * k;
+    for (int j0 = 0; j0 < KTILE; j0 += SUB) {
+        vf a0[NR] = {{0}}, a1[NR] = {{0}}, a2[NR] = {{0}}, a3[NR] = {{0}};
+        for (int64_t d = 0; d < D; d++) {
+            const float *kp = tile + d * KTILE + j0;
+            const float q0 = q[d], q1 = q[D + d], q2 = q[2 * D + d], q3 = q[3 * D + d];
+            for (int j = 0; j < NR; j++) {
+                const vf k = *(const vf *)(kp + j * VL);
+                a0[j] += q0 * k;
+                a1[j] += q1 * k;
+                a2[j] += q2 * k;
+                a3[j] += q3 * k;
+            }
         }
-    }
-    for (int j = 0; j < NV; j++) {
-        vf s = w[0] * relu(a0[j]) + w[1] * relu(a1[j]) + w[2] * relu(a2[j]) + w[3] * relu(a3[j]);
-        vf *out = (vf *)(row + s0 + j * VL);
-        *out = first ? s : *out + s;
+        for (int j = 0; j < NR; j++) {
+            vf s = w[0] * relu(a0[j]) + w[1] * relu(a1[j]) + w[2] * relu(a2[j]) + w[3] * relu(a3[j]);
+            vf *out = (vf *)(row + s0 + j0 + j * VL);
+            *out = first ? s : *out + s;
+        }
     }
 }
 
 static inline void tile_1head(const float *q, float w, const float *tile, int64_t D, int64_t s0, float *row,
                               int first) {
-    vf a[NV] = {{0}};
-    for (int64_t d = 0; d < D; d++) {
-        const float *kp = tile + d * KTILE;
-        for (int j = 0; j < NV; j++) a[j] += q[d] * *(const vf *)(kp + j * VL);
-    }
-    for (int j = 0; j < NV; j++) {
-        vf s = w * relu(a[j]);
-        vf *out = (vf *)(row + s0 + j * VL);
-        *out = first ? s : *out + s;
+    for (int j0 = 0; j0 < KTILE; j0 += SUB) {
+        vf a[NR] = {{0}};
+        for (int64_t d = 0; d < D; d++) {
+            const float *kp = tile + d * KTILE + j0;
+            for (int j = 0; j < NR; j++) a[j] += q[d] * *(const vf *)(kp + j * VL);
+        }
+        for (int j = 0; j < NR; j++) {
+            vf s = w * relu(a[j]);
+            vf *out = (vf *)(row + s0 + j0 + j * VL);
+            *out = first ? s : *out + s;
+        }
     }
 }
 
@@ -128,17 +143,16 @@ static int64_t collect_at_least(const float *row, int64_t len, float bound, floa
     return count;
 }
 #else
-/* Portable: 64 keys at a time, a tile with no such key costs a few vector compares; otherwise branch-free
- * (the hits are too scattered to predict). */
+/* Other instruction sets: 64 keys at a time, a tile with no such key costs a few vector compares; otherwise
+ * branch-free (the hits are too scattered to predict). */
 static int64_t collect_at_least(const float *row, int64_t len, float bound, float *cv, int64_t *ci, int64_t count) {
     const vf b = (vf){0} + bound;
     int64_t s = 0;
     for (; s + KTILE <= len; s += KTILE) {
         const vf *r = (const vf *)(row + s);
-        vi any = (r[0] >= b) | (r[1] >= b) | (r[2] >= b) | (r[3] >= b);
-        uint64_t lanes[8];
-        memcpy(lanes, &any, sizeof lanes);
-        if (!(lanes[0] | lanes[1] | lanes[2] | lanes[3] | lanes[4] | lanes[5] | lanes[6] | lanes[7])) continue;
+        vi any = r[0] >= b;
+        for (int j = 1; j < KTILE / VL; j++) any |= r[j] >= b;
+        if (!any_lane(any)) continue;
         for (int64_t j = s; j < s + KTILE; j++) {
             cv[count] = row[j];
             ci[count] = j;

@@ -16,25 +16,25 @@ import ctypes
 
 import torch
 
-from glm5.kernels.build import bind, grad_wanted, load_library, run_ranges, split_range
+from glm5.kernels.build import bind, bound_functions, grad_wanted, load_library, run_ranges, split_range
 
 MAX_SELECTED = 4096  # the kernel's per-query buffers; GLM-5 selects 2048
-_functions: dict[str, object] = {}
+
+
+def _bind(lib: ctypes.CDLL) -> dict:
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    forward = [p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
+    backward = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
+    functions = {}
+    functions["forward"], functions["forward_jobs"] = bind(lib, "sparse_latent_attention", forward, ctypes.c_int, 9)
+    functions["backward"], functions["backward_jobs"] = bind(lib, "sparse_latent_attention_backward", backward,
+                                                             ctypes.c_int, 12)
+    return functions
 
 
 def _kernel(name: str = "forward"):
     lib = load_library("sparse_attention")
-    if lib is None:
-        return None
-    if not _functions:
-        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        forward = [p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
-        backward = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, i64, i64, p, p]
-        _functions["forward"], _functions["forward_jobs"] = bind(lib, "sparse_latent_attention", forward,
-                                                                 ctypes.c_int, 9)
-        _functions["backward"], _functions["backward_jobs"] = bind(lib, "sparse_latent_attention_backward", backward,
-                                                                   ctypes.c_int, 12)
-    return _functions[name]
+    return None if lib is None else bound_functions(lib, _bind)[name]
 
 
 def _forward(q, kv, rows, scale, latent_dim, keep_probs: bool = False):

@@ -1,5 +1,12 @@
-/* Shared by glm5's CPU kernels: 16-float vectors in GCC / Clang vector extensions (one AVX-512 register;
- * two or four narrower ones elsewhere), horizontal sums and a vector exp. */
+/* Shared by glm5's CPU kernels: float vectors of the CPU's own register width in GCC / Clang vector
+ * extensions, horizontal sums and a vector exp.
+ *
+ * VL (floats per vector) follows the instruction set the library is compiled for (glm5.kernels.build picks
+ * it: avx512, avx2, neon or portable): 16 with AVX-512, 8 with AVX2, 4 with NEON or SSE2. A vector wider than
+ * the registers is legal C but the compiler splits every operation into several, and a kernel that keeps
+ * 16 accumulators in registers then keeps 32 or 64 and spills them to the stack on every FMA: that made the
+ * AVX2 build of the indexer 10-20x slower than the AVX-512 one, and slower than PyTorch.
+ * REGS: the vector registers the kernels may plan to keep live (32 on AVX-512 and AArch64, 16 elsewhere). */
 #ifndef GLM5_VEC_H
 #define GLM5_VEC_H
 
@@ -7,41 +14,103 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64), aligned(4)));
+#if defined(GLM5_PORTABLE)
+#define VL 4
+#define REGS 16
+#elif defined(__AVX512F__)
 #define VL 16
+#define REGS 32
+#elif defined(__AVX__)
+#define VL 8
+#define REGS 16
+#elif defined(__aarch64__)
+#define VL 4
+#define REGS 32
+#else
+#define VL 4
+#define REGS 16
+#endif
+
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4), aligned(4)));
+
+/* The name of the instruction set this translation unit was compiled for (glm5.kernels reports it) */
+#if defined(GLM5_PORTABLE)
+#define GLM5_ISA_NAME "portable"
+#elif defined(__AVX512F__)
+#define GLM5_ISA_NAME "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define GLM5_ISA_NAME "avx2"
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+#define GLM5_ISA_NAME "neon"
+#else
+#define GLM5_ISA_NAME "portable"
+#endif
 
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-/* a tree of shuffles: 4 adds instead of 15 */
+/* horizontal sums as trees of shuffles (hsum: log2(VL) adds; hsum4: the four sums in one vector) */
+#define SHUF __builtin_shufflevector
+#if VL == 16
 static inline float hsum(vf v) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    v += SHUF(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += SHUF(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += SHUF(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     return v[0];
 }
-/* the sums of four vectors at once: out[i] = sum of a_i's lanes (6 shuffles, 5 adds for all four) */
 static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
-    vf x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    vf y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    vf z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    z += __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    z += __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    vf x = SHUF(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUF(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vf y = SHUF(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUF(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vf z = SHUF(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           SHUF(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    z += SHUF(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    z += SHUF(z, z, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     out[0] = z[0];
     out[1] = z[4];
     out[2] = z[8];
     out[3] = z[12];
 }
+#elif VL == 8
+static inline float hsum(vf v) {
+    v += SHUF(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += SHUF(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+    v += SHUF(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+    return v[0];
+}
+static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
+    vf x = SHUF(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);  /* a0 | a1 */
+    vf y = SHUF(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);  /* a2 | a3 */
+    vf z = SHUF(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(x, y, 2, 3, 10, 11, 6, 7, 14, 15);      /* a0 a2 a1 a3 */
+    z += SHUF(z, z, 1, 0, 3, 2, 5, 4, 7, 6);
+    out[0] = z[0];
+    out[1] = z[4];
+    out[2] = z[2];
+    out[3] = z[6];
+}
 #else
+static inline float hsum(vf v) {
+    v += SHUF(v, v, 2, 3, 0, 1);
+    v += SHUF(v, v, 1, 0, 3, 2);
+    return v[0];
+}
+static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
+    vf x = SHUF(a0, a1, 0, 1, 4, 5) + SHUF(a0, a1, 2, 3, 6, 7);   /* a0 a0 a1 a1 */
+    vf y = SHUF(a2, a3, 0, 1, 4, 5) + SHUF(a2, a3, 2, 3, 6, 7);   /* a2 a2 a3 a3 */
+    vf z = SHUF(x, y, 0, 2, 4, 6) + SHUF(x, y, 1, 3, 5, 7);
+    memcpy(out, &z, sizeof z);
+}
+#endif
+#undef SHUF
+#else
+/* the sum of a vector's lanes: halves added log2(VL) times */
 static inline float hsum(vf v) {
     float s[VL];
     memcpy(s, &v, sizeof s);
-    float a = 0.f;
-    for (int l = 0; l < VL; l++) a += s[l];
-    return a;
+    for (int width = VL / 2; width >= 1; width /= 2)
+        for (int l = 0; l < width; l++) s[l] += s[l + width];
+    return s[0];
 }
 
 static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
@@ -51,6 +120,23 @@ static inline void hsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
     out[3] = hsum(a3);
 }
 #endif
+
+static inline float hmax(vf v) {
+    float s[VL];
+    memcpy(s, &v, sizeof s);
+    float m = s[0];
+    for (int l = 1; l < VL; l++) m = s[l] > m ? s[l] : m;
+    return m;
+}
+
+/* whether any lane of a comparison result is true */
+static inline int any_lane(vi v) {
+    int32_t s[VL];
+    memcpy(s, &v, sizeof s);
+    int32_t a = 0;
+    for (int l = 0; l < VL; l++) a |= s[l];
+    return a != 0;
+}
 
 static inline vf vmax(vf a, vf b) {
     const vi gt = a > b;
@@ -85,7 +171,7 @@ static inline vf vexp(vf x) {
     return p * (vf)bits;
 }
 
-/* (defined in this header: each kernel library is one translation unit and exports it once)
+/* (defined in this header: each kernel library is one translation unit and exports them once)
  * 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
  * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
  * spinning workers for the cores. 0: the jobs run one after another and the caller threads them itself. */
@@ -96,5 +182,9 @@ int glm5_openmp(void) {
     return 0;
 #endif
 }
+
+/* the instruction set the library was compiled for, and its vector width in floats */
+const char *glm5_isa(void) { return GLM5_ISA_NAME; }
+int glm5_vector_floats(void) { return VL; }
 
 #endif

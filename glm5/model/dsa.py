@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from glm5.kernels import latent_attention
+from glm5.kernels.build import grad_wanted
+from glm5.kernels.check import kernel_or_fallback, size_class
 from glm5.model.indexer import block_budget
 
 # Upper bound on the elements of one block of gathered latents [B, block, k, latent]: on the CPU 16 MB stays
@@ -37,18 +39,23 @@ def sparse_latent_attention(
     B, S, H, D = q.shape
     T = kv.shape[1]
     K = topk_indices.shape[-1]
-    if block is None and not dropout_p and q.device.type == "cpu":
-        # the C kernel (glm5.kernels; fp32, forward and backward; None otherwise): reads each selected row where
-        # it lies instead of gathering copies; same softmax over the same rows
-        visible = (topk_indices >= 0) & (topk_indices <= q_positions[..., None])
-        offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
-        rows = torch.where(visible, topk_indices + offset, -1)
-        fast = latent_attention(q.reshape(B * S, H, D), kv.reshape(B * T, D), rows.view(B * S, K), scale, latent_dim,
-                                sequences=B)
-        if fast is not None:
-            return fast.view(B, S, H, latent_dim)
     if block is None:
         block = max(1, min(S, block_budget(GATHER_BLOCK_ELEMENTS, q.device) // max(1, B * K * D)))
+        if not dropout_p and q.device.type == "cpu":
+            # the C kernel (glm5.kernels; fp32, forward and backward; None otherwise): reads each selected row
+            # where it lies instead of gathering copies; same softmax over the same rows. Where it beats this code.
+            def kernel():
+                visible = (topk_indices >= 0) & (topk_indices <= q_positions[..., None])
+                offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
+                rows = torch.where(visible, topk_indices + offset, -1)
+                fast = latent_attention(q.reshape(B * S, H, D), kv.reshape(B * T, D), rows.view(B * S, K), scale,
+                                        latent_dim, sequences=B)
+                return None if fast is None else fast.view(B, S, H, latent_dim)
+
+            shape_class = (size_class(B * S), H, D, latent_dim, size_class(K), grad_wanted(q, kv))
+            return kernel_or_fallback("latent_attention", shape_class, kernel,
+                                      lambda: sparse_latent_attention(q, kv, topk_indices, q_positions, scale,
+                                                                      latent_dim, block))
     flat_kv = kv.reshape(B * T, D)
     batch_offset = (torch.arange(B, device=kv.device) * T).view(B, 1, 1)
     outputs = []

@@ -35,6 +35,7 @@ from torch import nn
 
 from glm5.config import GLM5Config
 from glm5.kernels import indexer_topk
+from glm5.kernels.check import kernel_or_fallback, size_class
 from glm5.model.layers import apply_rope_interleaved
 
 # Upper bound on the elements of one block of indexer scores [B, block, heads, keys] (it bounds memory at long
@@ -199,8 +200,13 @@ def select_topk(
     if q_positions is None:
         raise ValueError(f"select_topk path {path!r} needs `q_positions`")
     if path == "kernel":
-        fast = indexer_topk(q, w, k, q_positions, topk, key_mask)  # None: not a CPU, kernels off, no compiler
-        return fast if fast is not None else select_topk_blockwise(q, w, k, topk, q_positions, key_mask)
+        # the C kernel where it can run (None: not a CPU, kernels off, no compiler) and beats the blockwise
+        # PyTorch code on this machine for this shape class (glm5.kernels.check)
+        B, S, H, D = q.shape
+        shape_class = (size_class(B * S), size_class(k.shape[1]), H, D, topk, key_mask is not None)
+        return kernel_or_fallback("indexer_topk", shape_class,
+                                  lambda: indexer_topk(q, w, k, q_positions, topk, key_mask),
+                                  lambda: select_topk_blockwise(q, w, k, topk, q_positions, key_mask))
     if path == "blockwise":
         return select_topk_blockwise(q, w, k, topk, q_positions, key_mask)
     if path == "reference":

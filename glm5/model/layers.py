@@ -14,6 +14,7 @@ from torch import nn
 from glm5.config import GLM5Config
 from glm5.kernels import rms_norm, swiglu, swiglu_runs
 from glm5.kernels.build import grad_wanted
+from glm5.kernels.check import kernel_or_fallback, size_class
 
 
 def no_autograd(*tensors: torch.Tensor) -> bool:
@@ -32,9 +33,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = rms_norm(x, self.weight, self.eps)  # the CPU fp32 kernel (glm5.kernels); None elsewhere
-        if fast is not None:
-            return fast
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            # the CPU fp32 kernel (glm5.kernels) where it beats the PyTorch code below on this machine
+            shape_class = (size_class(x.numel() // max(1, x.shape[-1])), x.shape[-1], grad_wanted(x, self.weight))
+            return kernel_or_fallback("rms_norm", shape_class, lambda: rms_norm(x, self.weight, self.eps),
+                                      lambda: self._torch_forward(x))
+        return self._torch_forward(x)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -136,11 +142,19 @@ class MLP(nn.Module):
         if (not no_autograd(x, self.gate_proj.weight, self.up_proj.weight)
                 and not torch.is_autocast_enabled(x.device.type) and swiglu_runs(x, self.gate_proj.weight)):
             # training: one matmul for gate and up, then the CPU SwiGLU kernel (glm5.kernels), whose backward
-            # is one pass and one tensor (inference is faster in place below: no new [T, 2I] output)
-            gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-            hidden = swiglu(gate_up)
-            if hidden is not None:
-                return self.down_proj(hidden)
+            # is one pass and one tensor (inference is faster in place below: no new [T, 2I] output), where it
+            # beats the PyTorch code on this machine
+            shape_class = (size_class(x.numel() // x.shape[-1]), x.shape[-1], self.gate_proj.out_features)
+            return kernel_or_fallback("swiglu_mlp", shape_class, lambda: self._fused_forward(x),
+                                      lambda: self._torch_forward(x))
+        return self._torch_forward(x)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        hidden = swiglu(gate_up)
+        return None if hidden is None else self.down_proj(hidden)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if no_autograd(gate, up):
             return self.down_proj(F.silu(gate, inplace=True).mul_(up))
