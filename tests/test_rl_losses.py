@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from glm5.rl.losses import (LossConfig, group_advantages, icepop_mask, kl_penalty, mismatch_kl, policy_loss,
-                            tis_weight, token_entropy)
+from glm5.rl.losses import (
+    LossConfig,
+    group_advantages,
+    icepop_mask,
+    kl_penalty,
+    mismatch_kl,
+    policy_loss,
+    tis_weight,
+    token_entropy,
+)
 
 LOG = math.log
 
