@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = [
     "glm5.quant.cli",
     "glm5.quant.plan",
     "glm5.serve.cli",
+    "glm5.rl.cli",
 ]
 
 

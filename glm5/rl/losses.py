@@ -134,10 +134,11 @@ def icepop_mask(old_logp: torch.Tensor, rollout_logp: torch.Tensor, low: float, 
 
 def mismatch_kl(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> float:
     """KL(engine || trainer) over the masked tokens (the engine sampled them), k3: mean(r - 1 - log r) with
-    r = pi_trainer / pi_engine; 0 when both give the same log-probs."""
-    d = (old_logp - rollout_logp).float()
+    r = pi_trainer / pi_engine; 0 when both give the same log-probs. In float64: the k3 of a 1e-6 gap is 5e-13,
+    which float32 rounds to 0."""
+    d = (old_logp.double() - rollout_logp.double())
     k3 = torch.exp(d) - d - 1
-    return float(masked_mean(k3, mask))
+    return float(masked_mean(k3, mask.double()))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
