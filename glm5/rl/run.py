@@ -149,6 +149,13 @@ def check_inputs(config: RLConfig) -> None:
     from glm5.rl.env import check_env, check_reward, load_reward, make_env
 
     config.validate()
+    if config.init is not None:
+        directory = Path(config.init)
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"--init {directory}: no model there (config.json missing)")
+        if not (directory / "tokenizer.json").is_file():
+            raise ValueError(f"--init {directory}: the model has no tokenizer (tokenizer.json missing); RL renders "
+                             "chats and parses the model's turns, it needs one")
     env = make_env(config.env, **config.env_kwargs)
     check_env(env, config.env)
     check_reward(load_reward(config.reward), env, config.reward)
@@ -261,8 +268,8 @@ def run_rl(config: RLConfig) -> dict:
                 carried_stats = {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
                 _collect(place, pending, buffer, carried_stats)
                 pending = None
-            for w in workers:
-                place.get(place.submit(w, "set_weights", weights, version))
+            # weight sync: every worker reports the version it now generates with
+            worker_versions = [place.get(place.submit(w, "set_weights", weights, version)) for w in workers]
             step += 1
             episodes = [e for g in batch for e in g]
             rewards = [e.reward for e in episodes]
@@ -281,7 +288,7 @@ def run_rl(config: RLConfig) -> dict:
                 "exact_share": sum(r >= 1.0 for r in rewards) / len(rewards),
                 "groups_with_success": sum(any(e.reward >= 1.0 for e in g) for g in batch),
                 "offpolicy_token_share": train_metrics["offpolicy_token_share"],
-                "step_seconds": time.perf_counter() - step_started,
+                "step_seconds": time.perf_counter() - step_started, "worker_versions": worker_versions,
                 **{k: train_metrics[k] for k in ("pg_loss", "entropy", "kl", "grad_norm", "clip_frac",
                                                   "trained_tokens") if k in train_metrics},
             }
