@@ -83,6 +83,7 @@ class RLConfig:
     keep_last: int = 2
     threads: int = 1
     progress: bool = True
+    max_minutes: float = 0.0  # stop after the step that passes this (0: no limit)
     slow_trainer_seconds: float = 0.0  # tests: sleep in every train step (a deliberately slow trainer)
 
     def loss_config(self) -> LossConfig:
@@ -90,12 +91,12 @@ class RLConfig:
                           kl_estimator=self.kl_estimator, entropy_coef=self.entropy_coef, mismatch=self.mismatch,
                           tis_cap=self.tis_cap, icepop_low=self.icepop_low, icepop_high=self.icepop_high)
 
-    def validate(self) -> None:
+    def validate(self, need_source: bool = True) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--mode {self.mode!r}: must be one of {', '.join(MODES)}")
         if self.algo not in ALGOS:
             raise ValueError(f"--algo {self.algo!r}: must be one of {', '.join(ALGOS)}")
-        if (self.init is None) == (self.preset is None):
+        if need_source and (self.init is None) == (self.preset is None):
             raise ValueError("give exactly one of --init DIR and --preset NAME")
         for name in ("steps", "rollout_batch", "group_size", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -121,7 +122,7 @@ def load_policy(config: RLConfig):
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import Tokenizer, default_tokenizer
 
-    if config.init is not None:
+    if config.init is not None and not config.preset:
         directory = Path(config.init)
         if not (directory / "config.json").is_file():
             raise ValueError(f"--init {directory}: no model there (config.json missing)")
@@ -144,11 +145,11 @@ def load_policy(config: RLConfig):
     return model, tokenizer
 
 
-def check_inputs(config: RLConfig) -> None:
+def check_inputs(config: RLConfig, need_source: bool = True) -> None:
     """Everything that can be refused before anything runs or is written."""
     from glm5.rl.env import check_env, check_reward, load_reward, make_env
 
-    config.validate()
+    config.validate(need_source)
     if config.init is not None:
         directory = Path(config.init)
         if not (directory / "config.json").is_file():
@@ -197,19 +198,23 @@ def _split(items: list, parts: int) -> list[list]:
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def run_rl(config: RLConfig) -> dict:
+def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True) -> dict:
+    """The whole run; `model` / `tokenizer` given in memory replace --init / --preset (the demo's RL stage),
+    and are left holding the trained weights."""
     from glm5.rl.actors import start_actors
     from glm5.rl.buffer import RolloutBuffer
     from glm5.train.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-    check_inputs(config)
+    check_inputs(config, need_source=model is None)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    model, tokenizer = load_policy(config)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_policy(config)
+    started = time.perf_counter()
     ckpt_dir = out / "checkpoints"
     resumed_state = None
     if config.resume and latest_checkpoint(ckpt_dir) is not None:
@@ -240,6 +245,8 @@ def run_rl(config: RLConfig) -> dict:
         carried_stats = None  # async: that generation's figures, reported with the step that trains on it
         summary_rewards = []
         while step < config.steps:
+            if config.max_minutes and time.perf_counter() - started > 60 * config.max_minutes:
+                break  # the time budget: stop after a whole step
             step_started = time.perf_counter()
             gen_stats = carried_stats or {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
             carried_stats = None
@@ -311,11 +318,13 @@ def run_rl(config: RLConfig) -> dict:
         shutdown()
     model.load_state_dict(final["model"])
     model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save(model_dir)
-    from glm5.rl.report import write_rl_report
+    report = None
+    if save_model:
+        model.save_pretrained(model_dir)
+        tokenizer.save(model_dir)
+        from glm5.rl.report import write_rl_report
 
-    report = write_rl_report(out, config)
+        report = write_rl_report(out, config)
     return {"model": str(model_dir), "report": str(report), "metrics": str(metrics_path), "steps": step,
             "policy_version": version, "reward_first": summary_rewards[0] if summary_rewards else None,
             "reward_last": summary_rewards[-1] if summary_rewards else None}
