@@ -9,7 +9,8 @@
 An environment is any object with
     reset(seed: int) -> (messages: list[dict], tools: list[dict] | None)
     step(turn: ParsedOutput) -> (observation: list[dict], reward: float, done: bool)
-and optionally `max_turns` (assistant turns before the episode is cut; default 4). `observation` holds the
+and optionally `max_turns` (assistant turns before the episode is cut; default 4) and `max_new_tokens` (this
+task's token budget per turn, set by reset; at most the run's --max-new-tokens). `observation` holds the
 messages that follow the assistant's turn (tool results as {"role": "tool", ...}, or a user message); the
 rollout renders them with GLM-5's chat format and appends their tokens. The episode's reward is the sum of the
 step rewards, unless a reward function is given: it is called once, when the episode ends, with the whole

@@ -163,7 +163,9 @@ class RolloutWorker:
 
     def _request(self, ep: Episode) -> str:
         """Queue the episode's next request: prompt + everything so far; sampling continues its generator."""
-        remaining = self.max_new_tokens - (len(ep.tokens) - ep.turn_start)
+        # an env may give its task a shorter budget (`env.max_new_tokens` after reset)
+        budget = min(self.max_new_tokens, getattr(self.envs.get(ep.uid), "max_new_tokens", None) or self.max_new_tokens)
+        remaining = budget - (len(ep.tokens) - ep.turn_start)
         params = SamplingParams(max_tokens=max(1, remaining), temperature=self.temperature, top_p=self.top_p,
                                 seed=ep.sample_seed, logprobs=0)
         seq = self.engine.add_request(ep.prompt_ids + ep.tokens, params, request_id=f"{ep.uid}/{len(ep.tokens)}")

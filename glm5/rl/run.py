@@ -289,6 +289,7 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
                 "staleness_mean": train_metrics["staleness_mean"], "staleness_max": train_metrics["staleness_max"],
                 "mismatch_kl": train_metrics.get("mismatch_kl", 0.0),
                 "rollout_tokens_per_s": gen_stats["sampled"] / gen_stats["seconds"] if gen_stats["seconds"] else 0.0,
+                "rollout_seconds": gen_stats["seconds"],
                 "train_tokens_per_s": train_metrics["train_tokens_per_s"],
                 "partial_resumed": sum(e.resumed > 0 for e in episodes), "aborted": gen_stats["aborted"],
                 "failed_episodes": sum(e.status == "failed" for e in episodes),
