@@ -42,7 +42,8 @@ def main() -> None:
     t0 = time.perf_counter()
     tok = Tokenizer.from_file(f"{args.run}/model")
     model = GLM5ForCausalLM.from_pretrained(f"{args.run}/model")
-    corpus = build_demo_corpus(tasks=args.tasks, seed=0)  # the demo's defaults: the same held-out requests
+    # the demo's defaults, so the same held-out requests
+    corpus = build_demo_corpus(stdlib_bytes=2_500_000, conversations=2000, tasks=args.tasks, seed=0)
     tasks = [dict(t) for t in corpus.tasks]
     before = tool_call_eval(model, tok, tasks, max_new_tokens=args.max_new_tokens)
     print(f"before: validity {before['validity']:.2f} right tool {before['tool_accuracy']:.2f} exact {before['accuracy']:.2f}")
