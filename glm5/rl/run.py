@@ -157,6 +157,13 @@ def check_inputs(config: RLConfig, need_source: bool = True) -> None:
         if not (directory / "tokenizer.json").is_file():
             raise ValueError(f"--init {directory}: the model has no tokenizer (tokenizer.json missing); RL renders "
                              "chats and parses the model's turns, it needs one")
+    if config.preset is not None:
+        from glm5.config import GLM5Config
+
+        try:
+            GLM5Config.from_preset(config.preset)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"--preset {config.preset!r}: {err}") from None
     env = make_env(config.env, **config.env_kwargs)
     check_env(env, config.env)
     check_reward(load_reward(config.reward), env, config.reward)
