@@ -2,7 +2,7 @@
 
 From scratch a nano model never writes an answer the env accepts, so the test first teaches the format
 ("</think>a op b" with the prompt's numbers and a random operator) for 30 steps; RL then has rewards to work with.
-Small numbers (1-3) keep a success within reach of a 7M model in a dozen steps. The reward is measured on the
+Small numbers (1-3) keep a success within reach of a 7M model in 16 steps (lr 1e-3 swung the reward to 0 and back; dev/LOG.md). The reward is measured on the
 same fixed prompts and sampling seeds before and after (training batches draw new prompts, so their means
 are noisy)."""
 
@@ -64,9 +64,9 @@ def test_reward_rises_on_countdown(tmp_path):
     warm_up(model, tok)
     before, valid_before = fixed_prompt_reward(model, tok)
     summary = run_rl(RLConfig(out=str(tmp_path / "rl"), env="countdown", env_kwargs=ENV, algo="grpo", mode="sync",
-                              steps=12, rollout_batch=8, group_size=8, max_new_tokens=10, lr=1e-3, save_every=0,
+                              steps=16, rollout_batch=8, group_size=8, max_new_tokens=10, lr=3e-4, save_every=0,
                               progress=False), model=model, tokenizer=tok, save_model=False)
-    assert summary["steps"] == 12
+    assert summary["steps"] == 16
     after, valid_after = fixed_prompt_reward(model, tok)
     assert after > before + 0.03, f"reward on fixed prompts {before:.3f} -> {after:.3f}"
     assert valid_after > valid_before, f"accepted answers {valid_before:.2f} -> {valid_after:.2f}"
