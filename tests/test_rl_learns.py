@@ -12,10 +12,11 @@ import random
 import pytest
 import torch
 
+from glm5.chat import render_messages
 from glm5.config import GLM5Config
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.rl.envs import CountdownEnv
-from glm5.rl.rollout import Episode, RolloutWorker, new_episodes, render_parts_text
+from glm5.rl.rollout import Episode, RolloutWorker, new_episodes
 from glm5.rl.run import RLConfig, run_rl
 from glm5.rl.trainer import prepare_for_rl, sequence_logprobs
 from glm5.tokenizer import default_tokenizer
@@ -33,7 +34,7 @@ def warm_up(model, tok, steps=30):
         a, b = env.numbers
         answer = tok.encode(f"</think>{a} {rng.choice('+-*')} {b}", allow_special=True) + [eot]
         data.append(Episode(group=seed, index=0, env_seed=seed, sample_seed=seed, tokens=answer,
-                            prompt_ids=tok.encode(render_parts_text(messages, None), allow_special=True)))
+                            prompt_ids=tok.encode(render_messages(messages), allow_special=True)))
     prepare_for_rl(model)
     opt = build_optimizer(model, "adamw", lr=3e-3)
     for _ in range(steps):

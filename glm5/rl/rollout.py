@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glm5.chat import parse_output, render_parts
+from glm5.chat import parse_output, render_messages, render_parts
 from glm5.engine.llm import LLMEngine
 from glm5.engine.sequence import SamplingParams
 
@@ -147,7 +147,7 @@ class RolloutWorker:
     def _start(self, ep: Episode) -> None:
         env = self._env_for(ep)
         if ep.status == "new":
-            ep.prompt_ids = self.tokenizer.encode(render_parts_text(env._rl_messages, env._rl_tools), allow_special=True)
+            ep.prompt_ids = self.tokenizer.encode(render_messages(env._rl_messages, env._rl_tools), allow_special=True)
 
     def _finish(self, ep: Episode, env, reason: str | None) -> None:
         ep.status = "done"
@@ -266,7 +266,3 @@ class RolloutWorker:
         self.stats["tokens"] += self.engine.stats.decode_tokens + self.engine.stats.prefill_tokens - tokens_before
         self.stats["seconds"] += time.perf_counter() - started
         return finished, partial
-
-
-def render_parts_text(messages: list[dict], tools) -> str:
-    return "".join(t for t, _ in render_parts(messages, tools))
