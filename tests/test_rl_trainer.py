@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from glm5.config import GLM5Config
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.rl.losses import ALGOS, LossConfig
 from glm5.rl.rollout import Episode
@@ -16,7 +16,7 @@ from glm5.rl.trainer import RLTrainer, TrainerConfig, sequence_logprobs
 @pytest.fixture(scope="module")
 def base_model():
     torch.manual_seed(0)
-    return GLM5ForCausalLM(GLM5Config.from_preset("nano", vocab_size=512))
+    return GLM5ForCausalLM(tiny_config(vocab_size=512))
 
 
 def _group(model, rewards, versions=None, truncated=False):
