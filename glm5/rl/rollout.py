@@ -117,6 +117,7 @@ class RolloutWorker:
                                 eos_token_ids=tokenizer.eos_token_ids)
         self.version = version
         self.envs: dict[str, object] = {}  # live env per running episode
+        self.conversations: dict[str, tuple[list[dict], list | None]] = {}  # its messages so far, and tools
         self._seqs: dict = {}  # request id -> the engine's Sequence (its sampling generator)
         self.stats = {"tokens": 0, "seconds": 0.0}
 
@@ -136,30 +137,36 @@ class RolloutWorker:
             return env
         env = self.make_env()
         messages, tools = env.reset(ep.env_seed)
-        env._rl_messages, env._rl_tools = list(messages), tools
+        conversation = list(messages)
         for text in ep.turn_texts:
             turn = parse_output(text, tools)
             observation, _, _ = env.step(turn)
-            env._rl_messages += [turn.to_message()] + list(observation)
+            conversation += [turn.to_message()] + list(observation)
         self.envs[ep.uid] = env
+        self.conversations[ep.uid] = (conversation, tools)
         return env
 
     def _start(self, ep: Episode) -> None:
-        env = self._env_for(ep)
+        self._env_for(ep)
         if ep.status == "new":
-            ep.prompt_ids = self.tokenizer.encode(render_messages(env._rl_messages, env._rl_tools), allow_special=True)
+            messages, tools = self.conversations[ep.uid]
+            ep.prompt_ids = self.tokenizer.encode(render_messages(messages, tools), allow_special=True)
 
     def _finish(self, ep: Episode, env, reason: str | None) -> None:
         ep.status = "done"
         if self.reward_fn is not None:
-            ep.rewards = [float(self.reward_fn(list(env._rl_messages), env))]
-        self.envs.pop(ep.uid, None)
+            ep.rewards = [float(self.reward_fn(list(self.conversations[ep.uid][0]), env))]
+        self._forget(ep)
 
     def _fail(self, ep: Episode, err: Exception) -> None:
         ep.status, ep.error = "failed", f"{type(err).__name__}: {err}"
         ep.rewards = [0.0]
         ep.loss_mask = [0] * len(ep.tokens)
+        self._forget(ep)
+
+    def _forget(self, ep: Episode) -> None:
         self.envs.pop(ep.uid, None)
+        self.conversations.pop(ep.uid, None)
 
     def _request(self, ep: Episode) -> str:
         """Queue the episode's next request: prompt + everything so far; sampling continues its generator."""
@@ -181,13 +188,14 @@ class RolloutWorker:
         if turn_ids and turn_ids[-1] in self.engine.eos_token_ids:  # the token that ended the turn is no text
             turn_ids = turn_ids[:-1]
         text = self.tokenizer.decode(turn_ids)
-        turn = parse_output(text, env._rl_tools)
+        conversation, tools = self.conversations[ep.uid]
+        turn = parse_output(text, tools)
         observation, reward, done = env.step(turn)
         if not isinstance(reward, (int, float)) or isinstance(reward, bool) or reward != reward:
             raise TypeError(f"the env's step returned reward {reward!r}, not a number")
         ep.turn_texts.append(text)
         ep.rewards.append(float(reward))
-        env._rl_messages += [turn.to_message()] + list(observation)
+        conversation += [turn.to_message()] + list(observation)
         max_turns = getattr(env, "max_turns", 4)
         if done or not observation or len(ep.turn_texts) >= max_turns or ep.truncated:
             return True
@@ -261,7 +269,7 @@ class RolloutWorker:
             ep.generator_state = seq.generator.get_state()
             self.engine.abort(request_id)
             ep.status = "partial"
-            self.envs.pop(ep.uid, None)  # rebuilt by replay when continued (maybe by another worker)
+            self._forget(ep)  # rebuilt by replay when continued (maybe by another worker)
             partial.append(ep)
         self.stats["tokens"] += self.engine.stats.decode_tokens + self.engine.stats.prefill_tokens - tokens_before
         self.stats["seconds"] += time.perf_counter() - started
