@@ -5,7 +5,7 @@
 
 The same task, seed and starting policy (the nano preset's random weights) in each mode. The task, `LongTailEnv`
 (loaded the way a user's env is, `--env bench.rl:LongTailEnv`), gives each prompt its own token budget: most
-answers short (4-12 tokens), one in ten near the maximum; a random policy rarely stops early, so response
+answers short (4-12 tokens), one in ten near the maximum (`--max-new-tokens`, 128); a random policy rarely stops early, so response
 lengths follow the budgets. Its reward is the share of digits in the answer (something to learn). Per mode:
 trained tokens/s over the whole run (trained tokens / wall time of the steps), median step time, time the
 generator sat idle (step time - generation time), final reward (mean of the last two steps) and the share of
@@ -27,6 +27,7 @@ import random
 import statistics
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,15 +35,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from results_io import write_results  # noqa: E402
 
+LONGEST = int(os.environ.get("GLM5_BENCH_RL_LONGEST", "128"))  # the longest answer; set by --max-new-tokens
+
 
 class LongTailEnv:
-    """A prompt with its own token budget: 90 % short (4-12 tokens), 10 % near the maximum (56-64)."""
+    """A prompt with its own token budget: 90 % short (4-12 tokens), 10 % near the maximum (7/8 of it or more)."""
 
     max_turns = 1
 
     def reset(self, seed: int):
-        rng = random.Random(seed)
-        self.max_new_tokens = rng.randint(56, 64) if rng.random() < 0.1 else rng.randint(4, 12)
+        # seeds of consecutive prompts are consecutive integers: hash them, or Random(0..23) never draws < 0.1
+        rng = random.Random(zlib.crc32(f"long-tail {seed}".encode()))
+        self.max_new_tokens = rng.randint(LONGEST * 7 // 8, LONGEST) if rng.random() < 0.1 else rng.randint(4, 12)
         return [{"role": "user", "content": f"Write some digits ({seed % 997})."}], None
 
     def step(self, turn):
@@ -69,7 +73,7 @@ def run_mode(mode: str, args, out: Path) -> dict:
 
     config = RLConfig(out=str(out / mode), preset="nano", env="bench.rl:LongTailEnv", algo="grpo", mode=mode,
                       steps=args.steps, rollout_batch=args.rollout_batch, group_size=args.group_size,
-                      max_new_tokens=64, over_sample=2.0, max_staleness=1 if mode != "april" else 2,
+                      max_new_tokens=args.max_new_tokens, over_sample=2.0, max_staleness=1 if mode != "april" else 2,
                       rollout_workers=args.async_workers if mode == "async" else 0, lr=1e-4, seed=args.seed,
                       save_every=0, threads=args.threads, progress=False)
     run_rl(config, save_model=False)
@@ -93,11 +97,13 @@ def main() -> int:
     p.add_argument("--rollout-batch", type=int, default=4, help="groups per step (default 4)")
     p.add_argument("--group-size", type=int, default=4, help="responses per group (default 4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the longest answers' budget (default 128)")
     p.add_argument("--async-workers", type=int, default=0, help="Ray rollout actors for the async mode (default 0: in process)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--modes", default="sync,async,april", help="comma-separated modes (default all three)")
     p.add_argument("--out", default="bench/results/rl.json", help="JSON output (default bench/results/rl.json)")
     args = p.parse_args()
+    os.environ["GLM5_BENCH_RL_LONGEST"] = str(args.max_new_tokens)  # LongTailEnv is imported by module:attr
     machine = cpu_info()
     print(f"[bench] {machine['cpu']} ({machine['isa']}, {machine['cpus']} cpus), nano preset, {args.steps} steps x "
           f"{args.rollout_batch} groups x {args.group_size}, threads {args.threads}")
