@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = [
     "glm5.quant.plan",
     "glm5.serve.cli",
     "glm5.agent.cli",
+    "glm5.rl.cli",
 ]
 
 

@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     final["task accuracy (right tool)"] = f"{tasks['tool_accuracy']:.2f}"
     final["task accuracy (exact tool + arguments)"] = f"{tasks['accuracy']:.2f}"
     say("eval: " + ", ".join(f"{k} {v}" for k, v in final.items()))
+    rl = rl_stage(model, tokenizer, run_dir, args, corpus.tasks, tasks, scored, say)
 
     # 7: the model directory, a sample chat, the report
     model_dir = run_dir / "model"
@@ -210,8 +211,10 @@ def run(args: argparse.Namespace) -> int:
                        f"tokenizer {tokenizer.vocab_size} ids; corpus: {corpus.summary()}.",
     })
     stages = stage_table([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], probes)
+    with open(report, "a") as f:
+        f.write("\n" + rl.pop("report_section", ""))
     (run_dir / "summary.json").write_text(json.dumps({"final": final, "heldout_by_stage": heldout_by_stage, "stages": stages,
-                                                     "wall_minutes": round(wall / 60, 2)},
+                                                     "rl": rl, "wall_minutes": round(wall / 60, 2)},
                                                      indent=2) + "\n")
     print("\n" + "=" * 72 + "\nSample chat (greedy, the trained model):\n" + sample_chat + "\n" + "=" * 72)
     print(f"model:   {model_dir}  (GLM5ForCausalLM.from_pretrained / Tokenizer.from_file)")
@@ -276,4 +279,46 @@ def register(subparsers) -> None:
     p.add_argument("--sample-request", default="What is the weather in Lisbon?", help="the user turn of the sample chat")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads, fixed (default: torch's choice, dropping to 1 while other processes load the CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--rl-steps", type=int, default=40, help="RL steps after SFT (APRIL, tool-call env; 0: none; default 40)")
+    p.add_argument("--rl-minutes", type=float, default=4.0, help="time budget of the RL stage (default 4)")
+    p.add_argument("--rl-batch", type=int_at_least(1), default=4, help="RL prompts (groups) per step (default 4)")
+    p.add_argument("--rl-group-size", type=int_at_least(2), default=8, help="RL responses per prompt (default 8)")
+    p.add_argument("--rl-lr", type=float, default=1e-4, help="RL AdamW learning rate (default 1e-4)")
     p.set_defaults(func=run)
+
+
+def rl_stage(model, tokenizer, run_dir: Path, args: argparse.Namespace, tasks: list[dict], before: dict, scored,
+             say) -> dict:
+    """The RL stage after SFT: APRIL on the `tool-call` env (training-split requests), then the held-out
+    requests scored again. -> summary.json's "rl": exact-call accuracy before / after, validity after, steps."""
+    from glm5.rl.report import plot_rl
+    from glm5.rl.run import RLConfig, run_rl
+    from glm5.train.evaluate import tool_call_eval
+    from glm5.train.report import read_metrics
+    from glm5.train.trainer import release_stage
+
+    if args.rl_steps <= 0:
+        return {"exact_call_before": before["accuracy"], "exact_call_after": before["accuracy"],
+                "tool_validity_after": before["validity"], "steps": 0}
+    config = RLConfig(out=str(run_dir / "rl"), env="tool-call", env_kwargs={"final_answer": False}, algo="grpo",
+                      mode="april", steps=args.rl_steps, rollout_batch=args.rl_batch, group_size=args.rl_group_size,
+                      max_new_tokens=args.max_new_tokens, over_sample=2.0, max_staleness=1, lr=args.rl_lr,
+                      seed=args.seed, save_every=0, threads=args.threads or 1, max_minutes=args.rl_minutes)
+    say(f"rl: april, tool-call env, up to {config.steps} steps x {config.rollout_batch} groups x "
+        f"{config.group_size} responses, {config.max_minutes:g} min")
+    summary = run_rl(config, model=model, tokenizer=tokenizer, save_model=False)
+    release_stage(model)
+    after = scored(tool_call_eval, model, tokenizer, [dict(t) for t in tasks], max_new_tokens=args.max_new_tokens)
+    records = read_metrics(run_dir / "rl" / "metrics.jsonl")
+    plots = plot_rl(records, run_dir / "plots") if records else []
+    result = {"exact_call_before": before["accuracy"], "exact_call_after": after["accuracy"],
+              "tool_validity_after": after["validity"], "steps": summary["steps"]}
+    say(f"rl: {summary['steps']} steps, reward {summary['reward_first'] or 0:.3f} -> {summary['reward_last'] or 0:.3f}; "
+        f"held-out exact-call accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}, "
+        f"validity {after['validity']:.2f}")
+    result["report_section"] = "\n".join(
+        ["## Reinforcement learning (APRIL, tool-call env)", "",
+         f"{summary['steps']} steps; held-out exact-call accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f}, "
+         f"tool-call validity after {after['validity']:.2f}; per-step metrics in rl/metrics.jsonl.", ""]
+        + [f"![{title}](plots/{name})" for title, name in plots] + [""])
+    return result

@@ -19,7 +19,8 @@ def test_demo_writes_probe_rows_per_stage_and_a_loadable_model(tmp_path):
     cmd = [sys.executable, "-m", "glm5.cli", "demo", "--out", str(tmp_path), "--name", "toy", "--threads", "1",
            "--pretrain-steps", "30", "--warmup-steps", "10", "--sparse-steps", "10", "--sft-steps", "10",
            "--stdlib-bytes", "900000", "--conversations", "200", "--tasks", "2", "--heldout-rows", "4",
-           "--probe-rows", "6", "--max-new-tokens", "4", "--vocab-size", "1024", "--seq-len", "256", "--sft-seq-len", "512"]
+           "--probe-rows", "6", "--max-new-tokens", "4", "--vocab-size", "1024", "--seq-len", "256", "--sft-seq-len", "512",
+           "--rl-steps", "2", "--rl-batch", "1", "--rl-group-size", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "toy"
@@ -41,6 +42,10 @@ def test_demo_writes_probe_rows_per_stage_and_a_loadable_model(tmp_path):
     assert {r["stage"] for r in records} == set(stages) and all("loss" in r and "step" in r for r in records)
     assert (run / "plots" / "loss.png").is_file()
     assert "Sample chat" in done.stdout
+    # the RL stage: before / after on the held-out requests, its plots in the report
+    assert set(summary["rl"]) == {"exact_call_before", "exact_call_after", "tool_validity_after", "steps"}
+    assert summary["rl"]["steps"] == 2
+    assert (run / "plots" / "rl_reward.png").is_file() and "rl_reward.png" in (run / "report.md").read_text()
 
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import Tokenizer

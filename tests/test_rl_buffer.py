@@ -1,0 +1,69 @@
+"""The rollout buffer: data position, partial episodes, the staleness bound, resume (glm5/rl/buffer.py)."""
+
+from glm5.rl.buffer import RolloutBuffer
+
+
+def _sampled(ep, versions):
+    ep.tokens = list(range(len(versions)))
+    ep.loss_mask = [1] * len(versions)
+    ep.logprobs = [-1.0] * len(versions)
+    ep.versions = list(versions)
+    return ep
+
+
+def test_new_prompts_advance_the_data_position_and_partials_come_first():
+    buf = RolloutBuffer(group_size=2, seed=0, max_staleness=1)
+    first = buf.episodes_to_run(3, version=0)
+    assert sorted({e.group for e in first}) == [0, 1, 2] and buf.next_group == 3
+    done = [e for e in first if e.group == 0]
+    partial = [_sampled(e, [0, 0]) for e in first if e.group != 0]
+    for e in partial:
+        e.status = "partial"
+    buf.put(done, partial)
+    again = buf.episodes_to_run(3, version=1)
+    # the two partial groups are continued, the complete one counts: no new prompt needed
+    assert [e.group for e in again] == [1, 1, 2, 2] and buf.next_group == 3
+    assert all(e.tokens for e in again), "partial tokens within the bound are kept"
+
+
+def test_a_partial_older_than_the_bound_restarts():
+    buf = RolloutBuffer(group_size=1, seed=0, max_staleness=1)
+    [ep] = buf.episodes_to_run(1, version=0)
+    _sampled(ep, [0, 0, 1])
+    ep.status = "partial"
+    buf.put([], [ep])
+    [again] = buf.episodes_to_run(1, version=2)  # oldest token version 0, trained at >= 2: staleness 2 > 1
+    assert again.tokens == [] and again.status == "new" and buf.stats["restarted"] == 1
+
+
+def test_take_never_returns_a_token_older_than_the_bound():
+    buf = RolloutBuffer(group_size=2, seed=0, max_staleness=1)
+    eps = buf.episodes_to_run(2, version=0)
+    for e in eps:
+        _sampled(e, [0] if e.group == 0 else [2])
+        e.status = "done"
+    buf.put(eps)
+    batch = buf.take(2, version=2)
+    assert [g[0].group for g in batch] == [1], "group 0 (version 0, trained at 2) must not be taken"
+    assert len(buf.waiting) == 2 and all(e.tokens == [] for e in buf.waiting)
+
+
+def test_equal_reward_groups_are_filtered_when_asked():
+    buf = RolloutBuffer(group_size=2, seed=0, filter_equal=True)
+    eps = buf.episodes_to_run(2, version=0)
+    for e in eps:
+        e.rewards = [1.0] if e.group == 0 else [float(e.index)]
+    buf.put(eps)
+    assert [g[0].group for g in buf.take(2, version=0)] == [1] and buf.stats["filtered_groups"] == 1
+
+
+def test_state_dict_round_trip_keeps_partials_and_position():
+    buf = RolloutBuffer(group_size=2, seed=3, max_staleness=2)
+    eps = buf.episodes_to_run(2, version=0)
+    _sampled(eps[0], [0, 0])
+    eps[0].status = "partial"
+    buf.put(eps[2:], [eps[0]])
+    other = RolloutBuffer(group_size=2, seed=3, max_staleness=2)
+    other.load_state_dict(buf.state_dict())
+    assert other.next_group == 2 and other.partial[0].tokens == [0, 1] and other.partial[0].uid == eps[0].uid
+    assert other.complete_groups() == 1
