@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
-from glm5.serve.protocol import TOOL_NAME
+from glm5.serve.protocol import check_parameters_schema, check_tool_name
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
@@ -116,10 +116,8 @@ class Tool(_Model):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if not TOOL_NAME.match(value):
-            raise ValueError("a tool name is 1-64 characters of letters, digits, '_', '-' or '.'")
-        return value
+    def _name(cls, value):
+        return check_tool_name(value, "tool")
 
     @field_validator("type")
     @classmethod
@@ -130,13 +128,8 @@ class Tool(_Model):
 
     @field_validator("input_schema")
     @classmethod
-    def _schema(cls, value: dict) -> dict:
-        if value.get("type", "object") != "object":
-            raise ValueError("input_schema must be a JSON schema of type 'object'")
-        properties = value.get("properties", {})
-        if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
-            raise ValueError("input_schema.properties must map each name to a JSON schema object")
-        return value
+    def _schema(cls, value):
+        return check_parameters_schema(value, "input_schema")
 
 
 class ToolChoice(_Model):

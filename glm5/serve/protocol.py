@@ -17,6 +17,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from glm5.serve.errors import APIError, validation_error  # noqa: F401  (re-exported: the routes' errors)
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def check_tool_name(value: str, what: str = "function") -> str:
+    """A tool's name as every API takes it: 1-64 letters, digits, '_', '-' or '.'."""
+    if not TOOL_NAME.match(value):
+        raise ValueError(f"a {what} name is 1-64 characters of letters, digits, '_', '-' or '.'")
+    return value
+
+
+def check_parameters_schema(value: dict | None, field: str = "parameters") -> dict | None:
+    """A tool's arguments schema as every API takes it: a JSON schema of type object whose properties are
+    schemas and whose `required` lists names (the chat format renders and parses arguments by it)."""
+    if value is None:
+        return value
+    kind = value.get("type", "object")
+    if kind != "object":
+        raise ValueError(f"{field} must be a JSON schema of type 'object', got {kind!r}")
+    properties = value.get("properties", {})
+    if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
+        raise ValueError(f"{field}.properties must map each name to a JSON schema object")
+    required = value.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise ValueError(f"{field}.required must be a list of property names")
+    return value
 MAX_N = 8
 MAX_STOP = 4
 
@@ -33,26 +57,12 @@ class FunctionDefinition(_Request):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if not TOOL_NAME.match(value):
-            raise ValueError("a function name is 1-64 characters of letters, digits, '_', '-' or '.'")
-        return value
-
+    def _name(cls, value):
+        return check_tool_name(value)
     @field_validator("parameters")
     @classmethod
-    def _parameters(cls, value: dict | None) -> dict | None:
-        if value is None:
-            return value
-        kind = value.get("type", "object")
-        if kind != "object":
-            raise ValueError(f"a function's parameters must be a JSON schema of type 'object', got {kind!r}")
-        properties = value.get("properties", {})
-        if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
-            raise ValueError("parameters.properties must map each name to a JSON schema object")
-        required = value.get("required", [])
-        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-            raise ValueError("parameters.required must be a list of property names")
-        return value
+    def _parameters(cls, value):
+        return check_parameters_schema(value)
 
 
 class Tool(_Request):

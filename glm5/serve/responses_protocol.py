@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from glm5.chat import ContentDelta, ReasoningDelta, ToolCallArgumentsDelta, ToolCallEnd, ToolCallStart
-from glm5.serve.protocol import TOOL_NAME
+from glm5.serve.protocol import check_parameters_schema, check_tool_name
 
 
 class _Model(BaseModel):
@@ -118,22 +118,12 @@ class FunctionTool(_Model):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, value: str) -> str:
-        if not TOOL_NAME.match(value):
-            raise ValueError("a function name is 1-64 characters of letters, digits, '_', '-' or '.'")
-        return value
-
+    def _name(cls, value):
+        return check_tool_name(value)
     @field_validator("parameters")
     @classmethod
     def _parameters(cls, value):
-        if value is None:
-            return value
-        if value.get("type", "object") != "object":
-            raise ValueError("a function's parameters must be a JSON schema of type 'object'")
-        properties = value.get("properties", {})
-        if not isinstance(properties, dict) or not all(isinstance(v, dict) for v in properties.values()):
-            raise ValueError("parameters.properties must map each name to a JSON schema object")
-        return value
+        return check_parameters_schema(value)
 
 
 class NamedFunction(_Model):
