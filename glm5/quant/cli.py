@@ -47,10 +47,11 @@ def register(subparsers) -> None:
         p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration row (default 256)")
         p.add_argument("--overwrite", action="store_true", help="replace DST if it holds files")
         p.set_defaults(func=run_lowbit, format=name)
-    parser.set_defaults(func=lambda args: _missing_format(parser))
+    parser.set_defaults(func=lambda args: missing_format(parser))
 
 
-def _missing_format(parser) -> int:
+def missing_format(parser) -> int:
+    """A command group called without its format: its help, exit 2 (argparse's usage code)."""
     parser.print_help()
     return 2
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from glm5.quant.cli import missing_format
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="write a checkpoint in another runtime's format (GGUF)",
@@ -27,12 +29,7 @@ def register(subparsers) -> None:
                       help="folder with the tokenizer.json to embed (default: MODEL_DIR)")
     gguf.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
     gguf.set_defaults(func=run_gguf)
-    parser.set_defaults(func=lambda args: _missing_format(parser))
-
-
-def _missing_format(parser) -> int:
-    parser.print_help()
-    return 2
+    parser.set_defaults(func=lambda args: missing_format(parser))
 
 
 def run_gguf(args) -> int:
