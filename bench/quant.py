@@ -27,7 +27,6 @@ import glob
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,20 +41,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from results_io import write_results  # noqa: E402
-
-
-def cpu_model() -> tuple[str, list[str]]:
-    name, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                    name = line.split(":", 1)[1].strip()
-                if line.startswith(("flags", "Features")) and not flags:
-                    flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "sve", "neon", "asimd"))]
-    except OSError:
-        pass
-    return name, sorted(set(flags))
 
 
 def safetensors_bytes(directory: str) -> int:
@@ -170,8 +155,7 @@ def main() -> int:
 
     rows = []
     reference_rate = None
-    name, flags = cpu_model()
-    results = {"benchmark": "quant", "model": os.path.relpath(model_dir, ROOT), "cpu": name, "isa": flags,
+    results = {"benchmark": "quant", "model": os.path.relpath(model_dir, ROOT),  # + "machine": write_results
                "threads": torch.get_num_threads(), "torch": torch.__version__, "ternary_steps": args.ternary_steps,
                "heldout_rows": args.heldout_rows, "tasks": len(tasks), "decode_tokens": args.decode_tokens, "rows": rows}
     for name, directory in [("fp32 (source)", model_dir)] + list(dirs.items()):
