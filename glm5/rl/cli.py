@@ -48,10 +48,8 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    from glm5.cli import int_at_least
-    from glm5.rl.losses import ALGOS, KL_ESTIMATORS, MISMATCH_FIXES
-    from glm5.rl.run import MODES
-    from glm5.rl.trainer import OVERLONG
+    from glm5.common import int_at_least
+    from glm5.rl.names import ALGOS, KL_ESTIMATORS, MISMATCH_FIXES, MODES, OVERLONG
 
     p = subparsers.add_parser("rl", help="reinforcement learning on an environment (sync / async / APRIL, Ray)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

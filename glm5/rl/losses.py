@@ -42,9 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-ALGOS = ("grpo", "gspo", "cispo", "reinforce++")
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
-MISMATCH_FIXES = ("none", "tis", "icepop")
+from glm5.rl.names import ALGOS, KL_ESTIMATORS, MISMATCH_FIXES  # noqa: F401  (the names it implements; defined torch-free)
 
 
 @dataclass

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from glm5.rl.losses import ALGOS, LossConfig
+from glm5.rl.names import MODES  # torch-free: the command's parser reads it
 
-MODES = ("sync", "async", "april")
 METRIC_KEYS = ("step", "policy_version", "reward_mean", "reward_std", "response_len_mean", "staleness_mean",
                "staleness_max", "mismatch_kl", "rollout_tokens_per_s", "train_tokens_per_s", "partial_resumed",
                "aborted")

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from glm5.rl.losses import LossConfig, group_advantages, policy_loss, token_entropy
+from glm5.rl.names import OVERLONG  # noqa: F401  (defined torch-free: the command's parser reads it)
 from glm5.rl.rollout import Episode
 from glm5.train import losses as train_losses
 from glm5.train.optim import build_optimizer
-
-OVERLONG = ("keep", "mask", "penalty")
 
 
 @dataclass
