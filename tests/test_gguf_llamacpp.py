@@ -93,7 +93,7 @@ def _llama_teacher_forced(llm, ids: list[int], continuation: list[int]) -> tuple
 def _selection_gaps(model_dir, seq: list[int]) -> tuple[float, float]:
     """The smallest relative gap between the k-th and (k+1)-th choice of the indexer's top-k and of the router
     over a forward of `seq`: where one is below rounding, the selection itself is not defined by the arithmetic."""
-    import glm5.model.dsa as dsa
+    import glm5.model.indexer as dsa
     import glm5.model.moe as moe
 
     indexer_gaps, router_gaps = [1.0], [1.0]
