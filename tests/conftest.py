@@ -79,3 +79,18 @@ def greedy_difference(model, prompt: list[int], got: list[int], expected: list[i
     if gap <= rel * max(scale, 1.0):
         return None
     return f"first difference at new token {at}: {got[at]} vs {expected[at]}, logits {gap:.3g} apart (scale {scale:.3g}): {got} vs {expected}"
+
+
+def train_cli_setup(base):
+    """A folder for `glm5 train` tests: a 320-id tokenizer (tok/), a tiny config (cfg/) and data.jsonl of code text."""
+    import json
+
+    from glm5.tokenizer import train_tokenizer
+
+    text = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)]
+    tokenizer = train_tokenizer(iter(text), 320, out_dir=base / "tok")
+    tiny_config(vocab_size=tokenizer.vocab_size, index_topk=8, max_position_embeddings=64).save_pretrained(base / "cfg")
+    with open(base / "data.jsonl", "w") as fh:
+        for i in range(0, 400, 4):
+            fh.write(json.dumps({"text": "".join(text[i : i + 4])}) + "\n")
+    return base

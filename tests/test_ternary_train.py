@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_cli_setup
 from torch import nn
 
 from glm5.train.ternary import TernaryWeight, finish_ternary, make_ternary, ste_int8_per_token
@@ -57,16 +57,7 @@ def test_finish_ternary_packs_the_forward_weights_exactly():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from glm5.tokenizer import train_tokenizer
-
-    base = tmp_path_factory.mktemp("ternary")
-    text = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)]
-    tokenizer = train_tokenizer(iter(text), 320, out_dir=base / "tok")
-    tiny_config(vocab_size=tokenizer.vocab_size, index_topk=8, max_position_embeddings=64).save_pretrained(base / "cfg")
-    with open(base / "data.jsonl", "w") as fh:
-        for i in range(0, 400, 4):
-            fh.write(json.dumps({"text": "".join(text[i : i + 4])}) + "\n")
-    return base
+    return train_cli_setup(tmp_path_factory.mktemp("ternary"))
 
 
 def test_ternary_run_loss_falls_and_the_saved_model_is_exactly_ternary(setup, tmp_path):

@@ -14,23 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import train_cli_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from glm5.tokenizer import train_tokenizer
-
-    base = tmp_path_factory.mktemp("train_cli")
-    text = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)]
-    tokenizer = train_tokenizer(iter(text), 320, out_dir=base / "tok")
-    tiny_config(vocab_size=tokenizer.vocab_size, index_topk=8, max_position_embeddings=64).save_pretrained(base / "cfg")
-    with open(base / "data.jsonl", "w") as fh:
-        for i in range(0, 400, 4):
-            fh.write(json.dumps({"text": "".join(text[i : i + 4])}) + "\n")
-    return base
+    return train_cli_setup(tmp_path_factory.mktemp("train_cli"))
 
 
 def train_cmd(setup, out, *extra, steps=12, stage="pretrain"):
