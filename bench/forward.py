@@ -6,8 +6,8 @@
 Same random weights in both (ours built from a seed, copied into transformers), the `tiny-bench` preset
 (vocab 4096, hidden 256, 4 layers, 16 experts top-4, index_topk 64), fp32, batch 1, `--threads` CPU threads. Every
 measurement runs in a fresh subprocess so its peak memory is its own, after an untimed pass whose logits
-(64 rows) are compared with the other side's (both with glm5's tie rule for DSA's top-k, bench/peer.py; they
-must agree within fp32 rounding or the benchmark stops) and a warm-up pass: "peak MiB" is the forward's
+(64 rows) are compared with the other side's (transformers under glm5's DSA selections, and how often its own
+differ reported, bench/peer.py; they must agree within fp32 rounding or the benchmark stops) and a warm-up pass: "peak MiB" is the forward's
 high-water mark of resident memory above what the process held before the first forward (Linux VmHWM,
 reset through /proc/self/clear_refs). Reports medians, tokens/s and the ratios; writes JSON. Growth with
 length is also given without glm5's top-k selection (timed around each `select_topk` call): DSA's
@@ -97,10 +97,12 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu",
         mla.select_topk = timed_select
     times, indexer_times = [], []
     if logits_to:  # the correctness check, untimed and before the memory high-water mark is reset (the sort
-        from peer import lowest_position_topk  # that stands in for topk needs memory of its own)
+        from peer import lowest_position_topk, shared_selection  # that stands in for topk needs memory of its own)
 
-        with torch.inference_mode(), lowest_position_topk():
+        selection = topk_path(logits_to)
+        with torch.inference_mode(), lowest_position_topk(), shared_selection(impl, selection) as agreement:
             torch.save(model(ids).logits[0, check_rows(seq)].float().cpu(), logits_to)
+        check_extra = dict(agreement)
         gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -132,7 +134,13 @@ def worker(impl: str, seq: int, repeats: int, threads: int, device: str = "cpu",
         "tokens_per_s": seq / median, "peak_mib": peak_mib, "peak_rss_mib": peak_kib / 1024,
         "indexer_times_s": indexer_times if impl == "glm5" else None,
         "indexer_median_s": statistics.median(indexer_times) if impl == "glm5" else None,
+        **({"selection_check": check_extra} if logits_to else {}),
     }
+
+
+def topk_path(logits_to: str) -> str:
+    """Where glm5's check pass leaves its DSA selections for transformers' (beside glm5's logits file)."""
+    return os.path.join(os.path.dirname(logits_to), os.path.basename(logits_to).split("-", 1)[-1] + ".topk")
 
 
 def run_one(impl: str, seq: int, repeats: int, threads: int, device: str, logits_to: str | None = None) -> dict:
@@ -152,7 +160,9 @@ def torch_load(path: str):
 
 def compare_logits(seq: int, ours, theirs) -> dict:
     """The two sides' logits at check_rows(seq) must agree within fp32 rounding (the tests' 1e-4 of the logits'
-    scale: the same sums in a different order); a benchmark whose sides compute different things stops here."""
+    scale: the same sums in a different order); a benchmark whose sides compute different things stops here.
+    Both run under glm5's DSA selection (peer.shared_selection): at 8K, indexer scores summed in another order
+    swap a key at the k-th place in a few rows, which moves those rows' logits by ~1e-2 without any error."""
     scale = theirs.abs().max().item()
     err = (ours - theirs).abs().max().item()
     check = {"seq": seq, "rows": len(check_rows(seq)), "max_abs_diff": err, "logit_scale": scale,
@@ -192,6 +202,11 @@ def main() -> int:
             print(f"{r['median_s'] * 1000:9.1f} ms  {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mib']:8.1f} MiB")
             rows.append(r)
             if compared and impl == "transformers":
+                sel = r["selection_check"]
+                print(f"[bench] DSA selections at {seq}: transformers' own top-k differs from glm5's in "
+                      f"{sel['rows_differing']} of {sel['rows']} rows (max score gap at a swap "
+                      f"{sel['max_relative_gap']:.1e} of the row's k-th score: near-ties in fp32 sums); "
+                      "logits compared under glm5's selection")
                 checks.append(compare_logits(seq, *(torch_load(os.path.join(scratch, f"{side}-{seq}.pt"))
                                                     for side in ("glm5", "transformers"))))
 

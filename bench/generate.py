@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -128,10 +127,9 @@ def main() -> int:
     model = GLM5ForCausalLM(cfg).eval()
     twin = transformers_twin(model, "sdpa").to(device=device, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"[bench] cpu: {describe_cpu()}", flush=True)
     results = {"config": args.preset, "prompt_tokens": args.prompt, "new_tokens": args.new, "threads": args.threads,
-               "device": str(device), "dtype": args.dtype, "torch": torch.__version__, "machine": machine, "runs": {}}
+               "device": str(device), "dtype": args.dtype, "torch": torch.__version__, "runs": {}}
     for batch in args.batch:
         gen = torch.Generator().manual_seed(batch)
 

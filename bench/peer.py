@@ -30,3 +30,75 @@ def lowest_position_topk():
         yield
     finally:
         torch.Tensor.topk = original
+
+
+@contextlib.contextmanager
+def shared_selection(impl: str, path: str):
+    """glm5 ("glm5"): save every DSA selection of the forward (each `select_topk` call, in layer order) to `path`.
+    transformers: each GlmMoeDsaIndexer still computes its own top-k, which is compared with glm5's saved one
+    (rows whose key sets differ, and the largest score gap between a key only one side chose and the row's k-th
+    score, relative), then glm5's is returned, so the two forwards attend to the same keys. Yields a dict filled
+    with {"rows", "rows_differing", "max_relative_gap"} (transformers) when the block exits."""
+    report = {"rows": 0, "rows_differing": 0, "max_relative_gap": 0.0}
+    if impl == "glm5":
+        import glm5.model.mla as mla
+
+        original, saved = mla.select_topk, []
+
+        def recording(*args, **kwargs):
+            out = original(*args, **kwargs)
+            saved.append(out.detach().cpu())
+            return out
+
+        mla.select_topk = recording
+        try:
+            yield report
+        finally:
+            mla.select_topk = original
+        torch.save(saved, path)
+        report["rows"] = sum(t.shape[0] * t.shape[1] for t in saved)
+        return
+    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as hf
+
+    theirs = torch.load(path)
+    original, calls = hf.GlmMoeDsaIndexer.forward, [0]
+
+    def replaced(self, *args, **kwargs):
+        captured, current = {}, torch.Tensor.topk
+
+        def capture(scores, k, dim=-1, largest=True, sorted=True):  # the masked scores its top-k ranks
+            captured["scores"] = scores
+            return current(scores, k, dim=dim, largest=largest, sorted=sorted)
+
+        torch.Tensor.topk = capture
+        try:
+            own = original(self, *args, **kwargs).long()
+        finally:
+            torch.Tensor.topk = current
+        ours = theirs[calls[0]].to(own.device)
+        calls[0] += 1
+        S = own.shape[1]
+        queries = torch.arange(S, device=own.device).view(1, S, 1)
+        # glm5 marks empty slots (a query with fewer than k visible keys) -1: the query's own position instead,
+        # already selected (transformers fills them with masked future keys; causality drops either)
+        ours = torch.where(ours < 0, queries.expand_as(ours), ours)
+        visible = torch.arange(S, device=own.device).view(1, 1, S) <= queries
+        chosen_own = torch.zeros(own.shape[0], S, S, dtype=torch.bool, device=own.device).scatter_(-1, own, True) & visible
+        chosen_ours = torch.zeros_like(chosen_own).scatter_(-1, ours, True) & visible
+        differ = (chosen_own != chosen_ours).any(-1)
+        report["rows"] += differ.numel()
+        report["rows_differing"] += int(differ.sum())
+        if differ.any():
+            scores = captured["scores"]
+            kth = scores.gather(-1, own).min(-1).values  # each row's k-th score
+            swapped = (chosen_own ^ chosen_ours) & differ.unsqueeze(-1)
+            gap = ((scores - kth.unsqueeze(-1)).abs() / kth.abs().clamp_min(1e-30).unsqueeze(-1))[swapped]
+            report["max_relative_gap"] = max(report["max_relative_gap"], float(gap.max()))
+        return ours.to(torch.int32)
+
+    hf.GlmMoeDsaIndexer.forward = replaced
+    try:
+        yield report
+    finally:
+        hf.GlmMoeDsaIndexer.forward = original
+

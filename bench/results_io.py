@@ -13,6 +13,10 @@ import json
 import os
 import platform
 
+# Environment switches that cap the ISA below what the CPU reports (an AVX2 machine emulated on an AVX-512 one:
+# glm5's kernels, PyTorch's own vectorized ops, oneDNN's and MKL's GEMMs)
+ISA_CAPS = ("GLM5_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 # The flags that decide which code runs: oneDNN / MKL pick GEMM kernels by them, and glm5's C kernels are
 # compiled per ISA (AVX-512 vs AVX2 + FMA vs NEON), so figures only compare on the same set.
 ISA_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx2", "fma", "neon", "asimd", "sve", "bf16")
@@ -42,9 +46,13 @@ def machine() -> dict:
     info = {"cpu_model": cpu_model(), "cpu_flags": _cpu_flags(), "cpu_isa": isa, "cpu_isa_reason": why,
             "cpu_isas_available": available_isas(), "arch": platform.machine(), "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    info["summary"] = (f"CPU {info['cpu_model']} (kernels: {isa}; flags {', '.join(info['cpu_flags']) or 'none read'}), "
-                       f"{info['torch_threads']} threads" + (f"; GPU {info['gpu']}" if info["gpu"] else ""))
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "isa_caps": {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)},
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    caps = ", ".join(f"{k}={v}" for k, v in info["isa_caps"].items())
+    info["summary"] = (f"CPU {info['cpu_model']} (kernels: {isa}; flags {', '.join(info['cpu_flags']) or 'none read'}"
+                       f"{'; capped: ' + caps if caps else ''}), {info['torch_threads']} threads"
+                       + (f"; GPU {info['gpu']}" if info["gpu"] else ""))
     return info
 
 
@@ -57,7 +65,9 @@ def write_results(path: str | os.PathLike, results: dict) -> str:
     machine and the path."""
     path = os.fspath(path)
     results = dict(results)
-    results["machine"] = {**machine(), **(results.get("machine") or {})}
+    given = results.get("machine") or {}
+    # a caller's own description that is not a mapping (a processor string) is kept beside the measured one
+    results["machine"] = {**machine(), **(given if isinstance(given, dict) else {"reported": given})}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:

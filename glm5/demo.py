@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from glm5.train.data import PackedRows, pack_conversations, pack_documents
     from glm5.train.evaluate import generate, heldout_loss, tool_call_eval
     from glm5.train.report import stage_table, write_report
-    from glm5.train.resources import check_fits_memory
+    from glm5.train.resources import check_dtype_speed, check_fits_memory
     from glm5.train.trainer import Trainer, release_stage
 
+    check_dtype_speed(args.dtype, "cpu")
     started = time.perf_counter()
     threads = torch.get_num_threads()
     # Evaluation runs on one thread: it is short, and one thread cannot be stalled at a barrier by another

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -224,3 +227,24 @@ def test_sft_reports_the_conversations_longer_than_a_row_and_truncate_keeps_them
     # cut to their first 64 tokens, the long ones keep no assistant token (the answer was past the cut)
     assert "4 longer than 64 tokens: 4 cut to 64; 4 dropped with no assistant token left after the cut" in out, out
     assert json.loads((tmp_path / "cut" / "data.json").read_text())["truncated"] == 4
+
+
+def test_bf16_refused_on_a_cpu_without_native_bf16(monkeypatch):
+    from glm5.train import resources
+
+    monkeypatch.setattr(resources, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="no native bf16"):
+        resources.check_dtype_speed("bfloat16", "cpu")
+    resources.check_dtype_speed("float32", "cpu")  # fp32 always runs
+    resources.check_dtype_speed("bfloat16", "meta")  # only the CPU is judged here
+    monkeypatch.setattr(resources, "cpu_has_native_bf16", lambda: True)
+    resources.check_dtype_speed("bfloat16", "cpu")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ONEDNN_MAX_CPU_ISA=AVX2 is an x86 cap")
+def test_native_bf16_reads_onednn_isa_cap():
+    """An AVX2 cap (oneDNN's own switch) reads as a CPU without native bf16, in a fresh interpreter."""
+    code = "from glm5.train.resources import cpu_has_native_bf16 as f; print(f())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from glm5.common import keep_freed_memory, print0
     from glm5.train.config import TrainConfig
     from glm5.train.parallel import init_distributed, is_distributed, training_device
-    from glm5.train.resources import check_fits_memory
+    from glm5.train.resources import check_dtype_speed, check_fits_memory
     from glm5.train.trainer import Trainer, release_stage
 
     if args.threads:
@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's {cfg.max_position_embeddings} positions")
     check_fits_memory(cfg, args.micro_batch_size or max(1, args.batch_size // world_size), args.seq_len, device=device)
+    check_dtype_speed(args.dtype, device)
     model = _build_model(args, cfg).to(device)
     if args.ternary:
         from glm5.train.ternary import make_ternary
