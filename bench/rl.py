@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from results_io import write_results  # noqa: E402
+from results_io import describe_cpu, write_results  # noqa: E402
 
 LONGEST = int(os.environ.get("GLM5_BENCH_RL_LONGEST", "128"))  # the longest answer; set by --max-new-tokens
 
@@ -54,26 +53,13 @@ class LongTailEnv:
         return [], sum(c.isdigit() for c in text) / max(len(text), 1), True
 
 
-def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith(("flags", "Features")) and not flags:
-                flags = line
-    except OSError:
-        pass
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "neon" if "asimd" in flags else "other"
-    return {"cpu": model, "isa": isa, "cpus": os.cpu_count()}
-
-
 def run_mode(mode: str, args, out: Path) -> dict:
     from glm5.rl.run import RLConfig, run_rl
 
     config = RLConfig(out=str(out / mode), preset="nano", env="bench.rl:LongTailEnv", algo="grpo", mode=mode,
                       steps=args.steps, rollout_batch=args.rollout_batch, group_size=args.group_size,
-                      max_new_tokens=args.max_new_tokens, over_sample=2.0, max_staleness=1 if mode != "april" else 2,
+                      max_new_tokens=args.max_new_tokens, over_sample=args.over_sample,
+                      max_staleness=args.april_staleness if mode == "april" else 1,
                       rollout_workers=args.async_workers if mode == "async" else 0, lr=1e-4, seed=args.seed,
                       save_every=0, threads=args.threads, progress=False)
     run_rl(config, save_model=False)
@@ -93,35 +79,52 @@ def run_mode(mode: str, args, out: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=6, help="RL steps per mode (default 6)")
+    p.add_argument("--steps", type=int, default=6, help="RL steps per mode and round (default 6)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; each runs every mode once, in turn, so a change "
+                   "of machine load hits all modes alike; medians over rounds are reported (default 2)")
     p.add_argument("--rollout-batch", type=int, default=4, help="groups per step (default 4)")
     p.add_argument("--group-size", type=int, default=4, help="responses per group (default 4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="the longest answers' budget (default 128)")
+    p.add_argument("--over-sample", type=float, default=2.0, help="april: groups launched / groups needed (default 2)")
+    p.add_argument("--april-staleness", type=int, default=2,
+                   help="april's --max-staleness: a partial episode older than this is restarted (default 2)")
     p.add_argument("--async-workers", type=int, default=0, help="Ray rollout actors for the async mode (default 0: in process)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--modes", default="sync,async,april", help="comma-separated modes (default all three)")
     p.add_argument("--out", default="bench/results/rl.json", help="JSON output (default bench/results/rl.json)")
     args = p.parse_args()
     os.environ["GLM5_BENCH_RL_LONGEST"] = str(args.max_new_tokens)  # LongTailEnv is imported by module:attr
-    machine = cpu_info()
-    print(f"[bench] {machine['cpu']} ({machine['isa']}, {machine['cpus']} cpus), nano preset, {args.steps} steps x "
-          f"{args.rollout_batch} groups x {args.group_size}, threads {args.threads}")
-    results = {"machine": machine, "args": vars(args), "modes": {}}
+    print(f"[bench] {describe_cpu()}; nano preset, {args.rounds} rounds x {args.steps} steps x {args.rollout_batch} "
+          f"groups x {args.group_size}, torch threads per run {args.threads}", flush=True)
+    modes = args.modes.split(",")
+    rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes.split(","):
-            r = run_mode(mode, args, Path(tmp))
-            results["modes"][mode] = r
-            print(f"{mode:6s} {r['trained_tokens_per_s']:8.1f} trained tok/s  step {r['step_seconds_median']:6.2f} s  "
-                  f"generator idle {r['generator_idle_s_per_step']:5.2f} s/step  reward {r['final_reward']:.3f}  "
-                  f"off-policy {r['offpolicy_token_share']:.2f}  response {r['response_len_mean']:.1f} tok", flush=True)
-    modes = results["modes"]
-    if "april" in modes and "sync" in modes:
-        ratio = modes["april"]["trained_tokens_per_s"] / modes["sync"]["trained_tokens_per_s"]
+        for round_index in range(args.rounds):
+            for mode in modes:
+                r = run_mode(mode, args, Path(tmp) / f"round{round_index}")
+                rounds[mode].append(r)
+                print(f"round {round_index} {mode:6s} {r['trained_tokens_per_s']:8.1f} trained tok/s  step "
+                      f"{r['step_seconds_median']:6.2f} s  generator idle {r['generator_idle_s_per_step']:5.2f} s/step  "
+                      f"reward {r['final_reward']:.3f}  off-policy {r['offpolicy_token_share']:.2f}  response "
+                      f"{r['response_len_mean']:.1f} tok", flush=True)
+    results = {"args": vars(args), "rounds": rounds, "modes": {}}
+    for mode, runs in rounds.items():
+        results["modes"][mode] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    summary = results["modes"]
+    for mode in modes:
+        r = summary[mode]
+        print(f"median {mode:6s} {r['trained_tokens_per_s']:8.1f} trained tok/s  step {r['step_seconds_median']:6.2f} s  "
+              f"reward {r['final_reward']:.3f}")
+    if "april" in summary and "sync" in summary:
+        # the ratio of each round (same load), then their median
+        ratios = [a["trained_tokens_per_s"] / s["trained_tokens_per_s"] for a, s in zip(rounds["april"], rounds["sync"])]
+        ratio = statistics.median(ratios)
         results["april_vs_sync_throughput"] = ratio
+        results["april_vs_sync_per_round"] = ratios
         write_results(args.out, results)
-        print(f"april vs sync: {ratio:.2f}x throughput, reward {modes['april']['final_reward']:.2f} vs "
-              f"{modes['sync']['final_reward']:.2f}")
+        print(f"april vs sync: {ratio:.2f}x throughput, reward {summary['april']['final_reward']:.2f} vs "
+              f"{summary['sync']['final_reward']:.2f}")
     else:
         write_results(args.out, results)
     return 0
