@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ranks' halves in one more rounding. Every element is a float32 sum over ~100 tokens and a few layers, so
 # it differs by a few dozen units of rounding (u = 2^-24 = 6e-8) of the summed magnitudes: 1e-5 relative (~170 u)
 # is far above that and far below a normalization error, which moves the gradient by a factor (1/2 for a
-# missing world-size factor, the ratio of the ranks' token counts (24 vs 14 here) for per-rank means).
+# missing world-size factor, the ratio of the ranks' token counts (24 vs 10 here) for per-rank means).
 TOL = 1e-5
 
 
@@ -51,9 +51,11 @@ def base_model():
 
 
 def _batch(model):
-    """4 groups of 2 with different response lengths (rank 0's two groups hold 24 trained tokens, rank 1's
-    14), an observation token inside the longer responses, and engine log-probs off the trainer's (so the TIS
-    weights vary)."""
+    """4 groups of 2 with different response lengths, an observation token inside the longer responses, and
+    engine log-probs off the trainer's (so the TIS weights vary). The last group's responses are all
+    observation (nothing to train: a micro-batch the single trainer skips and rank 1 must still run), so rank
+    0's two groups hold 24 trained tokens in 4 sequences, rank 1's 10 in 2 (GRPO's per-token and GSPO's
+    per-sequence means differ from per-rank means)."""
     gen = torch.Generator().manual_seed(1)
     lengths, rewards = [4, 9, 6, 2], [[1.0, 0.0], [0.2, 0.9], [0.0, 0.5], [1.0, 0.3]]
     groups = []
@@ -63,7 +65,7 @@ def _batch(model):
             ep = Episode(group=g, index=i, env_seed=g, sample_seed=i,
                          prompt_ids=torch.randint(0, 512, (3 + g,), generator=gen).tolist(),
                          tokens=torch.randint(0, 512, (n,), generator=gen).tolist())
-            ep.loss_mask = [0 if t == 2 and n > 4 else 1 for t in range(n)]
+            ep.loss_mask = [0 if (t == 2 and n > 4) or g == 3 else 1 for t in range(n)]
             ep.versions = [0 if m else -1 for m in ep.loss_mask]
             ep.rewards = [r]
             group.append(ep)
@@ -105,7 +107,7 @@ def test_two_ranks_make_the_single_trainer_update(local_ray, base_model, mode, a
         group.kill()
 
     assert two["policy_version"] == one["policy_version"] == 1
-    assert two["trained_tokens"] == one["trained_tokens"] == 38  # both ranks' tokens counted
+    assert two["trained_tokens"] == one["trained_tokens"] == 34  # both ranks' tokens counted
     assert two["staleness_max"] == one["staleness_max"] == 0
     # the global gradient norm, before clipping: a missing world-size factor halves it
     assert one["grad_norm"] > config.grad_clip, "the test wants clipping active (the global norm matters)"
@@ -164,9 +166,11 @@ def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_run_with_two_trainer_ranks_checkpoints_and_resumes(local_ray, tmp_path):
-    """FSDP2 over 2 ranks for 3 steps; the same run stopped after 2 and resumed (its checkpoint from the
-    FSDP2 group) with DDP ranks: the same metrics and, to AdamW kernel rounding, the same weights."""
+    """FSDP2 over 2 ranks for 2 steps; the same run stopped after 1 and resumed (its checkpoint from the
+    FSDP2 group) with DDP ranks: the same metrics and, to AdamW kernel rounding (the fused kernel on plain
+    tensors, the loop on DTensors: ~1e-7 a step), the same weights."""
     torch.set_num_threads(1)
     # a reward that spreads a random model's answers (tests/rl_helpers.py): every step updates the weights
     common = ["rl", "--preset", "nano", "--env", "countdown", "--reward", "rl_helpers:hash_reward", "--algo", "grpo",
@@ -174,19 +178,19 @@ def test_run_with_two_trainer_ranks_checkpoints_and_resumes(local_ray, tmp_path)
               "--rollout-batch", "2", "--group-size", "2", "--max-new-tokens", "6", "--lr", "1e-3",
               "--rollout-workers", "1", "--trainer-workers", "2", "--no-progress"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert main(common + ["--steps", "3", "--trainer-parallel", "fsdp", "--out", str(whole)]) == 0
+    assert main(common + ["--steps", "2", "--trainer-parallel", "fsdp", "--out", str(whole)]) == 0
     records = _records(whole)
-    assert [r["policy_version"] for r in records] == [1, 2, 3]
+    assert [r["policy_version"] for r in records] == [1, 2]
     for r in records:
         assert r["worker_versions"] == [r["policy_version"]]
         assert r["trained_tokens"] > 0 and r["grad_norm"] > 0 and r["reward_std"] > 0
     model = GLM5ForCausalLM.from_pretrained(whole / "model")
     assert (whole / "report.md").is_file()
 
-    assert main(common + ["--steps", "2", "--trainer-parallel", "fsdp", "--out", str(cut)]) == 0
-    assert main(common + ["--steps", "3", "--trainer-parallel", "ddp", "--resume", "--out", str(cut)]) == 0
+    assert main(common + ["--steps", "1", "--trainer-parallel", "fsdp", "--out", str(cut)]) == 0
+    assert main(common + ["--steps", "2", "--trainer-parallel", "ddp", "--resume", "--out", str(cut)]) == 0
     resumed = _records(cut)
-    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert [r["step"] for r in resumed] == [1, 2]
     for a, b in zip(records, resumed):
         for key in ("reward_mean", "response_len_mean", "trained_tokens", "policy_version"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key, a[key], b[key])
