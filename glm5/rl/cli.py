@@ -88,7 +88,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: none; default 1.0)")
     p.add_argument("--disable-std-normalization", action="store_true",
                    help="GRPO advantages without dividing by the group's std (Dr. GRPO)")
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of the KL to the starting model (default 0: no reference)")

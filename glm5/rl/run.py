@@ -114,6 +114,8 @@ class RLConfig:
             raise ValueError("--mode async trains on tokens one version old: --max-staleness must be >= 1")
         if self.max_staleness < 0 or self.rollout_workers < 0 or self.save_every < 0:
             raise ValueError("--max-staleness, --rollout-workers and --save-every must be >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"--grad-clip {self.grad_clip}: must be >= 0 (0: no clipping)")
         if self.trainer_workers < 1:
             raise ValueError(f"--trainer-workers {self.trainer_workers}: must be >= 1")
         if self.trainer_parallel not in TRAINER_PARALLEL:

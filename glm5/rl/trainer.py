@@ -47,7 +47,7 @@ class TrainerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     lr: float = 1e-5
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient norm cap (0: none)
     mask_offpolicy: bool = False  # train only on tokens the current policy sampled (APRIL's option)
     overlong: str = "keep"  # responses cut at max_new_tokens: keep, mask (no loss), penalty (reward - overlong_penalty)
     overlong_penalty: float = 0.5
@@ -62,6 +62,8 @@ class TrainerConfig:
             raise ValueError(f"overlong {self.overlong!r}: must be one of {', '.join(OVERLONG)}")
         if not self.lr > 0:
             raise ValueError(f"lr {self.lr}: must be > 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad clip {self.grad_clip}: must be >= 0 (0: no clipping)")
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch {self.micro_batch}: must be >= 1")
 
