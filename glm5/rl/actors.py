@@ -7,12 +7,13 @@
 With `config.rollout_workers` W >= 1 these are Ray actors (`ray.remote`) on a local Ray started here
 (`ray.init(include_dashboard=False, num_cpus=...)`, Ray's own logging kept to warnings) or on the cluster at
 `config.ray_address`; with W = 0 they are plain objects in this process. Ray does the placement and the
-transport (weights travel as a CPU state dict, tagged with their policy version); nothing here opens a socket
-or a process of its own.
+transport (weights travel as a CPU state dict, tagged with their policy version); nothing here talks over a
+socket or starts a process of its own.
 
 With `config.trainer_workers` N > 1 the trainer is a TrainerGroup, slime's training group: N TrainerActor
-ranks, Ray actors that join one torch.distributed process group (gloo on CPU, nccl on CUDA). Rank 0 reports its
-node's address and a free port (through Ray, as slime and OpenRLHF do); every rank then calls
+ranks, Ray actors that join one torch.distributed process group (gloo on CPU, nccl when the model it is given
+lives on CUDA; `glm5 rl` keeps its models on the CPU). Rank 0 reports its node's address and a port the OS
+found free (binding and closing a socket, through Ray, as slime and OpenRLHF do); every rank then calls
 init_process_group with MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE, and torch.distributed does the
 transport. Each rank's RLTrainer wraps the model with glm5/train/parallel.py (`config.trainer_parallel`: DDP or
 FSDP2) and trains its slice of the batch's groups (glm5/rl/trainer.py); the group fans every call out to all
