@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SUBCOMMANDS = ["params", "demo", "train", "tokenizer", "quantize", "plan", "serve"]
+SUBCOMMANDS = ["params", "demo", "train", "tokenizer", "quantize", "plan", "serve", "rl"]
 
 # in one fresh interpreter: `glm5 --help`, then each `glm5 SUB --help`; after each, the heavy packages loaded so far
 PROBE = """

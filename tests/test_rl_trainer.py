@@ -77,3 +77,16 @@ def test_staleness_is_reported_per_trained_token(base_model):
     trainer.version = 2
     metrics = trainer.train_step([_group(base_model, [1.0, 0.0], versions=[0, 1, -1, 2])])
     assert metrics["staleness_max"] == 2 and metrics["staleness_mean"] == pytest.approx(1.0)
+
+
+def test_grad_clip_zero_means_no_clipping(base_model):
+    import copy
+
+    model = copy.deepcopy(base_model)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = RLTrainer(model, TrainerConfig(grad_clip=0.0, lr=1e-3), group_size=2)
+    metrics = trainer.train_step([_group(model, [1.0, 0.0])])
+    assert metrics["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "grad_clip 0 zeroed the update"
+    with pytest.raises(ValueError, match="grad clip -1"):
+        TrainerConfig(grad_clip=-1.0).validate()

@@ -2,19 +2,29 @@
 
     place, trainer, workers, shutdown = start_actors(config, model, tokenizer)
     place.get(place.submit(workers[0], "generate", episodes, None))    # -> (done, partial, info)
+    place.get(place.submit(trainer, "train_step", groups))             # one trainer or a TrainerGroup of N ranks
 
 With `config.rollout_workers` W >= 1 these are Ray actors (`ray.remote`) on a local Ray started here
 (`ray.init(include_dashboard=False, num_cpus=...)`, Ray's own logging kept to warnings) or on the cluster at
 `config.ray_address`; with W = 0 they are plain objects in this process. Ray does the placement and the
-transport (weights travel as a CPU state dict, tagged with their policy version); nothing here opens a socket
-or a process of its own. The trainer runs on one device here; a trainer with several devices would wrap its
-model with glm5/train/parallel.py (DDP / FSDP2) inside the actor.
+transport (weights travel as a CPU state dict, tagged with their policy version); nothing here talks over a
+socket or starts a process of its own.
+
+With `config.trainer_workers` N > 1 the trainer is a TrainerGroup, slime's training group: N TrainerActor
+ranks, Ray actors that join one torch.distributed process group (gloo on CPU, nccl when the model it is given
+lives on CUDA; `glm5 rl` keeps its models on the CPU). Rank 0 reports its node's address and a port the OS
+found free (binding and closing a socket, through Ray, as slime and OpenRLHF do); every rank then calls
+init_process_group with MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE, and torch.distributed does the
+transport. Each rank's RLTrainer wraps the model with glm5/train/parallel.py (`config.trainer_parallel`: DDP or
+FSDP2) and trains its slice of the batch's groups (glm5/rl/trainer.py); the group fans every call out to all
+ranks and returns rank 0's answer (metrics reduced over ranks, full weights and state).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 
 
@@ -49,20 +59,52 @@ class RolloutActor:
 
 
 class TrainerActor:
-    """The RLTrainer behind train_step / weights / state_dict / load_state_dict."""
+    """The RLTrainer behind train_step / weights / state_dict / load_state_dict. One rank of a TrainerGroup when
+    world_size > 1: the trainer is built in join(), inside the process group."""
 
-    def __init__(self, model, config) -> None:
+    def __init__(self, model, config, rank: int = 0, world_size: int = 1) -> None:
         import torch
-
-        from glm5.rl.trainer import RLTrainer, TrainerConfig
 
         if config.threads:
             torch.set_num_threads(config.threads)
         self.slow = config.slow_trainer_seconds
-        self.trainer = RLTrainer(model, TrainerConfig(
+        self.rank, self.world_size = rank, world_size
+        self.trainer = None
+        self._model, self._config = model, config
+        if world_size == 1:
+            self._build()
+
+    def _build(self) -> None:
+        from glm5.rl.trainer import RLTrainer, TrainerConfig
+
+        config = self._config
+        self.trainer = RLTrainer(self._model, TrainerConfig(
             loss=config.loss_config(), lr=config.lr, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-            mask_offpolicy=config.mask_offpolicy, overlong=config.overlong, micro_batch=config.micro_batch),
-            group_size=config.group_size)
+            mask_offpolicy=config.mask_offpolicy, overlong=config.overlong, micro_batch=config.micro_batch,
+            parallel=config.trainer_parallel), group_size=config.group_size)
+        self._model = None
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0: this node's address and a port free on it, for the others' MASTER_ADDR / MASTER_PORT."""
+        import socket
+
+        import ray
+
+        with socket.socket() as sock:  # the OS picks a free port; torch.distributed's store listens on it
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, master_addr: str, master_port: int) -> int:
+        """Join the process group (env:// rendezvous) and build the trainer inside it; -> this rank."""
+        from glm5.train.parallel import init_distributed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        device = next(self._model.parameters()).device
+        rank, _ = init_distributed(device)
+        self._build()
+        return rank
 
     def train_step(self, groups):
         if self.slow:
@@ -86,6 +128,60 @@ class TrainerActor:
         return self.trainer.version
 
 
+class GroupCall:
+    """A call in flight on every rank of a TrainerGroup; result() is rank 0's answer."""
+
+    def __init__(self, ray_module, refs):
+        self.ray, self.refs = ray_module, refs
+
+    def result(self):
+        pending = list(self.refs)
+        while pending:  # a rank's error surfaces at once (the others would wait in a collective for it)
+            ready, pending = self.ray.wait(pending, num_returns=1)
+            self.ray.get(ready[0])
+        return self.ray.get(self.refs[0])
+
+
+class TrainerGroup:
+    """N TrainerActor ranks (Ray actors) in one process group, used like one trainer: submit(method, *args)
+    calls it on every rank (arguments put in Ray's object store once) and returns a GroupCall; train_step,
+    weights, state_dict and load_state_dict wait for it and return rank 0's answer."""
+
+    def __init__(self, ray_module, model, config):
+        self.ray = ray_module
+        n = config.trainer_workers
+        # num_cpus=0 as the other actors: on a small machine the ranks share the cores (one torch thread each)
+        remote = ray_module.remote(num_cpus=0)(TrainerActor)
+        model_ref = ray_module.put(model)  # one copy in the object store, read by every rank
+        self.ranks = [remote.remote(model_ref, config, rank, n) for rank in range(n)]
+        try:
+            addr, port = ray_module.get(self.ranks[0].address.remote())
+            GroupCall(ray_module, [r.join.remote(addr, port) for r in self.ranks]).result()
+        except Exception:
+            self.kill()
+            raise
+
+    def submit(self, method: str, *args) -> GroupCall:
+        args = tuple(self.ray.put(a) for a in args)
+        return GroupCall(self.ray, [getattr(r, method).remote(*args) for r in self.ranks])
+
+    def train_step(self, groups):
+        return self.submit("train_step", groups).result()
+
+    def weights(self):
+        return self.submit("weights").result()
+
+    def state_dict(self):
+        return self.submit("state_dict").result()
+
+    def load_state_dict(self, state):
+        return self.submit("load_state_dict", state).result()
+
+    def kill(self) -> None:
+        for r in self.ranks:
+            self.ray.kill(r)
+
+
 def _tokenizer_from_json(text: str):
     import tokenizers
 
@@ -95,7 +191,7 @@ def _tokenizer_from_json(text: str):
 
 
 def start_actors(config, model, tokenizer):
-    """-> (placement, trainer, [workers], shutdown())."""
+    """-> (placement, trainer, [workers], shutdown()); the trainer is a TrainerGroup when trainer_workers > 1."""
     from glm5.rl.run import Placement
 
     if config.rollout_workers == 0:
@@ -115,12 +211,25 @@ def start_actors(config, model, tokenizer):
     # each actor asks for no CPU of Ray's budget: on a small machine they share the cores (torch threads are
     # set per actor), and a 2-core machine can still place W workers + a trainer
     remote_worker = ray.remote(num_cpus=0)(RolloutActor)
-    remote_trainer = ray.remote(num_cpus=0)(TrainerActor)
-    trainer = remote_trainer.remote(model, config)
-    workers = [remote_worker.remote(model, tokenizer_json, config) for _ in range(config.rollout_workers)]
+    actors = []
+    try:
+        if config.trainer_workers > 1:
+            trainer = TrainerGroup(ray, model, config)
+            actors += trainer.ranks
+        else:
+            trainer = ray.remote(num_cpus=0)(TrainerActor).remote(model, config)
+            actors.append(trainer)
+        workers = [remote_worker.remote(model, tokenizer_json, config) for _ in range(config.rollout_workers)]
+        actors += workers
+    except Exception:
+        for actor in actors:
+            ray.kill(actor)
+        if started_here:
+            ray.shutdown()
+        raise
 
     def shutdown():
-        for actor in [trainer, *workers]:
+        for actor in actors:
             ray.kill(actor)
         if started_here:
             ray.shutdown()

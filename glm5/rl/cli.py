@@ -3,6 +3,7 @@
     glm5 rl --init runs/demo/model --env tool-call --algo grpo --mode april --steps 20 --rollout-batch 4 \\
         --group-size 4 --max-new-tokens 48 --out runs/rl
     glm5 rl --preset nano --env countdown --algo gspo --mode async --max-staleness 2 --rollout-workers 2 ...
+    glm5 rl ... --rollout-workers 1 --trainer-workers 2 --trainer-parallel fsdp   # 2 trainer ranks (Ray actors)
     glm5 rl ... --env my_pkg.envs:MyEnv --reward my_pkg.rewards:score     # your own env / reward
     glm5 rl ... --resume                                                   # after a crash or kill -9
 
@@ -23,7 +24,8 @@ def config_from_args(args):
         out=args.out, init=args.init, preset=args.preset, env=args.env, reward=args.reward, algo=args.algo,
         mode=args.mode, steps=args.steps, rollout_batch=args.rollout_batch, group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, over_sample=args.over_sample, max_staleness=args.max_staleness,
-        rollout_workers=args.rollout_workers, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+        rollout_workers=args.rollout_workers, trainer_workers=args.trainer_workers,
+        trainer_parallel=args.trainer_parallel, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         seed=args.seed, resume=args.resume, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, std_normalization=not args.disable_std_normalization,
         kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, mismatch=args.mismatch,
@@ -49,7 +51,7 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     from glm5.common import int_at_least
-    from glm5.rl.names import ALGOS, KL_ESTIMATORS, MISMATCH_FIXES, MODES, OVERLONG
+    from glm5.rl.names import ALGOS, KL_ESTIMATORS, MISMATCH_FIXES, MODES, OVERLONG, TRAINER_PARALLEL
 
     p = subparsers.add_parser("rl", help="reinforcement learning on an environment (sync / async / APRIL, Ray)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +74,12 @@ def register(subparsers) -> None:
                    help="async / april: no trained token older than this many policy versions (default 1)")
     p.add_argument("--rollout-workers", type=int_at_least(0), default=1,
                    help="Ray rollout actors, each with its own engine (0: no Ray, all in this process; default 1)")
+    p.add_argument("--trainer-workers", type=int_at_least(1), default=1,
+                   help="trainer ranks: Ray actors in one torch.distributed process group, each training its share "
+                   "of the groups (--rollout-batch must divide by it; > 1 needs --rollout-workers >= 1; default 1)")
+    p.add_argument("--trainer-parallel", choices=TRAINER_PARALLEL, default="ddp",
+                   help="how several trainer ranks hold the model: ddp (a replica each) or fsdp (FSDP2 shards) "
+                   "(default ddp)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)")
     p.add_argument("--ray-num-cpus", type=int_at_least(1), default=None, help="CPUs of the local Ray (default: workers + 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and samples (default 0)")
@@ -80,7 +88,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: none; default 1.0)")
     p.add_argument("--disable-std-normalization", action="store_true",
                    help="GRPO advantages without dividing by the group's std (Dr. GRPO)")
     p.add_argument("--kl-coef", type=float, default=0.0, help="weight of the KL to the starting model (default 0: no reference)")

@@ -13,8 +13,10 @@ Modes (slime's shapes; reference figures in README.md):
 
 Placement: with `rollout_workers` W >= 1 each worker (its own engine and model copy), the trainer and the buffer
 are Ray actors (glm5/rl/actors.py) on a local Ray the run starts (`ray.init(include_dashboard=False)`) or the
-cluster at `ray_address`; with W = 0 the same objects run in this process (tests, `make demo`). The loop is the
-same either way: it calls the objects' methods through `Placement`.
+cluster at `ray_address`; with W = 0 the same objects run in this process (tests, `make demo`). With
+`trainer_workers` N > 1 the trainer is a group of N Ray actors in one torch.distributed process group
+(`trainer_parallel` ddp or fsdp), each training its slice of the batch's groups (rollout_batch must divide by
+N). The loop is the same either way: it calls the objects' methods through `Placement`.
 
 Each step writes a line of OUT/metrics.jsonl; every `save_every` steps a checkpoint (model, optimizer,
 version, buffer with its partial episodes, data position, RNG) is written atomically to OUT/checkpoints/;
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 from glm5.rl.losses import ALGOS, LossConfig
-from glm5.rl.names import MODES  # torch-free: the command's parser reads it
+from glm5.rl.names import MODES, TRAINER_PARALLEL  # torch-free: the command's parser reads them
 
 METRIC_KEYS = ("step", "policy_version", "reward_mean", "reward_std", "response_len_mean", "staleness_mean",
                "staleness_max", "mismatch_kl", "rollout_tokens_per_s", "train_tokens_per_s", "partial_resumed",
@@ -58,6 +60,8 @@ class RLConfig:
     over_sample: float = 2.0  # april: groups launched / groups needed
     max_staleness: int = 1  # async / april: no trained token older than this many versions
     rollout_workers: int = 0  # Ray rollout actors (0: everything in this process)
+    trainer_workers: int = 1  # trainer ranks (Ray actors in one process group); > 1 needs rollout_workers >= 1
+    trainer_parallel: str = "ddp"  # how several trainer ranks split the model: ddp or fsdp
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     seed: int = 0
@@ -110,6 +114,18 @@ class RLConfig:
             raise ValueError("--mode async trains on tokens one version old: --max-staleness must be >= 1")
         if self.max_staleness < 0 or self.rollout_workers < 0 or self.save_every < 0:
             raise ValueError("--max-staleness, --rollout-workers and --save-every must be >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"--grad-clip {self.grad_clip}: must be >= 0 (0: no clipping)")
+        if self.trainer_workers < 1:
+            raise ValueError(f"--trainer-workers {self.trainer_workers}: must be >= 1")
+        if self.trainer_parallel not in TRAINER_PARALLEL:
+            raise ValueError(f"--trainer-parallel {self.trainer_parallel!r}: must be one of {', '.join(TRAINER_PARALLEL)}")
+        if self.trainer_workers > 1 and self.rollout_workers < 1:
+            raise ValueError(f"--trainer-workers {self.trainer_workers} runs the trainer ranks as Ray actors: it needs "
+                             "--rollout-workers >= 1")
+        if self.rollout_batch % self.trainer_workers:
+            raise ValueError(f"--rollout-batch {self.rollout_batch} must be a multiple of --trainer-workers "
+                             f"{self.trainer_workers}: each trainer rank trains the same number of groups")
         if not self.temperature > 0:
             raise ValueError(f"--temperature {self.temperature}: must be > 0 (RL samples)")
         self.loss_config().validate()
@@ -185,11 +201,15 @@ class Placement:
     def submit(self, obj, method: str, *args):
         if self.ray is None:
             return ("done", getattr(obj, method)(*args))
+        if hasattr(obj, "submit"):  # a TrainerGroup: the call goes to every rank
+            return obj.submit(method, *args)
         return getattr(obj, method).remote(*args)
 
     def get(self, future):
         if self.ray is None:
             return future[1]
+        if hasattr(future, "result"):
+            return future.result()
         return self.ray.get(future)
 
 
