@@ -2,7 +2,9 @@
 (glm5/rl/run.py, cli.py, actors.py, buffer.py)."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,17 +121,62 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_two_rollout_actors_and_a_slow_trainer_keep_the_staleness_bound(tmp_path):
-    pytest.importorskip("ray")
+def test_ray_two_rollout_actors_and_a_slow_trainer_keep_the_staleness_bound(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
     torch.set_num_threads(1)
     out = tmp_path / "ray"
-    run_rl(RLConfig(out=str(out), preset="nano", env="countdown", mode="async", steps=3, rollout_batch=2,
-                    group_size=2, max_new_tokens=6, max_staleness=1, rollout_workers=2, ray_num_cpus=2,
-                    slow_trainer_seconds=1.0, progress=False))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = run_rl(RLConfig(out=str(out), preset="nano", env="countdown", mode="async", steps=3, rollout_batch=2,
+                              group_size=2, max_new_tokens=6, max_staleness=1, rollout_workers=2, ray_num_cpus=2,
+                              slow_trainer_seconds=1.0, progress=False))
+    records = _records(out)
     assert [r["policy_version"] for r in records] == [1, 2, 3]
     for r in records:
         assert r["worker_versions"] == [r["policy_version"]] * 2, "a worker kept old weights"
         assert r["staleness_max"] <= 1
     # after the first step every trained token came from the previous version: generation overlapped training
     assert [r["staleness_max"] for r in records[1:]] == [1, 1]
+    _assert_all_ray_actors(summary["placement"], 2)
+
+    # APRIL on Ray actors (one rollout worker): the buffer actor keeps partial episodes across steps and in its
+    # checkpoints, and a run resumed from step 1 (that state loaded into a new buffer actor) repeats the other
+    monkeypatch.setenv("GLM5_BENCH_RL_LONGEST", "24")  # bench/rl.py's long tail (see _cli); the actors inherit it
+    ray.init(include_dashboard=False, num_cpus=2, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        whole, cut = tmp_path / "whole", tmp_path / "cut"
+        config = dict(preset="nano", env="bench.rl:LongTailEnv", mode="april", rollout_batch=2, group_size=2,
+                      max_new_tokens=24, over_sample=2.0, max_staleness=2, rollout_workers=1, lr=1e-3, keep_last=2,
+                      progress=False)
+        summary = run_rl(RLConfig(out=str(whole), steps=2, **config))
+        _assert_all_ray_actors(summary["placement"], 1)
+        shutil.copytree(whole, cut)  # as if killed after step 1: its step-1 checkpoint is the last
+        (cut / "checkpoints" / "step_000002.pt").unlink()
+        partial = torch.load(cut / "checkpoints" / "step_000001.pt", weights_only=True)["data"]["buffer"]["partial"]
+        assert partial, "the buffer actor's checkpointed state should hold APRIL's partial episodes"
+        run_rl(RLConfig(out=str(cut), steps=2, resume=True, **config))
+    finally:
+        ray.shutdown()
+    a, b = _records(whole), _records(cut)
+    assert [r["step"] for r in b] == [1, 2]
+    assert a[1]["partial_resumed"] > 0, "step 2 should continue step 1's partial episodes"
+    assert max(r["staleness_max"] for r in a) <= 2
+    for key in ("reward_mean", "response_len_mean", "staleness_mean", "staleness_max", "partial_resumed",
+                "policy_version"):
+        assert a[1][key] == pytest.approx(b[1][key], abs=1e-6), f"resumed step 2 {key}: {a[1][key]} vs {b[1][key]}"
+    from safetensors.torch import load_file
+
+    wa = load_file(next((whole / "model").glob("*.safetensors")))
+    wb = load_file(next((cut / "model").glob("*.safetensors")))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_all_ray_actors(placement, workers):
+    """The buffer, the trainer and each rollout worker ran as a Ray actor, each in a process of its own."""
+    roles = [placement["buffer"], placement["trainer"], *placement["workers"]]
+    assert [r["class"] for r in roles] == ["RolloutBuffer", "TrainerActor"] + ["RolloutActor"] * workers
+    assert all(r["ray_actor"] for r in roles), f"not all Ray actors: {roles}"
+    pids = [r["pid"] for r in roles]
+    assert os.getpid() not in pids and len(set(pids)) == len(pids), pids

@@ -162,7 +162,8 @@ class TrainerGroup:
             raise
 
     def submit(self, method: str, *args) -> GroupCall:
-        args = tuple(self.ray.put(a) for a in args)
+        # a future (an ObjectRef, e.g. the buffer's batch) is passed on as it is: each rank reads its object
+        args = tuple(a if isinstance(a, self.ray.ObjectRef) else self.ray.put(a) for a in args)
         return GroupCall(self.ray, [getattr(r, method).remote(*args) for r in self.ranks])
 
     def train_step(self, groups):
@@ -191,12 +192,17 @@ def _tokenizer_from_json(text: str):
 
 
 def start_actors(config, model, tokenizer):
-    """-> (placement, trainer, [workers], shutdown()); the trainer is a TrainerGroup when trainer_workers > 1."""
+    """-> (placement, trainer, [workers], buffer, shutdown()); the trainer is a TrainerGroup when
+    trainer_workers > 1, the buffer a RolloutBuffer (a Ray actor like the others when rollout_workers >= 1)."""
+    from glm5.rl.buffer import RolloutBuffer
     from glm5.rl.run import Placement
 
+    # sync trains each batch with the weights that sampled it: no staleness allowed
+    buffer_args = (config.group_size, config.seed, config.max_staleness if config.mode != "sync" else 0,
+                   config.filter_equal)
     if config.rollout_workers == 0:
         workers = [RolloutActor(copy.deepcopy(model), tokenizer, config)]
-        return Placement(None), TrainerActor(model, config), workers, lambda: None
+        return Placement(None), TrainerActor(model, config), workers, RolloutBuffer(*buffer_args), lambda: None
     import ray
 
     started_here = False
@@ -221,6 +227,8 @@ def start_actors(config, model, tokenizer):
             actors.append(trainer)
         workers = [remote_worker.remote(model, tokenizer_json, config) for _ in range(config.rollout_workers)]
         actors += workers
+        buffer = ray.remote(num_cpus=0)(RolloutBuffer).remote(*buffer_args)
+        actors.append(buffer)
     except Exception:
         for actor in actors:
             ray.kill(actor)
@@ -234,4 +242,4 @@ def start_actors(config, model, tokenizer):
         if started_here:
             ray.shutdown()
 
-    return Placement(ray), trainer, workers, shutdown
+    return Placement(ray), trainer, workers, buffer, shutdown
