@@ -1,14 +1,18 @@
-"""The run's roles as objects that Ray can place: rollout workers (each with its own engine), the trainer.
+"""The run's roles as objects that Ray can place: rollout workers (each with its own engine), the trainer and
+the rollout buffer.
 
-    place, trainer, workers, shutdown = start_actors(config, model, tokenizer)
-    place.get(place.submit(workers[0], "generate", episodes, None))    # -> (done, partial, info)
-    place.get(place.submit(trainer, "train_step", groups))             # one trainer or a TrainerGroup of N ranks
+    place, trainer, workers, buffer, shutdown = start_actors(config, model, tokenizer)
+    answer = place.submit(workers[0], "generate", episodes, None)       # a future of (done, partial, info)
+    place.get(place.submit(buffer, "collect", version, answer))         # the answer goes to the buffer itself
+    place.get(place.submit(trainer, "train_step", groups))              # one trainer or a TrainerGroup of N ranks
 
-With `config.rollout_workers` W >= 1 these are Ray actors (`ray.remote`) on a local Ray started here
-(`ray.init(include_dashboard=False, num_cpus=...)`, Ray's own logging kept to warnings) or on the cluster at
-`config.ray_address`; with W = 0 they are plain objects in this process. Ray does the placement and the
-transport (weights travel as a CPU state dict, tagged with their policy version); nothing here talks over a
-socket or starts a process of its own.
+With `config.rollout_workers` W >= 1 these are Ray actors (`ray.remote(num_cpus=0)`: W workers, the trainer,
+glm5/rl/buffer.py's RolloutBuffer) on a local Ray started here (`ray.init(include_dashboard=False,
+num_cpus=...)`, Ray's own logging kept to warnings) or on the cluster at `config.ray_address`; with W = 0 they
+are plain objects in this process. Ray does the placement and the transport (weights travel as a CPU state
+dict, tagged with their policy version; episodes as dataclasses in its object store, a future handed to
+another actor's call resolved where that call runs); nothing here talks over a socket or starts a process of
+its own.
 
 With `config.trainer_workers` N > 1 the trainer is a TrainerGroup, slime's training group: N TrainerActor
 ranks, Ray actors that join one torch.distributed process group (gloo on CPU, nccl when the model it is given

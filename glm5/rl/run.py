@@ -11,12 +11,22 @@ Modes (slime's shapes; reference figures in README.md):
   done, keep the unfinished episodes (tokens, log-probs, versions, generator state) in the buffer and continue
   them first next step; `mask_offpolicy` trains only on tokens of the current policy.
 
-Placement: with `rollout_workers` W >= 1 each worker (its own engine and model copy), the trainer and the buffer
-are Ray actors (glm5/rl/actors.py) on a local Ray the run starts (`ray.init(include_dashboard=False)`) or the
-cluster at `ray_address`; with W = 0 the same objects run in this process (tests, `make demo`). With
-`trainer_workers` N > 1 the trainer is a group of N Ray actors in one torch.distributed process group
-(`trainer_parallel` ddp or fsdp), each training its slice of the batch's groups (rollout_batch must divide by
-N). The loop is the same either way: it calls the objects' methods through `Placement`.
+Placement: with `rollout_workers` W >= 1 each worker (its own engine and model copy), the trainer and the
+buffer (glm5/rl/buffer.py's RolloutBuffer) are Ray actors (glm5/rl/actors.py) on a local Ray the run starts
+(`ray.init(include_dashboard=False)`) or the cluster at `ray_address`; with W = 0 the same objects run in this
+process (tests, `make demo`). With `trainer_workers` N > 1 the trainer is a group of N Ray actors in one
+torch.distributed process group (`trainer_parallel` ddp or fsdp), each training its slice of the batch's groups
+(rollout_batch must divide by N). The loop is the same either way: it calls the objects' methods through
+`Placement` (`place.get(place.submit(obj, "method", *args))`), and the summary's "placement" says where each
+one ran (Ray actor or not, its process id).
+
+Data flow on Ray: this process asks the buffer for the episodes to run and deals them to the workers by group;
+the workers' futures go to the buffer's `collect` in one call, so their answers travel from the workers to the
+buffer through Ray's object store, not through here (slime keeps its rollout data on the RolloutManager
+actor); `collect` answers only figures (sampled tokens, seconds, aborted episodes, complete groups). A batch
+from `take` goes to the trainer as the buffer's future (read here too, for the step's metrics). Checkpoints
+read `state_dict` through the buffer actor and a resumed run loads it back into a new one, partial episodes
+included.
 
 Each step writes a line of OUT/metrics.jsonl; every `save_every` steps a checkpoint (model, optimizer,
 version, buffer with its partial episodes, data position, RNG) is written atomically to OUT/checkpoints/;
@@ -299,7 +309,7 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             if config.max_minutes and time.perf_counter() - started > 60 * config.max_minutes:
                 break  # the time budget: stop after a whole step
             step_started = time.perf_counter()
-            gen_stats = carried_stats or {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
+            gen_stats = carried_stats or _no_stats()
             carried_stats = None
             stop, launch = None, config.rollout_batch
             if config.mode == "april":
@@ -329,8 +339,7 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             weights = place.get(place.submit(trainer, "weights"))
             if config.mode == "async" and pending is not None:
                 # finished under version - 1: one version stale when trained next step; its rollout figures too
-                carried_stats = _add({"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0},
-                                     place.get(pending))
+                carried_stats = _add(_no_stats(), place.get(pending))
                 pending = None
             # weight sync: every worker reports the version it now generates with
             worker_versions = [place.get(place.submit(w, "set_weights", weights, version)) for w in workers]
@@ -406,6 +415,10 @@ def _collect(place, futures, buffer, restart_version):
     """The workers' futures handed to the buffer in one call (their answers go to it, not through here);
     -> the future of its figures (seconds, sampled, aborted, complete_groups)."""
     return place.submit(buffer, "collect", restart_version, *futures)
+
+
+def _no_stats() -> dict:
+    return {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
 
 
 def _add(stats: dict, more: dict) -> dict:
