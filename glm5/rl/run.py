@@ -330,8 +330,8 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             if not batch:
                 continue
             if config.mode == "async" and step + 1 < config.steps:
-                # step n+1's generation runs with the weights of version n while step n trains; its answers go
-                # to the buffer as they come
+                # step n+1's generation runs with the weights of version n while step n trains; the buffer's
+                # collect of it is queued now (Ray runs it once the answers are there)
                 pending = _collect(place, _launch(place, workers, buffer, config, version, None), buffer, None)
             train_future = place.submit(trainer, "train_step", batch_future)
             train_metrics = place.get(train_future)
