@@ -67,3 +67,24 @@ def test_state_dict_round_trip_keeps_partials_and_position():
     other.load_state_dict(buf.state_dict())
     assert other.next_group == 2 and other.partial[0].tokens == [0, 1] and other.partial[0].uid == eps[0].uid
     assert other.complete_groups() == 1
+
+
+def test_collect_puts_every_answer_restarts_stale_groups_and_counts():
+    buf = RolloutBuffer(group_size=2, seed=0, max_staleness=1)
+    eps = buf.episodes_to_run(3, version=0)
+    for e in eps:
+        _sampled(e, [0] if e.group == 0 else [2])
+    part = [e for e in eps if e.group == 2]
+    answers = [([e for e in eps if e.group == 0], [], {"seconds": 1.0, "sampled": 3}),
+               ([e for e in eps if e.group == 1], part, {"seconds": 0.5, "sampled": 4})]
+    stats = buf.collect(2, *answers)  # group 0 (version 0) is stale under version 2: restarted, not counted
+    assert stats == {"seconds": 1.5, "sampled": 7, "aborted": 2, "complete_groups": 1}
+    assert buf.stats["restarted"] == 2 and len(buf.partial) == 2
+    assert buf.collect(None)["complete_groups"] == 1
+
+
+def test_take_whole_gives_all_groups_or_keeps_them():
+    buf = RolloutBuffer(group_size=2, seed=0)
+    buf.put(buf.episodes_to_run(1, version=0))
+    assert buf.take(2, version=0, whole=True) == [] and buf.complete_groups() == 1
+    assert [len(g) for g in buf.take(1, version=0, whole=True)] == [2] and buf.complete_groups() == 0

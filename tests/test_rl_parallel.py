@@ -167,7 +167,7 @@ def _records(out):
 
 
 @pytest.mark.slow
-def test_run_with_two_trainer_ranks_checkpoints_and_resumes(local_ray, tmp_path):
+def test_run_with_two_trainer_ranks_checkpoints_and_resumes(local_ray, tmp_path, capsys):
     """FSDP2 over 2 ranks for 2 steps; the same run stopped after 1 and resumed (its checkpoint from the
     FSDP2 group) with DDP ranks: the same metrics and, to AdamW kernel rounding (the fused kernel on plain
     tensors, the loop on DTensors: ~1e-7 a step), the same weights."""
@@ -179,6 +179,7 @@ def test_run_with_two_trainer_ranks_checkpoints_and_resumes(local_ray, tmp_path)
               "--rollout-workers", "1", "--trainer-workers", "2", "--no-progress"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(common + ["--steps", "2", "--trainer-parallel", "fsdp", "--out", str(whole)]) == 0
+    assert "placement: 1 rollout worker(s), trainer (2 rank(s)) and buffer: Ray actors" in capsys.readouterr().out
     records = _records(whole)
     assert [r["policy_version"] for r in records] == [1, 2]
     for r in records:

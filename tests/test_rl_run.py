@@ -1,8 +1,10 @@
 """`glm5 rl` end to end: input checks, the output contract, kill -9 + --resume, the Ray placement
 (glm5/rl/run.py, cli.py, actors.py, buffer.py)."""
 
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from glm5.cli import main
-from glm5.rl.run import METRIC_KEYS, RLConfig, run_rl
+from glm5.rl.run import METRIC_KEYS, RLConfig, load_policy, run_rl
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--env", "countdown", "--algo", "grpo", "--steps", "2", "--rollout-batch", "2", "--group-size", "2",
@@ -119,17 +121,75 @@ def test_kill_9_then_resume_continues_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_two_rollout_actors_and_a_slow_trainer_keep_the_staleness_bound(tmp_path):
+def test_ray_two_rollout_actors_and_a_slow_trainer_keep_the_staleness_bound(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     torch.set_num_threads(1)
+    # the actors (on the local Ray each run starts) import this checkout, bench/rl.py's env and its setting
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("GLM5_BENCH_RL_LONGEST", "24")  # bench/rl.py's long tail (see _cli)
     out = tmp_path / "ray"
-    run_rl(RLConfig(out=str(out), preset="nano", env="countdown", mode="async", steps=3, rollout_batch=2,
-                    group_size=2, max_new_tokens=6, max_staleness=1, rollout_workers=2, ray_num_cpus=2,
-                    slow_trainer_seconds=1.0, progress=False))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = run_rl(RLConfig(out=str(out), preset="nano", env="countdown", mode="async", steps=3, rollout_batch=2,
+                              group_size=2, max_new_tokens=6, max_staleness=1, rollout_workers=2, ray_num_cpus=2,
+                              slow_trainer_seconds=1.0, progress=False), save_model=False)
+    records = _records(out)
     assert [r["policy_version"] for r in records] == [1, 2, 3]
     for r in records:
         assert r["worker_versions"] == [r["policy_version"]] * 2, "a worker kept old weights"
         assert r["staleness_max"] <= 1
     # after the first step every trained token came from the previous version: generation overlapped training
     assert [r["staleness_max"] for r in records[1:]] == [1, 1]
+    _assert_ray_actors(summary["placement"], 2)
+
+    # APRIL: a run in this process for 2 steps; the same run resumed from its step-1 checkpoint on Ray (its
+    # buffer, partial episodes included, loaded into the buffer actor) trains step 2 the same way and
+    # checkpoints the same buffer through the actor
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    model, tokenizer = load_policy(RLConfig(preset="nano"))  # in memory, left holding the trained weights
+    resumed = copy.deepcopy(model)  # (its weights come from the checkpoint)
+    config = dict(env="bench.rl:LongTailEnv", mode="april", rollout_batch=2, group_size=2, max_new_tokens=24,
+                  over_sample=2.0, max_staleness=2, lr=1e-3, keep_last=2, ray_num_cpus=2, progress=False)
+    summary = run_rl(RLConfig(out=str(whole), steps=2, rollout_workers=0, **config), model, tokenizer,
+                     save_model=False)
+    assert not summary["placement"]["buffer"]["ray_actor"]
+    shutil.copytree(whole, cut)  # as if killed after step 1: its step-1 checkpoint is the last
+    (cut / "checkpoints" / "step_000002.pt").unlink()
+    assert _buffer(cut, 1)["partial"], "the checkpoint should hold APRIL's partial episodes"
+    summary = run_rl(RLConfig(out=str(cut), steps=2, rollout_workers=1, resume=True, **config), resumed, tokenizer,
+                     save_model=False)
+    _assert_ray_actors(summary["placement"], 1)
+    a, b = _records(whole), _records(cut)
+    assert [r["step"] for r in b] == [1, 2]
+    assert a[1]["partial_resumed"] > 0, "step 2 should continue step 1's partial episodes"
+    assert max(r["staleness_max"] for r in a + b) <= 2
+    for key in ("reward_mean", "response_len_mean", "staleness_mean", "staleness_max", "partial_resumed",
+                "policy_version"):
+        assert a[1][key] == pytest.approx(b[1][key], abs=1e-6), f"resumed step 2 {key}: {a[1][key]} vs {b[1][key]}"
+    kept, from_actor = _buffer(whole, 2), _buffer(cut, 2)
+    assert from_actor["partial"], "the buffer actor's checkpoint should hold the partial episodes"
+    assert _episodes(kept) == _episodes(from_actor) and kept["next_group"] == from_actor["next_group"]
+    worst = max(float((p - q).abs().max()) for p, q in zip(model.state_dict().values(), resumed.state_dict().values()))
+    assert worst < 1e-5, f"resumed run's weights differ by {worst:.2e}"
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _buffer(out, step):
+    return torch.load(out / "checkpoints" / f"step_{step:06d}.pt", weights_only=True)["data"]["buffer"]
+
+
+def _episodes(buffer):
+    """The buffer's episodes as (where, uid, status, tokens, versions)."""
+    eps = [("partial", e) for e in buffer["partial"]] + [("waiting", e) for e in buffer["waiting"]]
+    eps += [("done", e) for group in buffer["done"] for e in group]
+    return sorted((where, e["group"], e["index"], e["status"], e["tokens"], e["versions"]) for where, e in eps)
+
+
+def _assert_ray_actors(placement, workers):
+    """The buffer, the trainer and each rollout worker ran as a Ray actor, each in a process of its own."""
+    roles = [placement["buffer"], placement["trainer"], *placement["workers"]]
+    assert [r["class"] for r in roles] == ["RolloutBuffer", "TrainerActor"] + ["RolloutActor"] * workers
+    assert all(r["ray_actor"] for r in roles), f"not all Ray actors: {roles}"
+    pids = [r["pid"] for r in roles]
+    assert os.getpid() not in pids and len(set(pids)) == len(pids), pids

@@ -1,14 +1,18 @@
-"""The run's roles as objects that Ray can place: rollout workers (each with its own engine), the trainer.
+"""The run's roles as objects that Ray can place: rollout workers (each with its own engine), the trainer and
+the rollout buffer.
 
-    place, trainer, workers, shutdown = start_actors(config, model, tokenizer)
-    place.get(place.submit(workers[0], "generate", episodes, None))    # -> (done, partial, info)
-    place.get(place.submit(trainer, "train_step", groups))             # one trainer or a TrainerGroup of N ranks
+    place, trainer, workers, buffer, shutdown = start_actors(config, model, tokenizer)
+    answer = place.submit(workers[0], "generate", episodes, None)       # a future of (done, partial, info)
+    place.get(place.submit(buffer, "collect", version, answer))         # the answer goes to the buffer itself
+    place.get(place.submit(trainer, "train_step", groups))              # one trainer or a TrainerGroup of N ranks
 
-With `config.rollout_workers` W >= 1 these are Ray actors (`ray.remote`) on a local Ray started here
-(`ray.init(include_dashboard=False, num_cpus=...)`, Ray's own logging kept to warnings) or on the cluster at
-`config.ray_address`; with W = 0 they are plain objects in this process. Ray does the placement and the
-transport (weights travel as a CPU state dict, tagged with their policy version); nothing here talks over a
-socket or starts a process of its own.
+With `config.rollout_workers` W >= 1 these are Ray actors (`ray.remote(num_cpus=0)`: W workers, the trainer,
+glm5/rl/buffer.py's RolloutBuffer) on a local Ray started here (`ray.init(include_dashboard=False,
+num_cpus=...)`, Ray's own logging kept to warnings) or on the cluster at `config.ray_address`; with W = 0 they
+are plain objects in this process. Ray does the placement and the transport (weights travel as a CPU state
+dict, tagged with their policy version; episodes as dataclasses in its object store, a future handed to
+another actor's call resolved where that call runs); nothing here talks over a socket or starts a process of
+its own.
 
 With `config.trainer_workers` N > 1 the trainer is a TrainerGroup, slime's training group: N TrainerActor
 ranks, Ray actors that join one torch.distributed process group (gloo on CPU, nccl when the model it is given
@@ -162,7 +166,8 @@ class TrainerGroup:
             raise
 
     def submit(self, method: str, *args) -> GroupCall:
-        args = tuple(self.ray.put(a) for a in args)
+        # a future (an ObjectRef, e.g. the buffer's batch) is passed on as it is: each rank reads its object
+        args = tuple(a if isinstance(a, self.ray.ObjectRef) else self.ray.put(a) for a in args)
         return GroupCall(self.ray, [getattr(r, method).remote(*args) for r in self.ranks])
 
     def train_step(self, groups):
@@ -191,12 +196,17 @@ def _tokenizer_from_json(text: str):
 
 
 def start_actors(config, model, tokenizer):
-    """-> (placement, trainer, [workers], shutdown()); the trainer is a TrainerGroup when trainer_workers > 1."""
+    """-> (placement, trainer, [workers], buffer, shutdown()); the trainer is a TrainerGroup when
+    trainer_workers > 1, the buffer a RolloutBuffer (a Ray actor like the others when rollout_workers >= 1)."""
+    from glm5.rl.buffer import RolloutBuffer
     from glm5.rl.run import Placement
 
+    # sync trains each batch with the weights that sampled it: no staleness allowed
+    buffer_args = (config.group_size, config.seed, config.max_staleness if config.mode != "sync" else 0,
+                   config.filter_equal)
     if config.rollout_workers == 0:
         workers = [RolloutActor(copy.deepcopy(model), tokenizer, config)]
-        return Placement(None), TrainerActor(model, config), workers, lambda: None
+        return Placement(None), TrainerActor(model, config), workers, RolloutBuffer(*buffer_args), lambda: None
     import ray
 
     started_here = False
@@ -221,6 +231,8 @@ def start_actors(config, model, tokenizer):
             actors.append(trainer)
         workers = [remote_worker.remote(model, tokenizer_json, config) for _ in range(config.rollout_workers)]
         actors += workers
+        buffer = ray.remote(num_cpus=0)(RolloutBuffer).remote(*buffer_args)
+        actors.append(buffer)
     except Exception:
         for actor in actors:
             ray.kill(actor)
@@ -234,4 +246,4 @@ def start_actors(config, model, tokenizer):
         if started_here:
             ray.shutdown()
 
-    return Placement(ray), trainer, workers, shutdown
+    return Placement(ray), trainer, workers, buffer, shutdown

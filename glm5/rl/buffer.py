@@ -4,6 +4,7 @@ and the staleness bound.
     buffer = RolloutBuffer(group_size=4, seed=0, max_staleness=1)
     episodes = buffer.episodes_to_run(num_groups=8, version=3)   # partial ones first, then new prompts
     buffer.put(done, partial)                                    # a worker's results
+    stats = buffer.collect(3, *answers)                          # workers' (done, partial, info) answers at once
     groups = buffer.take(4, version=3)                           # 4 complete groups within the bound, oldest first
     state = buffer.state_dict(); buffer.load_state_dict(state)   # resume: partial episodes included
 
@@ -13,6 +14,11 @@ restarted (its tokens dropped, the same prompt and seed generated again) before 
 finished group found too old when a batch is taken is restarted the same way; so no trained token is older
 than K versions (`take` checks it). The data position (the next prompt index) only moves forward, so a
 resumed run continues with the prompts an uninterrupted one would have used.
+
+In a run with Ray rollout workers this object is a Ray actor beside them (glm5/rl/actors.py; slime keeps its
+rollout data buffer on the RolloutManager actor). The workers' answers go straight to it: the loop passes
+their futures to `collect` and Ray resolves them in the buffer's process. A batch from `take` goes to the
+trainer by reference (Ray's object store); the loop reads it only for the step's metrics.
 """
 
 from __future__ import annotations
@@ -56,6 +62,21 @@ class RolloutBuffer:
             self.done.setdefault(ep.group, []).append(ep)
         self.partial += list(partial)
 
+    def collect(self, restart_version: int | None, *results) -> dict:
+        """Rollout workers' answers, (done, partial, info) each, put in one call; with `restart_version`, complete
+        groups gone stale under it are restarted (as take(0, version)). -> the round's figures and the complete
+        groups now, so the loop needs no other call to decide whether to generate more."""
+        stats = {"seconds": 0.0, "sampled": 0, "aborted": 0}
+        for done, partial, info in results:
+            self.put(done, partial)
+            stats["seconds"] += info["seconds"]
+            stats["sampled"] += info["sampled"]
+            stats["aborted"] += len(partial)
+        if restart_version is not None:
+            self.take(0, restart_version)
+        stats["complete_groups"] = self.complete_groups()
+        return stats
+
     def complete_groups(self) -> int:
         return sum(len(eps) == self.group_size for eps in self.done.values())
 
@@ -63,8 +84,9 @@ class RolloutBuffer:
         return len({ep.group for ep in self.partial + self.waiting} | {g for g, e in self.done.items() if len(e) < self.group_size})
 
     # ------------------------------------------------------------------ taking a batch
-    def take(self, num_groups: int, version: int) -> list[list[Episode]]:
-        """Up to num_groups complete groups, oldest prompt first, none with a token older than the bound."""
+    def take(self, num_groups: int, version: int, whole: bool = False) -> list[list[Episode]]:
+        """Up to num_groups complete groups, oldest prompt first, none with a token older than the bound; with
+        `whole`, all num_groups or none (fewer are kept here for the next call)."""
         batch = []
         for group in sorted(g for g, eps in self.done.items() if len(eps) == self.group_size):
             eps = sorted(self.done[group], key=lambda e: e.index)
@@ -87,6 +109,9 @@ class RolloutBuffer:
             for ep in eps:
                 oldest = ep.min_version()
                 assert oldest is None or version - oldest <= self.max_staleness, "staleness bound broken"
+        if whole and len(batch) < num_groups:
+            self.put([ep for eps in batch for ep in eps])
+            return []
         return batch
 
     # ------------------------------------------------------------------ resume

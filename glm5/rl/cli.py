@@ -46,7 +46,17 @@ def run(args) -> int:
     print(f"model:   {summary['model']}  (GLM5ForCausalLM.from_pretrained / LLM.from_pretrained / glm5 serve --model)")
     print(f"report:  {summary['report']}")
     print(f"metrics: {summary['metrics']}")
+    print(f"placement: {placement_line(summary['placement'])}")
     return 0
+
+
+def placement_line(placement: dict) -> str:
+    """run_rl's summary["placement"] in a line: where the workers, the trainer (ranks) and the buffer ran."""
+    ranks = placement["trainer"] if isinstance(placement["trainer"], list) else [placement["trainer"]]
+    roles = [placement["buffer"], *ranks, *placement["workers"]]
+    where = "Ray actors" if all(r["ray_actor"] for r in roles) else "in this process"
+    return (f"{len(placement['workers'])} rollout worker(s), trainer ({len(ranks)} rank(s)) and buffer: {where} "
+            f"(pids {', '.join(str(r['pid']) for r in roles)})")
 
 
 def register(subparsers) -> None:

@@ -11,12 +11,22 @@ Modes (slime's shapes; reference figures in README.md):
   done, keep the unfinished episodes (tokens, log-probs, versions, generator state) in the buffer and continue
   them first next step; `mask_offpolicy` trains only on tokens of the current policy.
 
-Placement: with `rollout_workers` W >= 1 each worker (its own engine and model copy), the trainer and the buffer
-are Ray actors (glm5/rl/actors.py) on a local Ray the run starts (`ray.init(include_dashboard=False)`) or the
-cluster at `ray_address`; with W = 0 the same objects run in this process (tests, `make demo`). With
-`trainer_workers` N > 1 the trainer is a group of N Ray actors in one torch.distributed process group
-(`trainer_parallel` ddp or fsdp), each training its slice of the batch's groups (rollout_batch must divide by
-N). The loop is the same either way: it calls the objects' methods through `Placement`.
+Placement: with `rollout_workers` W >= 1 each worker (its own engine and model copy), the trainer and the
+buffer (glm5/rl/buffer.py's RolloutBuffer) are Ray actors (glm5/rl/actors.py) on a local Ray the run starts
+(`ray.init(include_dashboard=False)`) or the cluster at `ray_address`; with W = 0 the same objects run in this
+process (tests, `make demo`). With `trainer_workers` N > 1 the trainer is a group of N Ray actors in one
+torch.distributed process group (`trainer_parallel` ddp or fsdp), each training its slice of the batch's groups
+(rollout_batch must divide by N). The loop is the same either way: it calls the objects' methods through
+`Placement` (`place.get(place.submit(obj, "method", *args))`), and the summary's "placement" says where each
+one ran (Ray actor or not, its process id).
+
+Data flow on Ray: this process asks the buffer for the episodes to run and deals them to the workers by group;
+the workers' futures go to the buffer's `collect` in one call, so their answers travel from the workers to the
+buffer through Ray's object store, not through here (slime keeps its rollout data on the RolloutManager
+actor); `collect` answers only figures (sampled tokens, seconds, aborted episodes, complete groups). A batch
+from `take` goes to the trainer as the buffer's future (read here too, for the step's metrics). Checkpoints
+read `state_dict` through the buffer actor and a resumed run loads it back into a new one, partial episodes
+included.
 
 Each step writes a line of OUT/metrics.jsonl; every `save_every` steps a checkpoint (model, optimizer,
 version, buffer with its partial episodes, data position, RNG) is written atomically to OUT/checkpoints/;
@@ -192,25 +202,50 @@ def check_inputs(config: RLConfig, need_source: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- placement
+class Ready:
+    """A local call's answer, held the way a Ray future is (Placement(None) runs calls at once)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
 class Placement:
-    """Calls methods of the run's objects: Ray actors (`.remote`, futures) or local objects (at once)."""
+    """Calls methods of the run's objects: Ray actors (`.remote`, futures) or local objects (at once). A future
+    may be an argument of a later call: Ray resolves it in the process the call runs in (a worker's answer
+    reaches the buffer actor without passing through this one), and locally it is unwrapped the same way."""
 
     def __init__(self, ray_module=None):
         self.ray = ray_module
 
     def submit(self, obj, method: str, *args):
         if self.ray is None:
-            return ("done", getattr(obj, method)(*args))
+            args = tuple(a.value if isinstance(a, Ready) else a for a in args)
+            return Ready(getattr(obj, method)(*args))
         if hasattr(obj, "submit"):  # a TrainerGroup: the call goes to every rank
             return obj.submit(method, *args)
         return getattr(obj, method).remote(*args)
 
     def get(self, future):
         if self.ray is None:
-            return future[1]
+            return future.value
         if hasattr(future, "result"):
             return future.result()
         return self.ray.get(future)
+
+    def describe(self, obj):
+        """Where `obj` lives: {"class", "ray_actor", "pid"}; a TrainerGroup: a list, one per rank."""
+        if hasattr(obj, "ranks"):
+            return [self.describe(rank) for rank in obj.ranks]
+        if self.ray is not None and isinstance(obj, self.ray.actor.ActorHandle):
+            name, pid = self.ray.get(obj.__ray_call__.remote(_where))
+            return {"class": name, "ray_actor": True, "pid": pid}
+        return {"class": type(obj).__name__, "ray_actor": False, "pid": os.getpid()}
+
+
+def _where(obj) -> tuple[str, int]:
+    return type(obj).__name__, os.getpid()
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -229,7 +264,6 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
     """The whole run; `model` / `tokenizer` given in memory replace --init / --preset (the demo's RL stage),
     and are left holding the trained weights."""
     from glm5.rl.actors import start_actors
-    from glm5.rl.buffer import RolloutBuffer
     from glm5.train.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
     check_inputs(config, need_source=model is None)
@@ -246,15 +280,13 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
     resumed_state = None
     if config.resume and latest_checkpoint(ckpt_dir) is not None:
         resumed_state = load_checkpoint(latest_checkpoint(ckpt_dir))
-    buffer = RolloutBuffer(config.group_size, config.seed, config.max_staleness if config.mode != "sync" else 0,
-                           config.filter_equal)
-    place, trainer, workers, shutdown = start_actors(config, model, tokenizer)
+    place, trainer, workers, buffer, shutdown = start_actors(config, model, tokenizer)
     try:
         version = 0
         step = 0
         if resumed_state is not None:
             place.get(place.submit(trainer, "load_state_dict", resumed_state["model"]))
-            buffer.load_state_dict(resumed_state["data"]["buffer"])
+            place.get(place.submit(buffer, "load_state_dict", resumed_state["data"]["buffer"]))
             set_rng_state(resumed_state["rng"])
             step = int(resumed_state["step"])
             version = int(resumed_state["model"]["version"])
@@ -268,39 +300,46 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             from tqdm import tqdm
 
             bar = tqdm(total=config.steps, initial=step, desc=f"rl {config.mode}", unit="step", dynamic_ncols=True)
-        pending = None  # async: the generation for the next step, in flight while training
+        placement = {"buffer": place.describe(buffer), "trainer": place.describe(trainer),
+                     "workers": [place.describe(w) for w in workers]}
+        pending = None  # async: the buffer's collect of the next step's generation, in flight while training
         carried_stats = None  # async: that generation's figures, reported with the step that trains on it
         summary_rewards = []
         while step < config.steps:
             if config.max_minutes and time.perf_counter() - started > 60 * config.max_minutes:
                 break  # the time budget: stop after a whole step
             step_started = time.perf_counter()
-            gen_stats = carried_stats or {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
+            gen_stats = carried_stats or _no_stats()
             carried_stats = None
             stop, launch = None, config.rollout_batch
             if config.mode == "april":
                 launch = math.ceil(config.over_sample * config.rollout_batch)
-            while buffer.complete_groups() < config.rollout_batch:
+            complete = place.get(place.submit(buffer, "complete_groups"))
+            while complete < config.rollout_batch:
                 # async: only the first step (or after groups were filtered / restarted) waits for generation here
                 if config.mode == "april":
-                    stop = config.rollout_batch - buffer.complete_groups()
-                _collect(place, _launch(place, workers, buffer, config, version, stop, launch), buffer, gen_stats)
-                buffer.take(0, version)  # restarts groups that went stale
-            batch = buffer.take(config.rollout_batch, version)
-            if len(batch) < config.rollout_batch:
-                buffer.put([e for g in batch for e in g])
+                    stop = config.rollout_batch - complete
+                # the buffer restarts groups that went stale and answers how many are complete
+                round_stats = place.get(_collect(place, _launch(place, workers, buffer, config, version, stop, launch),
+                                                 buffer, version))
+                _add(gen_stats, round_stats)
+                complete = round_stats["complete_groups"]
+            # all rollout_batch groups or none (filtered / restarted ones leave too few: generate more)
+            batch_future = place.submit(buffer, "take", config.rollout_batch, version, True)
+            batch = place.get(batch_future)  # read for the step's metrics; the trainer gets the future
+            if not batch:
                 continue
             if config.mode == "async" and step + 1 < config.steps:
-                # step n+1's generation runs with the weights of version n while step n trains
-                pending = _launch(place, workers, buffer, config, version, None)
-            train_future = place.submit(trainer, "train_step", batch)
+                # step n+1's generation runs with the weights of version n while step n trains; the buffer's
+                # collect of it is queued now (Ray runs it once the answers are there)
+                pending = _collect(place, _launch(place, workers, buffer, config, version, None), buffer, None)
+            train_future = place.submit(trainer, "train_step", batch_future)
             train_metrics = place.get(train_future)
             version = int(train_metrics["policy_version"])
             weights = place.get(place.submit(trainer, "weights"))
             if config.mode == "async" and pending is not None:
                 # finished under version - 1: one version stale when trained next step; its rollout figures too
-                carried_stats = {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
-                _collect(place, pending, buffer, carried_stats)
+                carried_stats = _add(_no_stats(), place.get(pending))
                 pending = None
             # weight sync: every worker reports the version it now generates with
             worker_versions = [place.get(place.submit(w, "set_weights", weights, version)) for w in workers]
@@ -335,12 +374,13 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             if config.save_every and (step % config.save_every == 0 or step == config.steps) and pending is None:
                 state = place.get(place.submit(trainer, "state_dict"))
                 save_checkpoint(ckpt_dir, step, {"model": state, "optimizer": {}, "step": step, "stage": "rl",
-                                                 "data": {"buffer": buffer.state_dict()}, "rng": rng_state(),
+                                                 "data": {"buffer": place.get(place.submit(buffer, "state_dict"))},
+                                                 "rng": rng_state(),
                                                  "config": asdict(config)}, keep_last=config.keep_last)
         if bar is not None:
             bar.close()
         if pending is not None:
-            _collect(place, pending, buffer, {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0})
+            place.get(pending)
         final = place.get(place.submit(trainer, "state_dict"))
     finally:
         shutdown()
@@ -355,12 +395,12 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
         report = write_rl_report(out, config)
     return {"model": str(model_dir), "report": str(report), "metrics": str(metrics_path), "steps": step,
             "policy_version": version, "reward_first": summary_rewards[0] if summary_rewards else None,
-            "reward_last": summary_rewards[-1] if summary_rewards else None}
+            "reward_last": summary_rewards[-1] if summary_rewards else None, "placement": placement}
 
 
 def _launch(place, workers, buffer, config, version, stop_after_groups, launch=None):
     """Hand episodes to the workers; -> their futures."""
-    episodes = buffer.episodes_to_run(launch or config.rollout_batch, version)
+    episodes = place.get(place.submit(buffer, "episodes_to_run", launch or config.rollout_batch, version))
     shares = _split(episodes, len(workers))
     futures = []
     for w, share in zip(workers, shares):
@@ -371,13 +411,20 @@ def _launch(place, workers, buffer, config, version, stop_after_groups, launch=N
     return futures
 
 
-def _collect(place, futures, buffer, stats) -> None:
-    for future in futures:
-        done, partial, info = place.get(future)
-        buffer.put(done, partial)
-        stats["seconds"] += info["seconds"]
-        stats["sampled"] += info["sampled"]
-        stats["aborted"] += len(partial)
+def _collect(place, futures, buffer, restart_version):
+    """The workers' futures handed to the buffer in one call (their answers go to it, not through here);
+    -> the future of its figures (seconds, sampled, aborted, complete_groups)."""
+    return place.submit(buffer, "collect", restart_version, *futures)
+
+
+def _no_stats() -> dict:
+    return {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
+
+
+def _add(stats: dict, more: dict) -> dict:
+    for key in ("seconds", "sampled", "aborted"):
+        stats[key] += more[key]
+    return stats
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
