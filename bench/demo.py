@@ -37,6 +37,8 @@ def main() -> None:
         "wall_minutes": summary["wall_minutes"],
         "stages": {row["stage"]: {"probe_start": row["probe_start"], "probe_end": row["probe_end"]} for row in summary["stages"]},
         "final": summary["final"],
+        "rl": summary.get("rl"),
+        "run": str(Path(args.out) / name),
         "date": time.strftime("%Y-%m-%d"),
     })
 

@@ -365,13 +365,14 @@ class GLM5Config:
     def from_depth(cls, depth: int, **overrides: Any) -> GLM5Config:
         """A small GLM-5 whose every width follows from `depth` (the number of decoder layers).
 
-        hidden = 64·depth; heads = depth/2 (min 2); the MLA, MoE and indexer widths keep GLM-5's proportions
-        at a scale a CPU can train. 16 experts (8 below depth 8), 2 active, 1 shared, 1 dense layer, 1 MTP layer.
+        hidden = 64·depth; heads = depth (one per 64 of hidden, min 2); the MLA, MoE and indexer widths keep
+        GLM-5's proportions at a scale a CPU can train, except the KV latent (kv_lora_rank = hidden/2, see below).
+        16 experts (8 below depth 8), 2 active, 1 shared, 1 dense layer, 1 MTP layer.
         """
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth={depth!r}: must be a positive integer")
         hidden = 64 * depth
-        heads = max(2, depth // 2)
+        heads = max(2, depth)
         n_experts = 8 if depth < 8 else 16
         cfg = dict(
             vocab_size=4096,
@@ -388,7 +389,10 @@ class GLM5Config:
             topk_group=1,
             first_k_dense_replace=1,
             q_lora_rank=hidden // 2,
-            kv_lora_rank=hidden // 4,
+            # the latent every key and value is made from: at hidden/4 (64 dims at depth 4) a token's identity
+            # did not get through it and the demo model could not copy an argument out of a request (exact
+            # tool calls 0.00); at hidden/2 the same training copies them (dev/LOG.md, copying experiments)
+            kv_lora_rank=hidden // 2,
             qk_nope_head_dim=32,
             qk_rope_head_dim=16,
             v_head_dim=32,

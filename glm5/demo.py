@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     # Evaluation runs on one thread: it is short, and one thread cannot be stalled at a barrier by another
     # busy process the way several are (see ThreadGovernor in glm5/train/trainer.py)
     eval_threads = args.threads or 1
+    if not 0 <= args.bare_share <= 1:
+        raise ValueError(f"--bare-share {args.bare_share}: must be between 0 and 1")
     if not args.minutes >= 0:
         raise ValueError(f"--minutes {args.minutes}: must be >= 0 (0: no time limit)")
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     # 1-2: corpus and tokenizer
     corpus = build_demo_corpus(stdlib_bytes=args.stdlib_bytes, conversations=args.conversations, tasks=args.tasks,
-                               seed=args.seed, copy_drills=args.copy_drills)
+                               seed=args.seed, copy_drills=args.copy_drills, bare_share=args.bare_share,
+                               wide=args.wide_args)
     say(f"corpus: {corpus.summary()}")
     tokenizer = train_tokenizer(iter(corpus.train_texts), args.vocab_size)
     say(f"tokenizer: {tokenizer.vocab_size} ids trained")
@@ -269,8 +272,14 @@ def register(subparsers) -> None:
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer (default adamw)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size (default 4096)")
-    p.add_argument("--stdlib-bytes", type=int, default=2_500_000, help="bytes of Python stdlib text (default 2.5M)")
-    p.add_argument("--conversations", type=int, default=2000, help="synthetic chats in the pretraining corpus, half without the tools block (default 2000)")
+    # the pretraining mix is ~1/4 stdlib text and ~3/4 chats (batches are stratified by the two sets' sizes): a
+    # nano model needs ~2,000 rows of chats to learn to copy arguments out of requests (dev/LOG.md)
+    p.add_argument("--stdlib-bytes", type=int, default=1_000_000, help="bytes of Python stdlib text (default 1M)")
+    p.add_argument("--conversations", type=int, default=6000, help="synthetic chats in the pretraining corpus (default 6000)")
+    p.add_argument("--wide-args", action="store_true", help="draw half the training chats' names made up and their "
+                   "numbers up to 999 (multi-token names to copy: harder; the eval keeps the real names)")
+    p.add_argument("--bare-share", type=float, default=0.8, help="share of the pretraining chats without their ~230-token "
+                   "tools block: more requests and calls per token (default 0.8)")
     p.add_argument("--probe-rows", type=int, default=24, help="fixed held-out rows each stage scores at its start and end "
                    "(2/3 stdlib, 1/3 chats; SFT: held-out conversations) (default 24)")
     p.add_argument("--heldout-rows", type=int, default=48, help="rows of each held-out set scored (default 48)")

@@ -11,10 +11,12 @@ from the request, read the `<tool_response>`, answer. Some conversations have a 
 call) and some need no tool at all, so the model also learns when not to call one.
 The train and eval splits draw from disjoint user requests (see `split_of`): an eval request's exact wording
 and arguments never occur in training, so the task accuracy measures copying arguments out of the request.
-Training chats are drawn `wide=True`: half their cities and countries are made-up names (`made_up_name`) and
-half their numbers run to 999, so no memorized value fits a request and the model must copy it (with the
-narrow lists alone, a nano model learned to write one fixed city for every weather request: accuracy 0.00).
-The eval requests keep the narrow lists: real names the model has seen, in requests it has not.
+Training chats can be drawn `wide=True`: half their cities and countries are made-up names (`made_up_name`)
+and half their numbers run to 999, so no memorized value fits a request and the model must copy it, names of
+several tokens included. The eval requests keep the narrow lists: real names the model has seen, in requests
+it has not. `make demo` trains on the narrow lists (`--wide-args` for the wide ones): once the nano preset's KV
+latent was wide enough to carry a token's identity, narrow chats taught it to copy the eval's arguments in the
+demo's budget and wide ones did not yet (dev/LOG.md).
 """
 
 from __future__ import annotations
