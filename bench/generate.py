@@ -1,7 +1,9 @@
-"""Decode speed and time to first token: the glm5 engine against transformers' `generate`, same weights.
+"""Decode speed and time to first token: the glm5 engine against transformers' `generate` and llama.cpp, same
+weights, same threads.
 
     .venv/bin/python bench/generate.py                      # tiny-bench config, prompt 128 + 128 new, batch 1 and 8
     .venv/bin/python bench/generate.py --batch 1 --new 64 --reps 5
+    .venv/bin/python bench/generate.py --no-llamacpp        # glm5 and transformers only
     python bench/generate.py --device cuda                  # on a GPU: glm5 with CUDA graphs and glm5 eager
 
 Both run greedy in fp32 (or --dtype) on the same GlmMoeDsaForCausalLM / GLM5ForCausalLM weights (transformers
@@ -12,11 +14,23 @@ graphs (the prefill's shape and every decode shape) are captured before timing (
 runs with cuda_graphs=False as "glm5_eager". Both sides' new tokens are compared: in fp32 on a CPU a
 difference stops the benchmark (the timings would compare different work); otherwise it is recorded
 (`same_tokens`, `token_mismatches`). Each side is timed in one run per repetition: transformers' first token
-and each later one are stamped by a streamer inside its one `generate` call. Metrics, per batch size:
+and each later one are stamped by a streamer inside its one `generate` call.
+
+llama.cpp (llama-cpp-python; on --device cpu, skipped with the reason printed when it cannot be imported, or with
+--no-llamacpp) is what a laptop user would run instead: the same random weights exported by glm5's GGUF exporter
+in f32 to a temporary directory, f32 K/V caches, n_threads = n_threads_batch = --threads, the same prompts, timed
+in the same alternation. Batch 1 runs llama.cpp's eval loop on one sequence; batch N > 1 runs the N sequences
+together through llama.cpp's batch API (one llama_batch with sequence ids 0..N-1 per step, a K/V stream per
+sequence), as llama.cpp's server decodes parallel slots. Its greedy tokens are compared with glm5's: where they
+part, the first position and both sides' logit gaps between the two candidates are recorded (`llamacpp.
+first_mismatch`; llama.cpp's logits there are recomputed on one sequence, so after a batched run its gap can be
+negative: its batched and one-sequence arithmetic broke the tie differently): at random init DSA's top-k and the
+router have near-ties that fp32 summation orders break either way (dev/LOG.md, GGUF export and llama.cpp parity). Metrics, per batch size:
   ttft_s          time to the first new token (the prefill), median
   decode_tok_s    new tokens after the first / time after the first
   e2e_tok_s       all new tokens / total time (new tokens/s end to end)
-Writes bench/results/generate.json.
+and the ratios glm5 / transformers (speedup_decode, speedup_e2e, ttft_ratio) and glm5 / llama.cpp
+(speedup_decode_vs_llamacpp, speedup_e2e_vs_llamacpp, ttft_ratio_vs_llamacpp). Writes bench/results/generate.json.
 """
 
 from __future__ import annotations
@@ -25,9 +39,19 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
+from llamacpp_peer import (
+    BatchedLlama,
+    describe_mismatch,
+    export_model,
+    first_mismatch,
+    import_llama_cpp,
+    open_llama,
+    run_llama,
+)
 from peer import lowest_position_topk  # bench/ is on sys.path when a bench runs
 from results_io import describe_cpu, write_results
 
@@ -101,6 +125,16 @@ def run_glm5(engine, prompts: list[list[int]], new: int) -> tuple[float, float, 
     return first, total, [tokens[i] for i in ids]
 
 
+def run_llamacpp(llama, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+    """(time to the first token of every sequence, total time, the new tokens per prompt) from llama.cpp: a Llama
+    (one prompt, its eval loop) or a BatchedLlama (every prompt in one llama_batch per step)."""
+    if isinstance(llama, BatchedLlama):
+        return llama.run(prompts, new)
+    assert len(prompts) == 1, "llama.cpp's eval loop runs one sequence"
+    first, total, tokens = run_llama(llama, prompts[0], new)
+    return first, total, [tokens]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny-bench", help="model config preset (random weights)")
@@ -111,6 +145,7 @@ def main() -> int:
     # the engine's flags (--device, --dtype, --threads, --block-size, --enforce-eager, ...): both models on
     # --device in --dtype; cache and batch sizes are set per batch below
     EngineConfig.add_arguments(parser, device="cpu", dtype="float32", threads=2)
+    parser.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out (glm5 and transformers only)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "generate.json"))
     args = parser.parse_args()
     from conftest import transformers_twin  # (sets 2 threads on import: set ours after it)
@@ -126,10 +161,34 @@ def main() -> int:
     cfg = GLM5Config.from_preset(args.preset)
     model = GLM5ForCausalLM(cfg).eval()
     twin = transformers_twin(model, "sdpa").to(device=device, dtype=dtype)
+    work = tempfile.TemporaryDirectory(prefix="glm5-bench-generate-")
+    gguf, single, skipped = None, None, None
+    if args.no_llamacpp:
+        skipped = "--no-llamacpp"
+    elif device.type != "cpu":
+        skipped = f"llama.cpp runs on the CPU here, glm5 on {device}: not the same hardware"
+    else:
+        llama_cpp, skipped = import_llama_cpp()
+    if skipped is None:
+        from glm5.quant.gguf import GGUFExportError
+
+        try:  # the fp32 weights glm5 and transformers run, before any cast
+            gguf = export_model(model, work.name, "f32")
+        except (GGUFExportError, ValueError) as err:
+            skipped = f"the {args.preset} model cannot be exported to GGUF: {err}"
+    if skipped is not None:
+        print(f"[bench] llama.cpp skipped: {skipped}", flush=True)
+    else:
+        # one sequence: timed at batch 1, and the teacher-forced logits behind a mismatch report at every batch
+        single = open_llama(gguf, n_ctx=args.prompt + args.new + 8, n_batch=args.prompt, threads=args.threads)
+        print(f"[bench] llama.cpp: llama-cpp-python {llama_cpp.__version__}, {gguf.name} "
+              f"({gguf.stat().st_size / 2**20:.1f} MiB), f32 caches, {args.threads} threads", flush=True)
     model = model.to(device=device, dtype=dtype)
     print(f"[bench] cpu: {describe_cpu()}", flush=True)
     results = {"config": args.preset, "prompt_tokens": args.prompt, "new_tokens": args.new, "threads": args.threads,
-               "device": str(device), "dtype": args.dtype, "torch": torch.__version__, "runs": {}}
+               "device": str(device), "dtype": args.dtype, "torch": torch.__version__,
+               "llama_cpp_python": None if single is None else llama_cpp.__version__, "llamacpp_skipped": skipped,
+               "runs": {}}
     for batch in args.batch:
         gen = torch.Generator().manual_seed(batch)
 
@@ -150,12 +209,23 @@ def main() -> int:
             n_graphs = engines["glm5"].graphs.capture_decode(args.prompt + args.new, [batch])
             capture_s = time.perf_counter() - t
             print(f"  captured {n_graphs} CUDA graphs (prefill and decode) in {capture_s:.2f} s", flush=True)
+        llama, llama_mode = None, None
+        if single is not None and batch == 1:
+            llama, llama_mode = single, "one sequence, llama.cpp's eval loop"
+        elif single is not None:
+            llama = BatchedLlama(gguf, n_seq=batch, n_ctx_seq=args.prompt + args.new + 8, n_batch=batch * args.prompt,
+                                 threads=args.threads)
+            llama_mode = f"{batch} sequences decoded together: one llama_batch (sequence ids 0-{batch - 1}) per step"
         warm = torch.randint(0, cfg.vocab_size, (batch, 8), generator=gen)
         run_transformers(twin, warm.to(device), 2)  # warm-up all (both paths: prefill and decode)
         for engine in engines.values():
             run_glm5(engine, warm.tolist(), 2)
+        if llama is not None:
+            run_llamacpp(llama, warm.tolist(), 2)
         times: dict[str, list] = {"transformers": [], **{name: [] for name in engines}}
-        mismatches = []
+        if llama is not None:
+            times["llamacpp"] = []
+        mismatches, llama_mismatches, llama_first = [], [], None
         for _ in range(args.reps):
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=gen)  # fresh: no prefix hits
             times["transformers"].append(run_transformers(twin, prompts.to(device), args.new)[:2])
@@ -166,6 +236,17 @@ def main() -> int:
                 times[name].append((ttft, total))
                 if (differ := same_tokens(tokens, reference)) is not None:
                     mismatches.append(f"{name}: {differ}")
+                if name == "glm5":
+                    ours = tokens
+            if llama is not None:
+                ttft, total, theirs = run_llamacpp(llama, prompts.tolist(), args.new)
+                times["llamacpp"].append((ttft, total))
+                for seq, (a, b) in enumerate(zip(ours, theirs)):
+                    if a != b:  # untimed: where they part, and how near a tie it was on each side
+                        where = first_mismatch(model, single, prompts[seq].tolist(), a, b)
+                        llama_mismatches.append(f"sequence {seq}: first difference at new token {where['at']}")
+                        if llama_first is None:
+                            llama_first = {"sequence": seq, **where}
         if mismatches and args.dtype == "float32" and device.type == "cpu":
             # greedy fp32 on the same weights must agree token for token, or the timings compare different work
             raise SystemExit(f"batch {batch}: glm5 and transformers generated different tokens: {mismatches[0]}")
@@ -178,6 +259,15 @@ def main() -> int:
 
         print("  runs (ttft, total):", {name: [tuple(round(x, 4) for x in r) for r in runs] for name, runs in times.items()})
         row = {name: summary(runs) for name, runs in times.items()}
+        if llama is not None:
+            row["llamacpp"].update(mode=llama_mode, gguf_type="f32", same_tokens=not llama_mismatches,
+                                   sequences_differing=len(llama_mismatches), token_mismatches=llama_mismatches[:4],
+                                   first_mismatch=llama_first)
+            row["speedup_decode_vs_llamacpp"] = row["glm5"]["decode_tok_s"] / row["llamacpp"]["decode_tok_s"]
+            row["speedup_e2e_vs_llamacpp"] = row["glm5"]["e2e_tok_s"] / row["llamacpp"]["e2e_tok_s"]
+            row["ttft_ratio_vs_llamacpp"] = row["llamacpp"]["ttft_s"] / row["glm5"]["ttft_s"]
+            if llama is not single:
+                llama.close()
         # fp32 on a CPU must match (checked above); bf16 or GPU kernels may round a near-tie the other way
         row["same_tokens"] = not mismatches
         row["token_mismatches"] = mismatches[:4]
@@ -199,9 +289,20 @@ def main() -> int:
               f"e2e {row['transformers']['e2e_tok_s']:.1f} vs {row['glm5']['e2e_tok_s']:.1f} ({row['speedup_e2e']:.2f}x)   "
               f"TTFT {row['transformers']['ttft_s'] * 1e3:.1f} ms vs {row['glm5']['ttft_s'] * 1e3:.1f} ms "
               f"({row['ttft_ratio']:.2f}x)", flush=True)
+        if llama is not None:
+            lc, first = row["llamacpp"], llama_first
+            print(f"         llama.cpp ({llama_mode}): decode tok/s {lc['decode_tok_s']:8.1f}, glm5 "
+                  f"{row['speedup_decode_vs_llamacpp']:.2f}x   e2e {lc['e2e_tok_s']:.1f} ({row['speedup_e2e_vs_llamacpp']:.2f}x)"
+                  f"   TTFT {lc['ttft_s'] * 1e3:.1f} ms ({row['ttft_ratio_vs_llamacpp']:.2f}x)   same tokens as glm5: "
+                  + ("yes" if first is None else f"{batch * args.reps - len(llama_mismatches)} of {batch * args.reps} "
+                     f"sequences\n           first difference, sequence {first['sequence']}: {describe_mismatch(first)}"),
+                  flush=True)
         if "glm5_eager" in row:
             print(f"         glm5 without CUDA graphs: decode tok/s {row['glm5_eager']['decode_tok_s']:8.1f} "
                   f"({row['speedup_decode_eager']:.2f}x)  TTFT {row['glm5_eager']['ttft_s'] * 1e3:.1f} ms", flush=True)
+    if single is not None:
+        single.close()
+    work.cleanup()
     write_results(args.out, results)
     return 0
 

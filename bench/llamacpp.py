@@ -4,7 +4,8 @@
     .venv/bin/python bench/llamacpp.py --model runs/latest/model --prompt 256 --new 64
     .venv/bin/python bench/llamacpp.py --types f32 --reps 5 --threads 2
 
-The model goes to llama.cpp as `glm5 export gguf` writes it (llama-cpp-python, f32 latent / indexer caches).
+The model goes to llama.cpp as `glm5 export gguf` writes it (llama-cpp-python, f32 latent / indexer caches;
+bench/llamacpp_peer.py, which bench/generate.py shares).
 Per type, batch 1, greedy, runs alternate (llama.cpp, glm5, llama.cpp, ...) and medians are reported:
   prefill_tok_s   prompt tokens / time to the first new token
   decode_tok_s    new tokens after the first / time after the first
@@ -24,21 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from llamacpp_peer import (
+    describe_mismatch,
+    export_model,
+    first_mismatch,
+    import_llama_cpp,
+    open_llama,
+    run_llama,
+    save_for_export,
+)
 from results_io import describe_cpu, write_results  # bench/ is on sys.path when a bench runs
-
-
-def run_llama(llm, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(prompt)
-    out = [int(np.argmax(llm.scores[len(prompt) - 1]))]
-    first = time.perf_counter() - t
-    for _ in range(new - 1):
-        llm.eval([out[-1]])
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-    return first, time.perf_counter() - t, out
 
 
 def run_glm5(engine, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
@@ -67,20 +64,20 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "llamacpp.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import llama_cpp
+    llama_cpp, why = import_llama_cpp()
+    if llama_cpp is None:
+        raise SystemExit(why)
 
     from glm5 import GLM5Config, GLM5ForCausalLM
     from glm5.engine import LLMEngine
-    from glm5.quant.gguf import export_gguf, load_gguf_model
+    from glm5.quant.gguf import load_gguf_model
     from glm5.tokenizer import default_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="glm5-bench-llamacpp-"))
     if args.model is None:
         torch.manual_seed(0)
-        tok = default_tokenizer()
-        model_dir = work / "tiny-bench"
-        GLM5ForCausalLM(GLM5Config.from_preset("tiny-bench", vocab_size=tok.vocab_size)).save_pretrained(model_dir)
-        tok.save(model_dir)
+        model = GLM5ForCausalLM(GLM5Config.from_preset("tiny-bench", vocab_size=default_tokenizer().vocab_size))
+        model_dir = save_for_export(model, work / "tiny-bench")
     else:
         model_dir = Path(args.model)
     cfg = GLM5Config.from_pretrained(model_dir)
@@ -89,10 +86,8 @@ def main() -> int:
                "runs": {}}
     gen = torch.Generator().manual_seed(0)
     for out_type in args.types:
-        path = export_gguf(model_dir, work / f"model-{out_type}.gguf", out_type=out_type)
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt + args.new + 8, n_batch=args.prompt,
-                              n_ubatch=args.prompt, n_threads=args.threads, n_threads_batch=args.threads,
-                              logits_all=True, verbose=False, type_k=0, type_v=0)
+        path = export_model(model_dir, work, out_type)
+        llm = open_llama(path, n_ctx=args.prompt + args.new + 8, n_batch=args.prompt, threads=args.threads)
         model = (GLM5ForCausalLM.from_pretrained(model_dir) if out_type == "f32" else load_gguf_model(path, model_dir))
         engine = LLMEngine(model.eval(), max_num_seqs=1, max_num_batched_tokens=max(512, args.prompt),
                            kv_cache_tokens=args.prompt + args.new + 256)
@@ -100,7 +95,7 @@ def main() -> int:
         run_llama(llm, warm, 4)
         run_glm5(engine, warm, 4)
         times: dict[str, list] = {"llama.cpp": [], "glm5": []}
-        same = []
+        same, first = [], None
         for _ in range(args.reps):
             prompt = torch.randint(0, cfg.vocab_size - 64, (args.prompt,), generator=gen).tolist()
             theirs = run_llama(llm, prompt, args.new)
@@ -108,6 +103,8 @@ def main() -> int:
             times["llama.cpp"].append(theirs[:2])
             times["glm5"].append(ours[:2])
             same.append(theirs[2] == ours[2])
+            if first is None and not same[-1]:  # untimed: where they part, and how near a tie it was on each side
+                first = first_mismatch(model, llm, prompt, ours[2], theirs[2])
 
         def summary(runs):
             return {"prefill_tok_s": statistics.median(args.prompt / r[0] for r in runs),
@@ -116,12 +113,14 @@ def main() -> int:
 
         row = {name: summary(runs) for name, runs in times.items()}
         row["same_greedy_tokens"] = all(same)
+        row["first_mismatch"] = first
         row["glm5_vs_llama_cpp_decode"] = row["glm5"]["decode_tok_s"] / row["llama.cpp"]["decode_tok_s"]
         row["glm5_vs_llama_cpp_prefill"] = row["glm5"]["prefill_tok_s"] / row["llama.cpp"]["prefill_tok_s"]
         row["gguf_mib"] = path.stat().st_size / 2**20
+        llm.close()
         results["runs"][out_type] = row
-        if out_type == "f32" and not row["same_greedy_tokens"]:
-            print("  note: f32 greedy tokens differ (a near-tie at a top-k or router cut; dev/LOG.md, GGUF export)",
+        if out_type == "f32" and first is not None:
+            print(f"  note: f32 {describe_mismatch(first)}; a near-tie at a top-k or router cut (dev/LOG.md, GGUF export)",
                   flush=True)
         print(f"{out_type:5s}: prefill tok/s llama.cpp {row['llama.cpp']['prefill_tok_s']:8.1f}  glm5 "
               f"{row['glm5']['prefill_tok_s']:8.1f} ({row['glm5_vs_llama_cpp_prefill']:.2f}x)   decode tok/s llama.cpp "

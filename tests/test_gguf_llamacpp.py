@@ -8,6 +8,8 @@
 - text: the embedded tokenizer gives llama.cpp the ids glm5.tokenizer gives, special tokens included.
 - llama.cpp's own converter (vendored in llama-cpp-python's source archive) on our save_pretrained output
   writes a file that llama.cpp runs to the same tokens.
+- bench/llamacpp_peer.py, llama.cpp as bench/generate.py and bench/llamacpp.py run it: a model in memory
+  exported, one sequence through the eval loop and two through one llama_batch per step, greedy tokens glm5's.
 
 Skipped with a reason when llama-cpp-python is not installed (`make test` builds it once per CPU).
 """
@@ -185,6 +187,40 @@ def test_quantized_gguf_matches_glm5_on_the_same_weights(model_dir, tmp_path, ou
     assert kl <= kl_same, f"{out_type}: llama.cpp and glm5 on the same weights differ by {kl:.3g} nats per position"
     loss = _mean_kl(original, on_file)
     assert loss <= kl_original, f"{out_type}: the file's weights lose {loss:.3g} nats per position"
+
+
+def test_bench_peer_runs_the_exported_model_to_glm5s_tokens(model_dir, tmp_path):
+    """The benchmarks' llama.cpp peer: the model in memory exported (with the default tokenizer) to f32, then
+    greedy for 8 tokens on one sequence (llama.cpp's eval loop) and on two sequences of different lengths at once
+    (one llama_batch per step), each equal to glm5's; a doctored mismatch is located and explained."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from llamacpp_peer import BatchedLlama, export_model, first_mismatch, open_llama, run_llama
+
+    model = GLM5ForCausalLM.from_pretrained(model_dir).eval()
+    path = export_model(model, tmp_path)
+    assert path == tmp_path / "model-f32.gguf" and (tmp_path / "model" / "tokenizer.json").is_file()
+    prompts = [_prompt(40), _prompt(33, seed=PROMPT_SEED + 1)]
+    ours = [list(o.token_ids) for o in LLM(model).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))]
+    for ids, tokens in zip(prompts, ours):  # below index_topk: no top-k; the router's cut checked clear of ties
+        assert min(_selection_gaps(model_dir, ids + tokens)) > MIN_SELECTION_GAP
+    llm = open_llama(path, n_ctx=64, n_batch=64, threads=1)
+    try:
+        first, total, tokens = run_llama(llm, prompts[0], 8)
+        assert tokens == ours[0] and 0 < first <= total
+        with BatchedLlama(path, n_seq=2, n_ctx_seq=64, n_batch=16, threads=1) as batched:  # prompts in 5 chunks
+            for _ in range(2):  # the second run starts from a cleared cache
+                first, total, rows = batched.run(prompts, 8)
+                assert rows == ours and 0 < first <= total
+        assert first_mismatch(model, llm, prompts[0], ours[0], ours[0]) is None
+        other = int(np.argsort(llm.scores[len(prompts[0]) + 2])[-2])  # llama.cpp's runner-up after new token 3
+        where = first_mismatch(model, llm, prompts[0], ours[0], ours[0][:3] + [other] + ours[0][4:])
+    finally:
+        llm.close()
+    assert where["at"] == 3 and where["glm5_token"] == ours[0][3] and where["llamacpp_token"] == other
+    # the doctored token is the runner-up on both sides: both gaps are of a real choice, llama.cpp's negative
+    assert where["glm5_gap"] > 0 > where["llamacpp_gap"]
+    assert where["largest_logit_diff"] <= 1e-4 * where["logit_scale"], where  # fp32 on both sides
 
 
 def _strings() -> list[str]:
