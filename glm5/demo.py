@@ -5,7 +5,7 @@ bench/results/demo.json's `wall_minutes`, the figure README.md quotes; `python b
     glm5 demo --name mine --minutes 6            # a shorter budget (steps shrink to fit)
     glm5 demo --pretrain-steps 20 --sft-steps 10 # a quick look
 
-1. corpus: Python's own docs and sources + synthetic multi-turn tool-use chats in GLM-5's format
+1. corpus: Python's own docs and sources + synthetic multi-turn tool-use chats in GLM-5's format (chat-heavy)
 2. tokenizer: byte-level BPE (4096 ids, GLM-5 specials) trained on that corpus
 3. pretrain the nano preset (MoE + MLA + MTP, dense attention) on packed 512-token rows, every batch the
    same mix of code rows and chat rows
@@ -14,7 +14,8 @@ bench/results/demo.json's `wall_minutes`, the figure README.md quotes; `python b
 5. SFT on chats, loss on the assistant's tokens only
    Each stage scores fixed held-out probe rows before its first and after its last step, under its own
    attention: summary.json "stages" (probe_start / probe_end) and the report's stage table
-6. evaluate: held-out loss, tool-call format validity and task accuracy on held-out requests
+6. evaluate: held-out loss, tool-call format validity and task accuracy on held-out requests; then the RL
+   stage (APRIL, tool-call env) and the held-out requests scored again
 7. write runs/<name>/ and point runs/latest at it (a symlink swapped in atomically at the end): model/ (safetensors + config.json + tokenizer, loadable by the engine and server),
    metrics.jsonl, report.md with plots; print a sample chat with a tool call
 """
