@@ -157,15 +157,9 @@ class RLTrainer:
         own = self.optimizer.optimizers[0]
         saved = _with_kernel(saved["optimizers"][0], own)
         if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
+            from glm5.train.parallel import load_full_state
 
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=options)
-            set_optimizer_state_dict(self.model, own, _by_name(saved, own, self.inner), options=options)
+            load_full_state(self.model, state["model"], own, _by_name(saved, own, self.inner))
         else:
             self.inner.load_state_dict(state["model"])
             self.optimizer.load_state_dict({"optimizers": [saved]})

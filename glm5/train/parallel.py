@@ -86,3 +86,14 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def load_full_state(model: nn.Module, model_state: dict, optimizers, optimizer_state) -> None:
+    """Load an unsharded model state and optimizer state (what rank 0 saved) into an FSDP2-wrapped `model` (each
+    rank takes its shards through torch.distributed.checkpoint's full-state API) and `optimizers` (one optimizer
+    or a list, with the matching state). A model without FSDP loads with its own load_state_dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizers, optimizer_state, options=options)

@@ -169,15 +169,9 @@ class Trainer:
         if state["stage"] != self.config.stage:
             raise ValueError(f"checkpoint is from stage {state['stage']!r}, this run is {self.config.stage!r}")
         if self._fsdp():
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
+            from glm5.train.parallel import load_full_state
 
-            options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, state["model"], options=options)
-            set_optimizer_state_dict(self.model, self.optimizer.optimizers, state["optimizer"], options=options)
+            load_full_state(self.model, state["model"], self.optimizer.optimizers, state["optimizer"])
         else:
             self.inner.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
