@@ -31,6 +31,8 @@ def main() -> None:
     print("[bench] " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     summary = json.loads((Path(args.out) / name / "summary.json").read_text())
+    rl_metrics = Path(args.out) / name / "rl" / "metrics.jsonl"
+    rl_steps = [json.loads(line) for line in rl_metrics.read_text().splitlines()] if rl_metrics.is_file() else []
     write_results(args.results, {
         "command": "glm5 demo " + " ".join(args.demo_args),
         "defaults": not args.demo_args,
@@ -38,6 +40,9 @@ def main() -> None:
         "stages": {row["stage"]: {"probe_start": row["probe_start"], "probe_end": row["probe_end"]} for row in summary["stages"]},
         "final": summary["final"],
         "rl": summary.get("rl"),
+        # how often an RL group held an exact call (what there is to reinforce)
+        "rl_groups_with_success": sum(r.get("groups_with_success", 0) for r in rl_steps),
+        "rl_exact_share_per_step": [r.get("exact_share") for r in rl_steps],
         "run": str(Path(args.out) / name),
         "date": time.strftime("%Y-%m-%d"),
     })
