@@ -142,6 +142,17 @@ class RLConfig:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def check_init_dir(path: str) -> Path:
+    """--init must hold a model and its tokenizer (RL renders chats and parses the model's turns)."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"--init {directory}: no model there (config.json missing)")
+    if not (directory / "tokenizer.json").is_file():
+        raise ValueError(f"--init {directory}: the model has no tokenizer (tokenizer.json missing); RL renders "
+                         "chats and parses the model's turns, it needs one")
+    return directory
+
+
 def load_policy(config: RLConfig):
     """-> (model, tokenizer); one-line errors for a missing directory or tokenizer."""
     from glm5.config import GLM5Config
@@ -149,12 +160,7 @@ def load_policy(config: RLConfig):
     from glm5.tokenizer import Tokenizer, default_tokenizer
 
     if config.init is not None and not config.preset:
-        directory = Path(config.init)
-        if not (directory / "config.json").is_file():
-            raise ValueError(f"--init {directory}: no model there (config.json missing)")
-        if not (directory / "tokenizer.json").is_file():
-            raise ValueError(f"--init {directory}: the model has no tokenizer (tokenizer.json missing); RL renders "
-                             "chats and parses the model's turns, it needs one")
+        directory = check_init_dir(config.init)
         tokenizer = Tokenizer.from_file(directory)
         model = GLM5ForCausalLM.from_pretrained(directory)
     else:
@@ -177,12 +183,7 @@ def check_inputs(config: RLConfig, need_source: bool = True) -> None:
 
     config.validate(need_source)
     if config.init is not None:
-        directory = Path(config.init)
-        if not (directory / "config.json").is_file():
-            raise ValueError(f"--init {directory}: no model there (config.json missing)")
-        if not (directory / "tokenizer.json").is_file():
-            raise ValueError(f"--init {directory}: the model has no tokenizer (tokenizer.json missing); RL renders "
-                             "chats and parses the model's turns, it needs one")
+        check_init_dir(config.init)
     if config.preset is not None:
         from glm5.config import GLM5Config
 
