@@ -2,8 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python dev/rl_stage.py --run runs/demo-X --steps 40 --lr 1e-4 --out /tmp/rl_stage
 
-Loads RUN/model (the demo's model after SFT, when the run had --rl-steps 0, or any model directory with a
-tokenizer), scores the held-out tool-call requests (greedy), runs APRIL on the tool-call env, scores them
+Loads the demo's model after SFT (RUN/checkpoints/sft's last checkpoint into RUN/model's config and
+tokenizer; `--from-model` takes RUN/model itself), scores the held-out tool-call requests (greedy), runs APRIL on the tool-call env, scores them
 again, and prints per-step reward, the share of exact calls, groups with at least one success, and samples.
 """
 
@@ -19,9 +19,18 @@ import torch
 from glm5.model.transformer import GLM5ForCausalLM
 from glm5.rl.run import RLConfig, run_rl
 from glm5.tokenizer import Tokenizer
+from glm5.train.checkpoints import latest_checkpoint, load_checkpoint
 from glm5.train.corpus import build_demo_corpus
 from glm5.train.evaluate import tool_call_eval
 from glm5.train.trainer import release_stage
+
+
+def _demo_defaults() -> argparse.Namespace:
+    from glm5.demo import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["demo"])
 
 
 def main() -> None:
@@ -37,13 +46,22 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=30, help="held-out requests")
     p.add_argument("--minutes", type=float, default=0.0, help="time budget (0: none)")
     p.add_argument("--out", default="/tmp/rl_stage", help="output folder (replaced)")
+    p.add_argument("--from-model", action="store_true", help="start from RUN/model, not the SFT checkpoint")
+    p.add_argument("--filter-equal", action="store_true", help="drop groups whose rewards are all equal")
+    p.add_argument("--kl", type=float, default=None, help="KL coefficient to the start (default: RLConfig's)")
+    p.add_argument("--seed", type=int, default=0, help="RL seed")
     args = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     tok = Tokenizer.from_file(f"{args.run}/model")
     model = GLM5ForCausalLM.from_pretrained(f"{args.run}/model")
+    if not args.from_model:
+        model.load_state_dict(load_checkpoint(latest_checkpoint(f"{args.run}/checkpoints/sft"))["model"])
     # the demo's defaults, so the same held-out requests
-    corpus = build_demo_corpus(stdlib_bytes=2_500_000, conversations=2000, tasks=args.tasks, seed=0)
+    demo = _demo_defaults()
+    corpus = build_demo_corpus(stdlib_bytes=demo.stdlib_bytes, conversations=demo.conversations, tasks=args.tasks,
+                               seed=demo.seed, copy_drills=demo.copy_drills, bare_share=demo.bare_share,
+                               wide=demo.wide_args)
     tasks = [dict(t) for t in corpus.tasks]
     before = tool_call_eval(model, tok, tasks, max_new_tokens=args.max_new_tokens)
     print(f"before: validity {before['validity']:.2f} right tool {before['tool_accuracy']:.2f} exact {before['accuracy']:.2f}")
@@ -51,7 +69,8 @@ def main() -> None:
     config = RLConfig(out=args.out, env="tool-call", env_kwargs={"final_answer": False}, mode=args.mode,
                       steps=args.steps, rollout_batch=args.batch, group_size=args.group_size,
                       max_new_tokens=args.max_new_tokens, lr=args.lr, save_every=0, progress=False,
-                      temperature=args.temperature, max_minutes=args.minutes)
+                      temperature=args.temperature, max_minutes=args.minutes, seed=args.seed,
+                      filter_equal=args.filter_equal, **({} if args.kl is None else {"kl_coef": args.kl}))
     run_rl(config, model=model, tokenizer=tok, save_model=False)
     for line in open(f"{args.out}/metrics.jsonl"):
         r = json.loads(line)

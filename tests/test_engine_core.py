@@ -122,6 +122,53 @@ def test_abort_frees_the_blocks(model):
     assert llm.block_manager.num_free_blocks == 16 and not llm.has_unfinished()
 
 
+def _drain(llm, max_steps=500):
+    for _ in range(max_steps):
+        if not llm.has_unfinished():
+            return
+        llm.step()
+    raise AssertionError(f"still unfinished after {max_steps} steps (no blocks for the waiting request?)")
+
+
+def test_a_suspended_request_resumes_on_its_kept_cache_or_is_recomputed_once_its_blocks_are_needed(model):
+    """suspend / resume (RL's partial rollouts): out of the batch with its KV blocks kept, back where it stopped
+    (nothing prefilled again); when another request needs the blocks, the suspended one gives them back and is
+    recomputed on resume. The same tokens either way."""
+    prompts = _prompts((20, 21, 115), seed=3)
+    expected = [c.token_ids for c in LLM(model).generate(prompts[:2], greedy(24))]
+    llm = LLM(model, block_size=4, kv_cache_tokens=160)
+    a, b = (llm.add_request(p, greedy(24)) for p in prompts[:2])
+    for _ in range(6):
+        llm.step()
+    held = len(a.block_table)
+    assert llm.suspend(a.request_id) is a and held > 0
+    _drain(llm)  # b alone; a waits with its blocks
+    assert b.output_token_ids == expected[1] and len(a.block_table) == held and len(a.output_token_ids) < 24
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks - held
+    prefilled = llm.stats.prefill_tokens
+    llm.resume(a.request_id)
+    _drain(llm)
+    assert a.output_token_ids == expected[0]
+    assert llm.stats.prefill_tokens == prefilled, "the resumed request was prefilled again"
+
+    a = llm.add_request(prompts[0], greedy(24))
+    for _ in range(6):
+        llm.step()
+    llm.suspend(a.request_id)
+    c = llm.add_request(prompts[2], greedy(30))  # 145 of 160 slots: only if a gives its blocks back
+    _drain(llm)
+    assert len(c.output_token_ids) == 30 and not a.block_table, "the suspended request kept blocks another needed"
+    prefilled = llm.stats.prefill_tokens
+    llm.resume(a.request_id)
+    _drain(llm)
+    assert a.output_token_ids == expected[0]
+    assert llm.stats.prefill_tokens > prefilled, "a request without blocks resumed without being recomputed"
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert not llm.release(a.request_id) and llm.suspend("no such request") is None
+    with pytest.raises(ValueError, match="not suspended"):
+        llm.resume(a.request_id)
+
+
 # ---------------------------------------------------------------------------------------- sampling
 def test_same_seed_same_tokens_in_any_batch(model):
     prompt = _prompts((9,))[0]

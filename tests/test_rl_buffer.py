@@ -76,9 +76,9 @@ def test_collect_puts_every_answer_restarts_stale_groups_and_counts():
         _sampled(e, [0] if e.group == 0 else [2])
     part = [e for e in eps if e.group == 2]
     answers = [([e for e in eps if e.group == 0], [], {"seconds": 1.0, "sampled": 3}),
-               ([e for e in eps if e.group == 1], part, {"seconds": 0.5, "sampled": 4})]
+               ([e for e in eps if e.group == 1], part, {"seconds": 0.5, "sampled": 4, "kv_resumed": 1})]
     stats = buf.collect(2, *answers)  # group 0 (version 0) is stale under version 2: restarted, not counted
-    assert stats == {"seconds": 1.5, "sampled": 7, "aborted": 2, "complete_groups": 1}
+    assert stats == {"seconds": 1.5, "sampled": 7, "aborted": 2, "kv_resumed": 1, "complete_groups": 1}
     assert buf.stats["restarted"] == 2 and len(buf.partial) == 2
     assert buf.collect(None)["complete_groups"] == 1
 
@@ -88,3 +88,23 @@ def test_take_whole_gives_all_groups_or_keeps_them():
     buf.put(buf.episodes_to_run(1, version=0))
     assert buf.take(2, version=0, whole=True) == [] and buf.complete_groups() == 1
     assert [len(g) for g in buf.take(1, version=0, whole=True)] == [2] and buf.complete_groups() == 0
+
+
+def test_groups_go_back_to_the_worker_that_holds_their_partial_episodes():
+    """run.py's _split: a group keeps its worker (`Episode.slot`; with --keep-partial-kv its KV cache waits there),
+    new groups go where the fewest episodes are, whole groups per worker, and each episode learns its slot."""
+    from glm5.rl.rollout import new_episodes
+    from glm5.rl.run import _split
+
+    old = new_episodes([0, 1, 2], 2, seed=0)
+    for ep in old:
+        ep.slot = 1 if ep.group < 2 else 0  # groups 0 and 1 last ran on worker 1, group 2 on worker 0
+    shares = _split(old + new_episodes([3, 4, 5], 2, seed=0), 2)
+    groups = [sorted({ep.group for ep in share}) for share in shares]
+    assert groups == [[2, 3, 4], [0, 1, 5]], groups  # 6 episodes each
+    assert all(ep.slot == i for i, share in enumerate(shares) for ep in share)
+    # a slot beyond the workers there are now (fewer workers after a resume): dealt like a new group
+    late = new_episodes([7], 2, seed=0)
+    for ep in late:
+        ep.slot = 3
+    assert [len(s) for s in _split(late, 1)] == [2] and all(ep.slot == 0 for ep in late)

@@ -46,6 +46,63 @@ def test_partial_rollout_continued_gives_the_uninterrupted_tokens(model, tok):
         torch.testing.assert_close(torch.tensor(ep.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
 
 
+def test_kept_kv_cache_continues_a_partial_without_prefilling_it_again(model, tok):
+    """keep_partial_kv: the aborted episodes' requests are suspended with their KV cache and resumed on the next
+    call: the same tokens as an uninterrupted rollout, and nothing they had is prefilled again."""
+    torch.set_num_threads(1)
+    whole = {e.uid: e for e in _worker(model, tok).generate(new_episodes([0, 1], 2, seed=5))[0]}
+    worker = _worker(model, tok, keep_partial_kv=True)
+    _, partial = worker.generate(new_episodes([0, 1], 2, seed=5), max_engine_steps=10)
+    assert len(partial) == 4 and len(worker.engine.suspended) == 4
+    stats = worker.engine.stats
+    prefilled = stats.prefill_tokens
+    rest, still = worker.generate(partial)
+    assert not still and all(e.resumed == 1 for e in rest)
+    # each resumed request feeds only its last sampled token, in a decode step (a recompute prefills the prompt
+    # and the 10 sampled tokens of each of the 4 again)
+    assert stats.prefill_tokens == prefilled, f"{stats.prefill_tokens - prefilled} tokens prefilled again"
+    for ep in rest:
+        ref = whole[ep.uid]
+        assert ep.tokens == ref.tokens and ep.loss_mask == ref.loss_mask and ep.versions == ref.versions
+        torch.testing.assert_close(torch.tensor(ep.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
+    assert not worker.engine.suspended and worker.engine.block_manager.num_free_blocks == \
+        worker.engine.block_manager.num_blocks, "blocks held after every episode finished"
+
+
+def test_kept_kv_cache_survives_a_weight_update_and_stale_entries_are_released(model, tok):
+    """After set_weights a resumed episode samples with the new weights on the latents the old ones cached:
+    its next token's log-prob is neither the old weights' nor that of a recompute under the new ones. An
+    episode that comes back restarted, or not at all (dealt to another worker), has its request released."""
+    torch.set_num_threads(1)
+    whole = {e.uid: e for e in _worker(model, tok).generate(new_episodes([0, 1], 2, seed=5))[0]}
+    worker = _worker(model, tok, keep_partial_kv=True)
+    _, partial = worker.generate(new_episodes([0, 1], 2, seed=5), max_engine_steps=6)
+    snap = copy.deepcopy(partial)
+    n = len(partial[0].tokens)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in worker.engine.model.state_dict().items()}
+    worker.set_weights(state, version=1)
+    fresh = _worker(model, tok)
+    fresh.set_weights(state, version=1)
+    fresh.generate([snap[0]], max_engine_steps=2)  # the same partial, prefilled again under the new weights
+    dropped = worker._suspended[partial[2].uid][0]
+    partial[1].restart()
+    worker.generate([partial[0], partial[1], partial[3]], max_engine_steps=2)  # partial[2]: another worker's now
+    assert partial[0].resumed == 1 and partial[1].resumed == 0 and partial[0].versions[n] == 1
+    assert partial[0].tokens[:n] == snap[0].tokens[:n]
+    keep, recompute, old = partial[0], snap[0], whole[partial[0].uid]
+    assert keep.tokens[n] != recompute.tokens[n] or abs(keep.logprobs[n] - recompute.logprobs[n]) > 1e-4, \
+        "the resumed episode's token matches a recompute under the new weights: its KV cache was not kept"
+    assert keep.tokens[n] != old.tokens[n] or abs(keep.logprobs[n] - old.logprobs[n]) > 1e-4, \
+        "the resumed episode sampled with the old weights"
+    assert dropped not in worker.engine.suspended and partial[2].uid not in worker.envs
+    assert set(worker._suspended) == {partial[0].uid, partial[1].uid, partial[3].uid}  # cut again after 2 steps
+    held = sum(len(seq.block_table) for seq in worker.engine.suspended.values())
+    bm = worker.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks - held, "a released request's blocks were not freed"
+
+
 def test_multi_turn_appends_tool_results_as_tokens_never_retokenizing(tok):
     # a scripted policy through the real worker: the engine is bypassed by feeding known turns
     torch.manual_seed(0)

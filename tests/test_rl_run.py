@@ -82,6 +82,22 @@ def _cli(out, steps, *extra):
             "--lr", "1e-3", "--no-progress", "--out", str(out), *extra]
 
 
+def test_april_with_kept_kv_caches_continues_partials_on_them(tmp_path, monkeypatch, capsys):
+    """--keep-partial-kv: the worker suspends APRIL's aborted episodes and resumes them on their KV caches
+    (`partial_kv_kept` counts them); the staleness bound and the metrics contract hold as without it."""
+    torch.set_num_threads(1)
+    monkeypatch.setenv("GLM5_BENCH_RL_LONGEST", "24")  # bench/rl.py's long tail (see _cli)
+    out = tmp_path / "kv"
+    argv = _cli(out, 3, "--keep-partial-kv", "--save-every", "0")[3:]  # after `python -m glm5.cli`
+    assert main(argv) == 0
+    records = _records(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert sum(r["partial_kv_kept"] for r in records) > 0, "no partial episode continued on its kept KV cache"
+    assert sum(r["partial_kv_kept"] for r in records) <= sum(r["aborted"] for r in records)
+    assert max(r["staleness_max"] for r in records) <= 2
+    assert all(key in records[0] for key in METRIC_KEYS)
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_the_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLM5_BENCH_RL_LONGEST": "24"}

@@ -117,6 +117,7 @@ class LLMEngine:
         # a sequence never needs more than the whole cache (minus room for drafts)
         self.capacity_tokens = num_blocks * block_size - 2 * num_speculative_tokens - 1
         self.requests: dict[str, Sequence] = {}
+        self.suspended: dict[str, Sequence] = {}  # out of the batch, KV cache kept (see suspend)
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ construction
@@ -169,6 +170,38 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        return True
+
+    def suspend(self, request_id: str) -> Sequence | None:
+        """Take a request out of the batch but keep its KV cache, to `resume` it later where it stopped (even
+        after `refresh_weights`: its cached latents then come from the earlier weights). Its blocks go back to
+        the pool first when a step needs them, and the request is then recomputed on resume. -> its Sequence."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.suspend(seq)
+        self.suspended[request_id] = seq
+        return seq
+
+    def resume(self, request_id: str) -> Sequence:
+        """A suspended request back in the batch; it samples on from its own generator."""
+        if request_id not in self.suspended:
+            raise ValueError(f"request id {request_id!r} is not suspended")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        seq = self.suspended.pop(request_id)
+        self.scheduler.resume(seq)
+        self.requests[request_id] = seq
+        return seq
+
+    def release(self, request_id: str) -> bool:
+        """Drop a suspended request and free its blocks."""
+        seq = self.suspended.pop(request_id, None)
         if seq is None:
             return False
         self.scheduler.remove(seq)

@@ -6,6 +6,12 @@ Prefill has priority, so a new request starts as soon as there is room; requests
 batch between steps. When the cache has no block for a decode step, the most recently admitted sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its full
 blocks usually come back from the prefix cache).
+
+A sequence can also be suspended: taken out of the batch with its blocks kept, and resumed later where it
+stopped (RL's partial rollouts, continued by the same engine after a weight update, skip re-prefilling what
+they have). Suspended sequences hold blocks only while nothing else needs them: when a step cannot get a
+block, the oldest suspended sequence gives its blocks back first, and when resumed is recomputed like a
+preempted one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Scheduler:
         self.num_speculative_tokens = num_speculative_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: own blocks (prefilling or decoding)
+        self.suspended: dict[int, Sequence] = {}  # id -> out of the batch, blocks kept (oldest first)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -53,7 +60,35 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.suspended.pop(id(seq), None)
         self.block_manager.free(seq)
+
+    def suspend(self, seq: Sequence) -> None:
+        """Take `seq` out of the batch, keeping its blocks (and what they hold) for `resume`."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.draft_token_ids = []
+        self.suspended[id(seq)] = seq
+
+    def resume(self, seq: Sequence) -> None:
+        """Back into the batch: straight to decoding when only its last sampled token is pending, else first in
+        the queue (the rest of its prefill, or all of it when its blocks were reclaimed meanwhile)."""
+        self.suspended.pop(id(seq), None)  # absent: its blocks were reclaimed
+        if seq.block_table and seq.num_pending_tokens == 1 and len(self.running) < self.max_num_seqs:
+            seq.status = SequenceStatus.RUNNING  # only its last token to feed: the next decode step takes it
+            self.running.append(seq)
+        else:
+            self.waiting.appendleft(seq)
+
+    def _reclaim(self, seq: Sequence, num_tokens: int) -> bool:
+        """Free suspended sequences' blocks (oldest first) until `seq` can have slots for num_tokens."""
+        bm = self.block_manager
+        while not bm.can_allocate(seq, num_tokens) and self.suspended:
+            bm.free(self.suspended.pop(next(iter(self.suspended))))
+        return bm.can_allocate(seq, num_tokens)
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch | None:
@@ -71,7 +106,7 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(seq.num_pending_tokens, budget)
-            if not bm.can_allocate(seq, seq.num_computed_tokens + n):
+            if not self._reclaim(seq, seq.num_computed_tokens + n):
                 break
             bm.allocate(seq, seq.num_computed_tokens + n)
             seqs.append(seq)
@@ -83,7 +118,7 @@ class Scheduler:
                 bm.match_prefix(seq)
             n = min(seq.num_pending_tokens, budget)
             # keep room for the first decode step of the running sequences
-            if not bm.can_allocate(seq, seq.num_computed_tokens + n):
+            if not self._reclaim(seq, seq.num_computed_tokens + n):
                 if not self.running and not seqs:
                     bm.free(seq)  # nothing else holds blocks: shrink the chunk to what fits
                     bm.match_prefix(seq)
@@ -116,7 +151,7 @@ class Scheduler:
             k = len(seq.draft_token_ids)
             # slots for the last token and its drafts, and for the MTP's chained drafts after them
             need = len(seq.token_ids) + 2 * k
-            while not bm.can_allocate(seq, need):
+            while not self._reclaim(seq, need):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 if victim is seq:

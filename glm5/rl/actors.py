@@ -45,15 +45,17 @@ class RolloutActor:
         tokenizer = _tokenizer_from_json(tokenizer_json) if isinstance(tokenizer_json, str) else tokenizer_json
         self.worker = RolloutWorker(model, tokenizer, config.env, max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p, reward=config.reward,
-                                    env_kwargs=config.env_kwargs)
+                                    env_kwargs=config.env_kwargs,
+                                    keep_partial_kv=config.mode == "april" and config.keep_partial_kv)
 
     def generate(self, episodes, stop_after_groups):
         before, started = sum(len(e.tokens) for e in episodes), time.perf_counter()
+        kv_before = self.worker.stats["kv_resumed"]
         done, partial = self.worker.generate(episodes, stop_after_groups=stop_after_groups)
         # new tokens of this call (observations included: they were prefilled, a small share)
         after = sum(len(e.tokens) for e in done + partial)
         return done, partial, {"seconds": time.perf_counter() - started, "sampled": after - before,
-                               "version": self.worker.version}
+                               "version": self.worker.version, "kv_resumed": self.worker.stats["kv_resumed"] - kv_before}
 
     def set_weights(self, state_dict, version: int) -> int:
         return self.worker.set_weights(state_dict, version)

@@ -66,11 +66,12 @@ class RolloutBuffer:
         """Rollout workers' answers, (done, partial, info) each, put in one call; with `restart_version`, complete
         groups gone stale under it are restarted (as take(0, version)). -> the round's figures and the complete
         groups now, so the loop needs no other call to decide whether to generate more."""
-        stats = {"seconds": 0.0, "sampled": 0, "aborted": 0}
+        stats = {"seconds": 0.0, "sampled": 0, "aborted": 0, "kv_resumed": 0}
         for done, partial, info in results:
             self.put(done, partial)
             stats["seconds"] += info["seconds"]
             stats["sampled"] += info["sampled"]
+            stats["kv_resumed"] += info.get("kv_resumed", 0)
             stats["aborted"] += len(partial)
         if restart_version is not None:
             self.take(0, restart_version)

@@ -23,7 +23,8 @@ def config_from_args(args):
     return RLConfig(
         out=args.out, init=args.init, preset=args.preset, env=args.env, reward=args.reward, algo=args.algo,
         mode=args.mode, steps=args.steps, rollout_batch=args.rollout_batch, group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens, over_sample=args.over_sample, max_staleness=args.max_staleness,
+        max_new_tokens=args.max_new_tokens, over_sample=args.over_sample, keep_partial_kv=args.keep_partial_kv,
+        max_staleness=args.max_staleness,
         rollout_workers=args.rollout_workers, trainer_workers=args.trainer_workers,
         trainer_parallel=args.trainer_parallel, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         seed=args.seed, resume=args.resume, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
@@ -80,6 +81,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int_at_least(1), required=True, help="tokens per assistant turn at most")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--over-sample", type=float, default=2.0, help="april: groups launched / groups needed (default 2.0)")
+    p.add_argument("--keep-partial-kv", action="store_true",
+                   help="april: each rollout worker keeps its aborted episodes' KV cache and continues them there "
+                   "after the weight update, instead of prefilling them again (their cached latents then come from "
+                   "the weights that sampled them, measured by mismatch_kl)")
     p.add_argument("--max-staleness", type=int_at_least(0), default=1,
                    help="async / april: no trained token older than this many policy versions (default 1)")
     p.add_argument("--rollout-workers", type=int_at_least(0), default=1,

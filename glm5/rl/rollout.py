@@ -16,7 +16,12 @@ Partial rollouts (APRIL, arXiv 2509.18521): `generate(..., stop_after_groups=n)`
 once n groups have finished; an aborted episode keeps its tokens, log-probs, versions, and the state of its own
 sampling generator. Continued later (possibly under newer weights), it prefills what it has and samples on
 from the same generator state, so under the same weights it produces exactly the tokens an uninterrupted
-rollout would have (tests/test_rl_rollout.py).
+rollout would have (tests/test_rl_rollout.py). With `keep_partial_kv` the engine suspends an aborted episode
+instead (its KV cache kept) and resumes it when the episode comes back to this worker, so what it has is not
+prefilled again; after a weight update its cached latents are those of the weights that sampled them (an
+in-flight update, as PipelineRL's), one more difference between the engine's and the trainer's log-probs,
+which `mismatch_kl` measures and TIS / IcePop correct. Anywhere else, or once the engine needed the blocks,
+it is prefilled as above.
 
 A failing env or reward (it raises) marks that episode "failed" with reward 0 and loss mask 0; the run goes on.
 """
@@ -54,6 +59,7 @@ class Episode:
     generator_state: torch.Tensor | None = None  # the sampling generator between requests
     error: str | None = None
     resumed: int = 0  # times continued after an abort
+    slot: int = -1  # the rollout worker that last ran it (with keep_partial_kv its KV cache waits there)
 
     @property
     def uid(self) -> str:
@@ -104,7 +110,7 @@ class RolloutWorker:
     def __init__(self, model, tokenizer, env: str, *, max_new_tokens: int = 48, temperature: float = 1.0,
                  top_p: float = 1.0, reward: str | None = None, env_kwargs: dict | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int = 32768, max_num_seqs: int = 64,
-                 version: int = 0):
+                 version: int = 0, keep_partial_kv: bool = False):
         from glm5.rl.env import load_reward, make_env
 
         self.tokenizer = tokenizer
@@ -119,7 +125,9 @@ class RolloutWorker:
         self.envs: dict[str, object] = {}  # live env per running episode
         self.conversations: dict[str, tuple[list[dict], list | None]] = {}  # its messages so far, and tools
         self._seqs: dict = {}  # request id -> the engine's Sequence (its sampling generator)
-        self.stats = {"tokens": 0, "seconds": 0.0}
+        self.keep_partial_kv = keep_partial_kv
+        self._suspended: dict[str, tuple[str, int]] = {}  # episode uid -> (its suspended request, its token count)
+        self.stats = {"tokens": 0, "seconds": 0.0, "kv_resumed": 0}
 
     # ------------------------------------------------------------------ weights
     def set_weights(self, state_dict: dict, version: int) -> int:
@@ -218,6 +226,17 @@ class RolloutWorker:
         finished: list[Episode] = []
         for ep in episodes:
             try:
+                kept = self._suspended.pop(ep.uid, None)
+                if kept is not None and ep.status == "partial" and kept[1] == len(ep.tokens):
+                    self._seqs[kept[0]] = self.engine.resume(kept[0])  # its KV cache is still here
+                    self.stats["kv_resumed"] += 1
+                    ep.resumed += 1
+                    ep.status = "running"
+                    running[kept[0]] = ep
+                    continue
+                if kept is not None:  # restarted, or changed elsewhere since: start from its tokens
+                    self.engine.release(kept[0])
+                    self._forget(ep)
                 self._start(ep)
                 if ep.status == "partial":
                     ep.resumed += 1
@@ -226,6 +245,11 @@ class RolloutWorker:
             except Exception as err:  # a failing env's reset (or an over-long prompt): this episode only
                 self._fail(ep, err)
                 finished.append(ep)
+        for uid, (request_id, _) in self._suspended.items():  # continued by another worker, or dropped
+            self.engine.release(request_id)
+            self.envs.pop(uid, None)
+            self.conversations.pop(uid, None)
+        self._suspended = {}
         group_left: dict[int, int] = {}
         for ep in episodes:
             group_left[ep.group] = group_left.get(ep.group, 0) + (ep.status == "running")
@@ -267,9 +291,13 @@ class RolloutWorker:
         for request_id, ep in running.items():
             seq = self._seqs.pop(request_id)
             ep.generator_state = seq.generator.get_state()
-            self.engine.abort(request_id)
             ep.status = "partial"
-            self._forget(ep)  # rebuilt by replay when continued (maybe by another worker)
+            if self.keep_partial_kv:  # its KV cache and live env wait here for its next call
+                self.engine.suspend(request_id)
+                self._suspended[ep.uid] = (request_id, len(ep.tokens))
+            else:
+                self.engine.abort(request_id)
+                self._forget(ep)  # rebuilt by replay when continued (maybe by another worker)
             partial.append(ep)
         self.stats["tokens"] += self.engine.stats.decode_tokens + self.engine.stats.prefill_tokens - tokens_before
         self.stats["seconds"] += time.perf_counter() - started

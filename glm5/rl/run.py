@@ -68,6 +68,7 @@ class RLConfig:
     group_size: int = 4
     max_new_tokens: int = 48  # per assistant turn
     over_sample: float = 2.0  # april: groups launched / groups needed
+    keep_partial_kv: bool = False  # april: a rollout worker keeps its aborted episodes' KV cache for their next step
     max_staleness: int = 1  # async / april: no trained token older than this many versions
     rollout_workers: int = 0  # Ray rollout actors (0: everything in this process)
     trainer_workers: int = 1  # trainer ranks (Ray actors in one process group); > 1 needs rollout_workers >= 1
@@ -250,13 +251,25 @@ def _where(obj) -> tuple[str, int]:
 
 
 def _split(items: list, parts: int) -> list[list]:
-    """Episodes dealt to workers by group (a group stays on one worker)."""
+    """Episodes dealt to workers by group (a group stays on one worker): a group back to the worker that last
+    ran it (`Episode.slot`: its partial episodes' KV caches may be kept there), the others to the workers with
+    the fewest episodes so far. Each episode's slot is set to the worker it goes to."""
     groups: dict[int, list] = {}
     for ep in items:
         groups.setdefault(ep.group, []).append(ep)
     out = [[] for _ in range(parts)]
-    for i, eps in enumerate(groups.values()):
-        out[i % parts] += eps
+    fresh = []
+    for eps in groups.values():
+        slot = next((ep.slot for ep in eps if 0 <= ep.slot < parts), None)
+        if slot is None:
+            fresh.append(eps)
+        else:
+            out[slot] += eps
+    for eps in fresh:
+        min(out, key=len).extend(eps)
+    for i, share in enumerate(out):
+        for ep in share:
+            ep.slot = i
     return out
 
 
@@ -359,6 +372,7 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
                 "rollout_seconds": gen_stats["seconds"],
                 "train_tokens_per_s": train_metrics["train_tokens_per_s"],
                 "partial_resumed": sum(e.resumed > 0 for e in episodes), "aborted": gen_stats["aborted"],
+                "partial_kv_kept": gen_stats["kv_resumed"],
                 "failed_episodes": sum(e.status == "failed" for e in episodes),
                 "exact_share": sum(r >= 1.0 for r in rewards) / len(rewards),
                 "groups_with_success": sum(any(e.reward >= 1.0 for e in g) for g in batch),
@@ -419,11 +433,11 @@ def _collect(place, futures, buffer, restart_version):
 
 
 def _no_stats() -> dict:
-    return {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "resumed": 0, "failed": 0}
+    return {"tokens": 0, "sampled": 0, "seconds": 0.0, "aborted": 0, "kv_resumed": 0, "resumed": 0, "failed": 0}
 
 
 def _add(stats: dict, more: dict) -> dict:
-    for key in ("seconds", "sampled", "aborted"):
+    for key in ("seconds", "sampled", "aborted", "kv_resumed"):
         stats[key] += more[key]
     return stats
 
