@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--filter-equal", action="store_true", help="drop groups whose rewards are all equal")
     p.add_argument("--kl", type=float, default=None, help="KL coefficient to the start (default: RLConfig's)")
     p.add_argument("--seed", type=int, default=0, help="RL seed")
+    p.add_argument("--keep-partial-kv", action="store_true", help="april: keep aborted episodes' KV caches")
+    p.add_argument("--max-staleness", type=int, default=1, help="april / async staleness bound (default 1, the demo's)")
     args = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -70,7 +72,8 @@ def main() -> None:
                       steps=args.steps, rollout_batch=args.batch, group_size=args.group_size,
                       max_new_tokens=args.max_new_tokens, lr=args.lr, save_every=0, progress=False,
                       temperature=args.temperature, max_minutes=args.minutes, seed=args.seed,
-                      filter_equal=args.filter_equal, **({} if args.kl is None else {"kl_coef": args.kl}))
+                      filter_equal=args.filter_equal, keep_partial_kv=args.keep_partial_kv,
+                      max_staleness=args.max_staleness, **({} if args.kl is None else {"kl_coef": args.kl}))
     run_rl(config, model=model, tokenizer=tok, save_model=False)
     for line in open(f"{args.out}/metrics.jsonl"):
         r = json.loads(line)
