@@ -165,6 +165,10 @@ def test_a_suspended_request_resumes_on_its_kept_cache_or_is_recomputed_once_its
     assert llm.stats.prefill_tokens > prefilled, "a request without blocks resumed without being recomputed"
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     assert not llm.release(a.request_id) and llm.suspend("no such request") is None
+    d = llm.add_request(prompts[1], greedy(24))
+    llm.step()
+    llm.suspend(d.request_id)
+    assert llm.abort(d.request_id) and not d.block_table and not llm.suspended  # abort takes suspended ones too
     with pytest.raises(ValueError, match="not suspended"):
         llm.resume(a.request_id)
 

@@ -171,7 +171,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         seq = self.requests.pop(request_id, None)
         if seq is None:
-            return False
+            return self.release(request_id)  # a suspended request: its kept blocks go back
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
