@@ -90,3 +90,30 @@ def test_grad_clip_zero_means_no_clipping(base_model):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "grad_clip 0 zeroed the update"
     with pytest.raises(ValueError, match="grad clip -1"):
         TrainerConfig(grad_clip=-1.0).validate()
+
+
+def test_log_probs_run_the_lm_head_on_response_positions_only(base_model):
+    """sequence_logprobs passes logits_to_keep (the positions that predict response tokens) and reads the right
+    rows for each episode, prompts of different lengths included: the log-probs and entropies of full logits."""
+    gen = torch.Generator().manual_seed(3)
+    eps = []
+    for i, (p, n) in enumerate([(3, 7), (9, 2), (5, 0), (6, 5)]):  # one episode without a response
+        eps.append(Episode(group=0, index=i, env_seed=0, sample_seed=i,
+                           prompt_ids=torch.randint(0, 512, (p,), generator=gen).tolist(),
+                           tokens=torch.randint(0, 512, (n,), generator=gen).tolist()))
+    with torch.no_grad():
+        logp, ent = sequence_logprobs(base_model, eps, with_entropy=True)
+        longest = max(len(e.prompt_ids) + len(e.tokens) for e in eps)
+        ids = torch.tensor([e.prompt_ids + e.tokens + [0] * (longest - len(e.prompt_ids) - len(e.tokens)) for e in eps])
+        full = torch.log_softmax(base_model(ids).logits.float(), dim=-1)
+        kept = base_model(ids, logits_to_keep=torch.arange(2, 6)).logits
+        assert kept.shape[1] == 4 and torch.allclose(kept, base_model(ids).logits[:, 2:6], atol=1e-5, rtol=0)
+        assert torch.allclose(base_model(ids, logits_to_keep=3).logits, base_model(ids).logits[:, -3:], atol=1e-5, rtol=0)
+    for i, e in enumerate(eps):
+        p, n = len(e.prompt_ids), len(e.tokens)
+        want = full[i, p - 1 : p - 1 + n].gather(-1, torch.tensor(e.tokens).view(-1, 1)).squeeze(-1)
+        want_ent = -(full[i, p - 1 : p - 1 + n].exp() * full[i, p - 1 : p - 1 + n]).sum(-1)
+        # the same products over fewer rows: fp32 rounding of a ~100-term dot product and of log-softmax
+        assert torch.allclose(logp[i, :n], want, atol=1e-5, rtol=0), (i, logp[i, :n], want)
+        assert torch.allclose(ent[i, :n], want_ent, atol=1e-4, rtol=0)
+        assert not logp[i, n:].any()

@@ -178,13 +178,17 @@ class GLM5ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_mtp: bool = False,
         targets: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] are the input ids themselves (shifted inside, -100 ignored),
         attention_mask [B, T] marks real tokens (1) vs padding (0).
 
         targets [B, T] (the training path): labels in the same convention, for which the output carries summed
         losses (`lm_loss_sum`, and with return_mtp `mtp_loss_sums`, `mtp_correct`, `mtp_counted`) instead of
-        logits, computed chunk by chunk without a [B, T, vocab] tensor (glm5.model.loss)."""
+        logits, computed chunk by chunk without a [B, T, vocab] tensor (glm5.model.loss).
+
+        logits_to_keep (as transformers'): N > 0 keeps the logits of the last N positions, a 1-D tensor those
+        positions; the LM head runs on those rows only (RL's log-probs need the response's, not the prompt's)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if targets is not None and targets.shape != input_ids.shape:
@@ -194,8 +198,10 @@ class GLM5ForCausalLM(nn.Module):
         if targets is not None:
             lm_loss_sum, _ = self._head_loss(hidden, next_token_targets(targets))
             logits = None
+        elif isinstance(logits_to_keep, torch.Tensor):
+            logits = self.lm_head(hidden[:, logits_to_keep])
         else:
-            logits = self.lm_head(hidden)
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             if logits is None:

@@ -82,7 +82,9 @@ def prepare_for_rl(model: nn.Module) -> nn.Module:
 
 
 def sequence_logprobs(model: nn.Module, episodes: list[Episode], with_entropy: bool = False):
-    """Per response token: the model's log-prob of the token, [N, T] (T: longest response), and entropy."""
+    """Per response token: the model's log-prob of the token, [N, T] (T: longest response), and entropy. The LM
+    head runs only on the positions that predict response tokens (from the shortest prompt's last token to the
+    longest row's end), not on the prompts."""
     rows = [e.prompt_ids + e.tokens for e in episodes]
     longest = max(len(r) for r in rows)
     T = max(len(e.tokens) for e in episodes)
@@ -91,17 +93,20 @@ def sequence_logprobs(model: nn.Module, episodes: list[Episode], with_entropy: b
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)  # right padding: causal attention never sees it
     ids = ids.to(device)
-    logits = model(ids).logits.float()  # [N, L, V]
+    # position t predicts token t + 1: a response of n tokens after a prompt of p needs positions [p - 1, p - 1 + n)
+    first = min((len(e.prompt_ids) - 1 for e in episodes if e.tokens), default=0)
+    last = max((len(e.prompt_ids) - 1 + len(e.tokens) for e in episodes if e.tokens), default=1)
+    logits = model(ids, logits_to_keep=torch.arange(first, last, device=device)).logits.float()  # [N, last-first, V]
     logp = torch.zeros(len(rows), T, device=device)
     ent = torch.zeros(len(rows), T, device=device) if with_entropy else None
     for i, e in enumerate(episodes):
         n, p = len(e.tokens), len(e.prompt_ids)
         if not n:
             continue
-        row = torch.log_softmax(logits[i, p - 1 : p - 1 + n], dim=-1)  # position t predicts token t + 1
-        logp[i, :n] = row.gather(-1, ids[i, p : p + n].unsqueeze(-1)).squeeze(-1)
+        rows_i = logits[i, p - 1 - first : p - 1 - first + n]
+        logp[i, :n] = torch.log_softmax(rows_i, dim=-1).gather(-1, ids[i, p : p + n].unsqueeze(-1)).squeeze(-1)
         if with_entropy:
-            ent[i, :n] = token_entropy(logits[i, p - 1 : p - 1 + n].detach())
+            ent[i, :n] = token_entropy(rows_i.detach())
     return logp, ent
 
 
@@ -208,25 +213,29 @@ class RLTrainer:
         total_seqs = float((masks.sum(-1) > 0).sum())
         per_rank = len(episodes) // self.world_size
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
-        starts = list(range(lo, hi, self.config.micro_batch))
+        # micro-batches of similar lengths (each is padded to its longest row): the same sum over tokens, in
+        # another order, with far less padding when a few answers are long
+        order = sorted(range(lo, hi), key=lambda j: len(episodes[j].prompt_ids) + len(episodes[j].tokens))
+        chunks = [order[k : k + self.config.micro_batch] for k in range(0, len(order), self.config.micro_batch)]
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         with_entropy = True
         trained = 0
-        for i, start in enumerate(starts):
-            part = episodes[start : min(start + self.config.micro_batch, hi)]
-            mask = masks[start : start + len(part), : max(1, max(len(e.tokens) for e in part))]
+        for i, chunk in enumerate(chunks):
+            part = [episodes[j] for j in chunk]
+            index = torch.tensor(chunk)
+            mask = masks[index, : max(1, max(len(e.tokens) for e in part))]
             if mask.sum() == 0 and self.world_size == 1:
                 continue  # with several ranks every rank runs the same forwards and backwards (collectives)
             Tp = mask.shape[1]
-            with self._sync(last=i == len(starts) - 1):
+            with self._sync(last=i == len(chunks) - 1):
                 logp, entropy = sequence_logprobs(self.model, part, with_entropy)
                 rollout = torch.tensor([e.logprobs + [0.0] * (Tp - len(e.logprobs)) for e in part])
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad():
                         ref, _ = sequence_logprobs(self.reference, part)
-                out = policy_loss(logp, logp.detach(), rollout, advantages[start : start + len(part)], mask, cfg,
+                out = policy_loss(logp, logp.detach(), rollout, advantages[index], mask, cfg,
                                   ref_logp=ref, entropy=entropy)
                 # the loss is a mean over this micro-batch's tokens (sequences for GSPO): weight it to the batch's;
                 # DDP / FSDP2 average the ranks' gradients, so x world size makes the average the batch's gradient
