@@ -305,9 +305,7 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             step = int(resumed_state["step"])
             version = int(resumed_state["model"]["version"])
             _truncate_metrics(out / "metrics.jsonl", step)
-        weights = place.get(place.submit(trainer, "weights"))
-        for w in workers:
-            place.get(place.submit(w, "set_weights", weights, version))
+        _sync_weights(place, trainer, workers, version)
         metrics_path = out / "metrics.jsonl"
         bar = None
         if config.progress:
@@ -350,13 +348,12 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             train_future = place.submit(trainer, "train_step", batch_future)
             train_metrics = place.get(train_future)
             version = int(train_metrics["policy_version"])
-            weights = place.get(place.submit(trainer, "weights"))
             if config.mode == "async" and pending is not None:
                 # finished under version - 1: one version stale when trained next step; its rollout figures too
                 carried_stats = _add(_no_stats(), place.get(pending))
                 pending = None
             # weight sync: every worker reports the version it now generates with
-            worker_versions = [place.get(place.submit(w, "set_weights", weights, version)) for w in workers]
+            worker_versions = _sync_weights(place, trainer, workers, version)
             step += 1
             episodes = [e for g in batch for e in g]
             rewards = [e.reward for e in episodes]
@@ -411,6 +408,17 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
     return {"model": str(model_dir), "report": str(report), "metrics": str(metrics_path), "steps": step,
             "policy_version": version, "reward_first": summary_rewards[0] if summary_rewards else None,
             "reward_last": summary_rewards[-1] if summary_rewards else None, "placement": placement}
+
+
+def _sync_weights(place, trainer, workers, version: int) -> list[int]:
+    """The trainer's weights to every worker with their version; -> the versions the workers report. On Ray the
+    weights stay a future (rank 0's object for a TrainerGroup, once every rank is done): each worker reads it
+    from the object store, none passes through this process, and the workers load them at the same time."""
+    weights = place.submit(trainer, "weights")
+    if hasattr(weights, "refs"):  # a TrainerGroup's call: rank 0 holds the weights, the other ranks {}
+        place.ray.get(weights.refs[1:])  # their errors surface here
+        weights = weights.refs[0]
+    return [place.get(f) for f in [place.submit(w, "set_weights", weights, version) for w in workers]]
 
 
 def _launch(place, workers, buffer, config, version, stop_after_groups, launch=None):
