@@ -87,6 +87,11 @@ def run_mode(name: str, args, out: Path) -> dict:
     }
 
 
+def _ratios(rounds: dict, mode: str) -> list[float]:
+    """`mode`'s trained tokens/s over sync's, round by round (the same load); their median is reported."""
+    return [a["trained_tokens_per_s"] / s["trained_tokens_per_s"] for a, s in zip(rounds[mode], rounds["sync"])]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=100, help="RL steps per mode and round (default 100)")
@@ -132,14 +137,11 @@ def main() -> int:
         print(f"median {mode:15s} {r['trained_tokens_per_s']:8.1f} trained tok/s  step {r['step_seconds_median']:6.2f} s  "
               f"reward {r['final_reward']:.3f}")
     if "april-recompute" in summary and "sync" in summary:
-        ratios = [a["trained_tokens_per_s"] / s["trained_tokens_per_s"]
-                  for a, s in zip(rounds["april-recompute"], rounds["sync"])]
-        results["april_recompute_vs_sync_throughput"] = statistics.median(ratios)
-        print(f"april-recompute vs sync: {statistics.median(ratios):.2f}x throughput, reward "
+        results["april_recompute_vs_sync_throughput"] = statistics.median(_ratios(rounds, "april-recompute"))
+        print(f"april-recompute vs sync: {results['april_recompute_vs_sync_throughput']:.2f}x throughput, reward "
               f"{summary['april-recompute']['final_reward']:.3f} vs {summary['sync']['final_reward']:.3f}")
     if "april" in summary and "sync" in summary:
-        # the ratio of each round (same load), then their median
-        ratios = [a["trained_tokens_per_s"] / s["trained_tokens_per_s"] for a, s in zip(rounds["april"], rounds["sync"])]
+        ratios = _ratios(rounds, "april")
         ratio = statistics.median(ratios)
         results["april_vs_sync_throughput"] = ratio
         results["april_vs_sync_per_round"] = ratios

@@ -172,9 +172,7 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return self.release(request_id)  # a suspended request: its kept blocks go back
-        self.scheduler.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "abort"
+        self._drop(seq)
         return True
 
     def suspend(self, request_id: str) -> Sequence | None:
@@ -204,10 +202,14 @@ class LLMEngine:
         seq = self.suspended.pop(request_id, None)
         if seq is None:
             return False
+        self._drop(seq)
+        return True
+
+    def _drop(self, seq: Sequence) -> None:
+        """An aborted or released request: out of the scheduler, its blocks freed."""
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
-        return True
 
     def refresh_weights(self) -> None:
         """After the model's weights changed in place (an RL update, a new checkpoint copied in): rebuild the

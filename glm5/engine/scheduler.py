@@ -54,21 +54,21 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks."""
+    def _detach(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        self._detach(seq)
         self.suspended.pop(id(seq), None)
         self.block_manager.free(seq)
 
     def suspend(self, seq: Sequence) -> None:
         """Take `seq` out of the batch, keeping its blocks (and what they hold) for `resume`."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        self._detach(seq)
         seq.status = SequenceStatus.WAITING
         seq.draft_token_ids = []
         self.suspended[id(seq)] = seq

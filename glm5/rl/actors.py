@@ -147,6 +147,12 @@ class GroupCall:
             self.ray.get(ready[0])
         return self.ray.get(self.refs[0])
 
+    def value_ref(self):
+        """Rank 0's answer as a future, an argument for another actor's call (its value is not fetched into this
+        process; an error of rank 0 surfaces in that call), once the other ranks are done (their errors here)."""
+        self.ray.get(self.refs[1:])  # the other ranks' answers are small ({} for weights)
+        return self.refs[0]
+
 
 class TrainerGroup:
     """N TrainerActor ranks (Ray actors) in one process group, used like one trainer: submit(method, *args)

@@ -164,17 +164,17 @@ class RolloutWorker:
         ep.status = "done"
         if self.reward_fn is not None:
             ep.rewards = [float(self.reward_fn(list(self.conversations[ep.uid][0]), env))]
-        self._forget(ep)
+        self._forget(ep.uid)
 
     def _fail(self, ep: Episode, err: Exception) -> None:
         ep.status, ep.error = "failed", f"{type(err).__name__}: {err}"
         ep.rewards = [0.0]
         ep.loss_mask = [0] * len(ep.tokens)
-        self._forget(ep)
+        self._forget(ep.uid)
 
-    def _forget(self, ep: Episode) -> None:
-        self.envs.pop(ep.uid, None)
-        self.conversations.pop(ep.uid, None)
+    def _forget(self, uid: str) -> None:
+        self.envs.pop(uid, None)
+        self.conversations.pop(uid, None)
 
     def _request(self, ep: Episode) -> str:
         """Queue the episode's next request: prompt + everything so far; sampling continues its generator."""
@@ -224,19 +224,24 @@ class RolloutWorker:
         tokens_before = self.engine.stats.decode_tokens + self.engine.stats.prefill_tokens
         running: dict[str, Episode] = {}
         finished: list[Episode] = []
+        # suspended requests these episodes do not continue as they are (restarted, changed by another worker,
+        # or not here at all): blocks back, env rebuilt from the episode's tokens if it comes back
+        continued = {ep.uid: len(ep.tokens) for ep in episodes if ep.status == "partial"}
+        for uid, (request_id, num_tokens) in list(self._suspended.items()):
+            if continued.get(uid) != num_tokens:
+                del self._suspended[uid]
+                self.engine.release(request_id)
+                self._forget(uid)
         for ep in episodes:
             try:
                 kept = self._suspended.pop(ep.uid, None)
-                if kept is not None and ep.status == "partial" and kept[1] == len(ep.tokens):
+                if kept is not None:
                     self._seqs[kept[0]] = self.engine.resume(kept[0])  # its KV cache is still here
                     self.stats["kv_resumed"] += 1
                     ep.resumed += 1
                     ep.status = "running"
                     running[kept[0]] = ep
                     continue
-                if kept is not None:  # restarted, or changed elsewhere since: start from its tokens
-                    self.engine.release(kept[0])
-                    self._forget(ep)
                 self._start(ep)
                 if ep.status == "partial":
                     ep.resumed += 1
@@ -245,11 +250,6 @@ class RolloutWorker:
             except Exception as err:  # a failing env's reset (or an over-long prompt): this episode only
                 self._fail(ep, err)
                 finished.append(ep)
-        for uid, (request_id, _) in self._suspended.items():  # continued by another worker, or dropped
-            self.engine.release(request_id)
-            self.envs.pop(uid, None)
-            self.conversations.pop(uid, None)
-        self._suspended = {}
         group_left: dict[int, int] = {}
         for ep in episodes:
             group_left[ep.group] = group_left.get(ep.group, 0) + (ep.status == "running")
@@ -297,7 +297,7 @@ class RolloutWorker:
                 self._suspended[ep.uid] = (request_id, len(ep.tokens))
             else:
                 self.engine.abort(request_id)
-                self._forget(ep)  # rebuilt by replay when continued (maybe by another worker)
+                self._forget(ep.uid)  # rebuilt by replay when continued (maybe by another worker)
             partial.append(ep)
         self.stats["tokens"] += self.engine.stats.decode_tokens + self.engine.stats.prefill_tokens - tokens_before
         self.stats["seconds"] += time.perf_counter() - started

@@ -415,9 +415,8 @@ def _sync_weights(place, trainer, workers, version: int) -> list[int]:
     weights stay a future (rank 0's object for a TrainerGroup, once every rank is done): each worker reads it
     from the object store, none passes through this process, and the workers load them at the same time."""
     weights = place.submit(trainer, "weights")
-    if hasattr(weights, "refs"):  # a TrainerGroup's call: rank 0 holds the weights, the other ranks {}
-        place.ray.get(weights.refs[1:])  # their errors surface here
-        weights = weights.refs[0]
+    if hasattr(weights, "value_ref"):  # a TrainerGroup's call: rank 0 holds the weights
+        weights = weights.value_ref()
     return [place.get(f) for f in [place.submit(w, "set_weights", weights, version) for w in workers]]
 
 

@@ -91,7 +91,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def load_full_state(model: nn.Module, model_state: dict, optimizers, optimizer_state) -> None:
     """Load an unsharded model state and optimizer state (what rank 0 saved) into an FSDP2-wrapped `model` (each
     rank takes its shards through torch.distributed.checkpoint's full-state API) and `optimizers` (one optimizer
-    or a list, with the matching state). A model without FSDP loads with its own load_state_dict."""
+    or a list, with the matching state). FSDP2 models only: a plain model takes its state with load_state_dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
