@@ -167,3 +167,43 @@ def test_a_failing_env_marks_the_episode_failed_and_the_rest_go_on(model, tok, m
     failed = next(e for e in done if e.status == "failed")
     assert "env exploded" in failed.error and failed.reward == 0.0 and sum(failed.loss_mask) == 0
 
+
+
+class _Budgets:
+    """One answer budget per prompt: group 0 short (3 tokens), the others 20 (a random policy runs to its
+    budget), so that APRIL's stop after one group has something to abort."""
+
+    max_turns = 1
+
+    def reset(self, seed):
+        self.max_new_tokens = 3 if seed % 1_000_003 == 0 else 20
+        return [{"role": "user", "content": "Say something."}], None
+
+    def step(self, turn):
+        return [], 0.0, True
+
+
+def _budget_worker(model, tok):
+    worker = _worker(model, tok, env="countdown")
+    worker.make_env = _Budgets
+    return worker
+
+
+def test_keep_going_holds_aprils_stop_off(model, tok):
+    """generate(stop_after_groups=1, keep_going=...): past the stop, the round runs on while keep_going() says
+    so (an overlapped round while the trainer trains), then aborts the rest as before."""
+    torch.set_num_threads(1)
+    whole = _budget_worker(model, tok).generate(new_episodes([0, 1, 2], 2, seed=0))[0]
+    stopped, partial = _budget_worker(model, tok).generate(new_episodes([0, 1, 2], 2, seed=0), stop_after_groups=1)
+    assert len(stopped) == 2 and len(partial) == 4, (len(stopped), len(partial))
+    asked = []
+    done, none_left = _budget_worker(model, tok).generate(new_episodes([0, 1, 2], 2, seed=0), stop_after_groups=1,
+                                                          keep_going=lambda: asked.append(1) or True)
+    assert not none_left and asked, "keep_going() answering True must let every episode finish"
+    key = lambda e: (e.group, e.index)  # noqa: E731
+    assert [e.tokens for e in sorted(done, key=key)] == [e.tokens for e in sorted(whole, key=key)]
+    calls = []
+    again, cut = _budget_worker(model, tok).generate(new_episodes([0, 1, 2], 2, seed=0), stop_after_groups=1,
+                                                     keep_going=lambda: calls.append(1) or len(calls) < 4)
+    assert len(calls) == 4 and len(cut) == 4, "the round stops at the first False once enough groups are done"
+    assert sum(e.num_sampled for e in again + cut) > sum(e.num_sampled for e in stopped + partial)

@@ -39,6 +39,9 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatc
     (tmp_path / "plugin_rl_bad.py").write_text("def score(messages, env):\n    raise KeyError('boom')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "raised KeyError" in _error(capsys, args + SMALL + ["--reward", "plugin_rl_bad:score"])
+    assert "--overlap is april's" in _error(capsys, args + SMALL + ["--overlap"])
+    april = ["rl", "--preset", "nano", "--out", str(out), "--mode", "april"]
+    assert "--max-staleness must be >= 1" in _error(capsys, april + SMALL + ["--overlap", "--max-staleness", "0"])
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
@@ -185,6 +188,53 @@ def test_ray_two_rollout_actors_and_a_slow_trainer_keep_the_staleness_bound(tmp_
     assert _episodes(kept) == _episodes(from_actor) and kept["next_group"] == from_actor["next_group"]
     worst = max(float((p - q).abs().max()) for p, q in zip(model.state_dict().values(), resumed.state_dict().values()))
     assert worst < 1e-5, f"resumed run's weights differ by {worst:.2e}"
+
+
+def test_packed_weights_are_the_state_dict_exactly():
+    """The trainer's weights travel to the workers as PackedWeights (one byte array): every tensor comes back
+    bit for bit, whatever its dtype, shape or size, and loads into a model."""
+    from glm5.rl.actors import PackedWeights
+
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(5),
+             "d": torch.empty(0, 4), "e": torch.randn(2, 3, 4)[:, 1], "f": torch.tensor(2.5, dtype=torch.float64)}
+    back = PackedWeights(state).unpack()
+    assert list(back) == list(state)
+    for name, t in state.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        assert torch.equal(back[name], t), name
+    model, _ = load_policy(RLConfig(preset="nano"))
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.data.zero_()
+    twin.load_state_dict(PackedWeights(model.state_dict()).unpack())
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_april_overlap_on_ray_generates_while_the_trainer_trains(tmp_path, monkeypatch):
+    """--mode april --overlap on Ray: the next step's round runs during the update and, with a slow trainer,
+    goes on past APRIL's stop until the update is done (so it aborts nothing); weights reach the worker tagged
+    with the trainer's version; every trained token is within the staleness bound, and after the first step
+    at least one version old."""
+    pytest.importorskip("ray")
+    torch.set_num_threads(1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("GLM5_BENCH_RL_LONGEST", "24")
+    out = tmp_path / "overlap"
+    summary = run_rl(RLConfig(out=str(out), preset="nano", env="bench.rl:LongTailEnv", mode="april", overlap=True,
+                              keep_partial_kv=True, steps=3, rollout_batch=2, group_size=2, max_new_tokens=24,
+                              over_sample=2.0, max_staleness=3, rollout_workers=1, ray_num_cpus=2,
+                              slow_trainer_seconds=3.0, progress=False), save_model=False)
+    records = _records(out)
+    assert [r["policy_version"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert r["worker_versions"] == [r["policy_version"]], "the worker kept old weights"
+        assert r["staleness_max"] <= 3
+    assert all(r["staleness_max"] >= 1 for r in records[1:]), "generation should have overlapped the update"
+    # steps 2 and 3 train what was generated during the 3-second updates: nothing left to abort
+    assert [r["aborted"] for r in records[1:]] == [0, 0], [r["aborted"] for r in records]
+    _assert_ray_actors(summary["placement"], 1)
 
 
 def _records(out):

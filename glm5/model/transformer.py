@@ -253,9 +253,16 @@ class GLM5ForCausalLM(nn.Module):
         cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
         attn_impl: str = "sparse", strict: bool = True,
     ) -> GLM5ForCausalLM:
-        """Load a Hugging Face directory (ours, or transformers' GlmMoeDsaForCausalLM.save_pretrained)."""
+        """Load a Hugging Face directory (ours, or transformers' GlmMoeDsaForCausalLM.save_pretrained); a quantized
+        one (config.json's quantization_config: fp8, glm5-int4 / q2mix / ternary) through
+        glm5.quant.load.load_any_checkpoint, its quantized modules in place."""
         from glm5.checkpoint import load_pretrained
+        from glm5.config import GLM5Config
 
+        if cls is GLM5ForCausalLM and GLM5Config.from_pretrained(directory).extra.get("quantization_config"):
+            from glm5.quant.load import load_any_checkpoint
+
+            return load_any_checkpoint(os.fspath(directory), device=device, dtype=dtype, attn_impl=attn_impl)
         return load_pretrained(cls, directory, device=device, dtype=dtype, attn_impl=attn_impl, strict=strict)
 
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int = 2 << 30) -> str:

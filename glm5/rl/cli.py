@@ -24,7 +24,7 @@ def config_from_args(args):
         out=args.out, init=args.init, preset=args.preset, env=args.env, reward=args.reward, algo=args.algo,
         mode=args.mode, steps=args.steps, rollout_batch=args.rollout_batch, group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, over_sample=args.over_sample, keep_partial_kv=args.keep_partial_kv,
-        max_staleness=args.max_staleness,
+        overlap=args.overlap, ternary=args.ternary, max_staleness=args.max_staleness,
         rollout_workers=args.rollout_workers, trainer_workers=args.trainer_workers,
         trainer_parallel=args.trainer_parallel, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
         seed=args.seed, resume=args.resume, temperature=args.temperature, top_p=args.top_p, lr=args.lr,
@@ -44,7 +44,11 @@ def run(args) -> int:
     summary = run_rl(config)
     print(f"rl: {summary['steps']} steps, policy version {summary['policy_version']}, reward "
           f"{summary['reward_first']:.3f} -> {summary['reward_last']:.3f}")
-    print(f"model:   {summary['model']}  (GLM5ForCausalLM.from_pretrained / LLM.from_pretrained / glm5 serve --model)")
+    if config.ternary:
+        print(f"model:   {summary['model']}  (glm5-ternary: the trained ternary weights, packed; LLM.from_pretrained / "
+              "glm5 serve --model / load_any_checkpoint)")
+    else:
+        print(f"model:   {summary['model']}  (GLM5ForCausalLM.from_pretrained / LLM.from_pretrained / glm5 serve --model)")
     print(f"report:  {summary['report']}")
     print(f"metrics: {summary['metrics']}")
     print(f"placement: {placement_line(summary['placement'])}")
@@ -85,6 +89,14 @@ def register(subparsers) -> None:
                    help="april: each rollout worker keeps its aborted episodes' KV cache and continues them there "
                    "after the weight update, instead of prefilling them again (their cached latents then come from "
                    "the weights that sampled them, measured by mismatch_kl)")
+    p.add_argument("--overlap", action="store_true",
+                   help="april: the next step's generation (over-sampled, stopped once the batch is full) runs while "
+                   "this step trains, on Ray actors at the same time; trained tokens are then at least one version "
+                   "old (needs --max-staleness >= 1)")
+    p.add_argument("--ternary", action="store_true",
+                   help="1.58-bit RL: the trainer updates full-precision shadows through absmean-ternary views "
+                   "(BitNet b1.58's straight-through estimator), the workers generate with the ternary weights, "
+                   "OUT/model is glm5-ternary; on by itself when --init is a glm5-ternary model")
     p.add_argument("--max-staleness", type=int_at_least(0), default=1,
                    help="async / april: no trained token older than this many policy versions (default 1)")
     p.add_argument("--rollout-workers", type=int_at_least(0), default=1,

@@ -216,10 +216,12 @@ class RolloutWorker:
         return False
 
     def generate(self, episodes: list[Episode], stop_after_groups: int | None = None,
-                 max_engine_steps: int | None = None) -> tuple[list[Episode], list[Episode]]:
+                 max_engine_steps: int | None = None, keep_going=None) -> tuple[list[Episode], list[Episode]]:
         """Run episodes (new or partial) until all are done, or (APRIL) until `stop_after_groups` groups have
         all their episodes done, or for at most `max_engine_steps` engine steps: what is still running then is
-        aborted and returned as partial. -> (done or failed, partial)."""
+        aborted and returned as partial. `keep_going()`, asked after every engine step once enough groups are
+        done, holds the stop off while it answers True (an overlapped round runs on while the trainer trains).
+        -> (done or failed, partial)."""
         started = time.perf_counter()
         tokens_before = self.engine.stats.decode_tokens + self.engine.stats.prefill_tokens
         running: dict[str, Episode] = {}
@@ -255,7 +257,8 @@ class RolloutWorker:
             group_left[ep.group] = group_left.get(ep.group, 0) + (ep.status == "running")
         done_groups = sum(1 for left in group_left.values() if left == 0)
         steps = 0
-        while running and not (stop_after_groups is not None and done_groups >= stop_after_groups):
+        while running and not (stop_after_groups is not None and done_groups >= stop_after_groups
+                               and (keep_going is None or not keep_going())):
             if max_engine_steps is not None and steps >= max_engine_steps:
                 break
             steps += 1

@@ -9,7 +9,9 @@ Modes (slime's shapes; reference figures in README.md):
   version old when trained; `max_staleness` (>= 1) bounds it (glm5/rl/buffer.py).
 - april: over-sample (`over_sample` x the rollout batch of groups), stop generating once the batch's groups are
   done, keep the unfinished episodes (tokens, log-probs, versions, generator state) in the buffer and continue
-  them first next step; `mask_offpolicy` trains only on tokens of the current policy.
+  them first next step; `mask_offpolicy` trains only on tokens of the current policy. With `overlap` the next
+  step's APRIL round runs while this step trains, as async's does (slime's train_async with partial rollouts):
+  on Ray the generator no longer waits for the update, nor the trainer for the long tail.
 
 Placement: with `rollout_workers` W >= 1 each worker (its own engine and model copy), the trainer and the
 buffer (glm5/rl/buffer.py's RolloutBuffer) are Ray actors (glm5/rl/actors.py) on a local Ray the run starts
@@ -35,6 +37,7 @@ version, buffer with its partial episodes, data position, RNG) is written atomic
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -69,6 +72,8 @@ class RLConfig:
     max_new_tokens: int = 48  # per assistant turn
     over_sample: float = 2.0  # april: groups launched / groups needed
     keep_partial_kv: bool = False  # april: a rollout worker keeps its aborted episodes' KV cache for their next step
+    overlap: bool = False  # april: the next step's generation runs while this step trains (slime's train_async)
+    ternary: bool = False  # train through ternary views, save glm5-ternary (set by load_policy for a ternary --init)
     max_staleness: int = 1  # async / april: no trained token older than this many versions
     rollout_workers: int = 0  # Ray rollout actors (0: everything in this process)
     trainer_workers: int = 1  # trainer ranks (Ray actors in one process group); > 1 needs rollout_workers >= 1
@@ -123,10 +128,17 @@ class RLConfig:
             raise ValueError(f"--over-sample {self.over_sample}: must be >= 1")
         if self.mode == "async" and self.max_staleness < 1:
             raise ValueError("--mode async trains on tokens one version old: --max-staleness must be >= 1")
+        if self.overlap and self.mode != "april":
+            raise ValueError(f"--overlap is april's (--mode {self.mode}): async always overlaps, sync never does")
+        if self.overlap and self.max_staleness < 1:
+            raise ValueError("--overlap trains on tokens at least one version old: --max-staleness must be >= 1")
         if self.max_staleness < 0 or self.rollout_workers < 0 or self.save_every < 0:
             raise ValueError("--max-staleness, --rollout-workers and --save-every must be >= 0")
         if self.grad_clip < 0:
             raise ValueError(f"--grad-clip {self.grad_clip}: must be >= 0 (0: no clipping)")
+        if self.ternary and self.trainer_parallel == "fsdp" and self.trainer_workers > 1:
+            raise ValueError("--ternary runs without FSDP (its parametrized weights are not sharded); use "
+                             "--trainer-parallel ddp")
         if self.trainer_workers < 1:
             raise ValueError(f"--trainer-workers {self.trainer_workers}: must be >= 1")
         if self.trainer_parallel not in TRAINER_PARALLEL:
@@ -154,8 +166,16 @@ def check_init_dir(path: str) -> Path:
     return directory
 
 
+def init_format(directory) -> str | None:
+    """config.json's quantization_config.quant_method of a model directory (None: full precision)."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
 def load_policy(config: RLConfig):
-    """-> (model, tokenizer); one-line errors for a missing directory or tokenizer."""
+    """-> (model, tokenizer); one-line errors for a missing directory or tokenizer. A glm5-ternary --init sets
+    `config.ternary` and gives shadows whose ternary views are its weights (glm5/train/ternary.py); int4 / q2
+    inits train from their dequantized weights."""
     from glm5.config import GLM5Config
     from glm5.model.transformer import GLM5ForCausalLM
     from glm5.tokenizer import Tokenizer, default_tokenizer
@@ -163,7 +183,19 @@ def load_policy(config: RLConfig):
     if config.init is not None and not config.preset:
         directory = check_init_dir(config.init)
         tokenizer = Tokenizer.from_file(directory)
-        model = GLM5ForCausalLM.from_pretrained(directory)
+        method = init_format(directory)
+        if method is None:
+            model = GLM5ForCausalLM.from_pretrained(directory)
+        else:
+            from glm5.quant.load import load_any_checkpoint
+            from glm5.quant.lowbit_model import dequantize_model
+
+            model = dequantize_model(load_any_checkpoint(str(directory))).float()
+            if method == "glm5-ternary":
+                from glm5.train.ternary import shadows_from_ternary
+
+                shadows_from_ternary(model)
+                config.ternary = True
     else:
         tokenizer = default_tokenizer()
         try:
@@ -182,9 +214,14 @@ def check_inputs(config: RLConfig, need_source: bool = True) -> None:
     """Everything that can be refused before anything runs or is written."""
     from glm5.rl.env import check_env, check_reward, load_reward, make_env
 
-    config.validate(need_source)
-    if config.init is not None:
+    if config.init is not None and not config.preset:
         check_init_dir(config.init)
+        method = init_format(config.init)
+        if method not in (None, "glm5-int4", "glm5-q2mix", "glm5-ternary"):
+            raise ValueError(f"--init {config.init}: a {method} checkpoint; RL trains full-precision, int4, q2 or "
+                             "ternary models (load it and save it in full precision first)")
+        config.ternary = config.ternary or method == "glm5-ternary"  # a ternary model stays ternary
+    config.validate(need_source)
     if config.preset is not None:
         from glm5.config import GLM5Config
 
@@ -276,7 +313,7 @@ def _split(items: list, parts: int) -> list[list]:
 # ---------------------------------------------------------------------------------------------- the loop
 def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True) -> dict:
     """The whole run; `model` / `tokenizer` given in memory replace --init / --preset (the demo's RL stage),
-    and are left holding the trained weights."""
+    and are left holding the trained weights (ternary: the shadows; OUT/model holds their ternary values)."""
     from glm5.rl.actors import start_actors
     from glm5.train.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -341,19 +378,34 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
             batch = place.get(batch_future)  # read for the step's metrics; the trainer gets the future
             if not batch:
                 continue
-            if config.mode == "async" and step + 1 < config.steps:
-                # step n+1's generation runs with the weights of version n while step n trains; the buffer's
-                # collect of it is queued now (Ray runs it once the answers are there)
-                pending = _collect(place, _launch(place, workers, buffer, config, version, None), buffer, None)
             train_future = place.submit(trainer, "train_step", batch_future)
+            if (config.mode == "async" or config.overlap) and step + 1 < config.steps:
+                # step n+1's generation runs with the weights of version n while step n trains; the buffer's
+                # collect of it is queued now (Ray runs it once the answers are there). april: one round that
+                # goes on while the trainer trains and then stops once the groups the next batch lacks are done
+                stop, until = None, None
+                if config.overlap:
+                    stop = max(1, config.rollout_batch - place.get(place.submit(buffer, "complete_groups")))
+                    until = getattr(train_future, "refs", None) or [train_future]  # a TrainerGroup's: every rank's
+                pending = _collect(place, _launch(place, workers, buffer, config, version, stop, launch, until),
+                                   buffer, None)
+            synced = None
+            if pending is not None:
+                # the update's weights are queued behind the generation in flight: each worker loads them as soon
+                # as its round ends, and the trainer writes them out while the workers still generate
+                synced = _send_weights(place, trainer, workers, version + 1)
             train_metrics = place.get(train_future)
             version = int(train_metrics["policy_version"])
-            if config.mode == "async" and pending is not None:
+            if pending is not None:
                 # finished under version - 1: one version stale when trained next step; its rollout figures too
                 carried_stats = _add(_no_stats(), place.get(pending))
                 pending = None
             # weight sync: every worker reports the version it now generates with
-            worker_versions = _sync_weights(place, trainer, workers, version)
+            if synced is None:
+                synced = _send_weights(place, trainer, workers, version)
+            worker_versions = [place.get(f) for f in synced]
+            if worker_versions != [version] * len(workers):
+                raise RuntimeError(f"weight sync: the workers report versions {worker_versions}, the trainer {version}")
             step += 1
             episodes = [e for g in batch for e in g]
             rewards = [e.reward for e in episodes]
@@ -396,11 +448,20 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
         final = place.get(place.submit(trainer, "state_dict"))
     finally:
         shutdown()
-    model.load_state_dict(final["model"])
+    if config.ternary:
+        from glm5.train.ternary import remove_ternary
+
+        remove_ternary(model)  # in this process the trainer's model is this one, its views still on
+    model.load_state_dict(final["model"])  # ternary: the shadows
     model_dir = out / "model"
     report = None
     if save_model:
-        model.save_pretrained(model_dir)
+        if config.ternary:  # the trained forward's ternary weights exactly, packed (glm5-ternary)
+            from glm5.quant.lowbit_model import quantize_model_lowbit, save_quantized
+
+            save_quantized(quantize_model_lowbit(copy.deepcopy(model), "glm5-ternary"), model_dir)
+        else:
+            model.save_pretrained(model_dir)
         tokenizer.save(model_dir)
         from glm5.rl.report import write_rl_report
 
@@ -411,17 +472,24 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
 
 
 def _sync_weights(place, trainer, workers, version: int) -> list[int]:
-    """The trainer's weights to every worker with their version; -> the versions the workers report. On Ray the
-    weights stay a future (rank 0's object for a TrainerGroup, once every rank is done): each worker reads it
-    from the object store, none passes through this process, and the workers load them at the same time."""
+    """The trainer's weights to every worker with their version; -> the versions the workers report."""
+    return [place.get(f) for f in _send_weights(place, trainer, workers, version)]
+
+
+def _send_weights(place, trainer, workers, version: int) -> list:
+    """Queue the trainer's current weights (after the calls already queued on it) on every worker (after the calls
+    queued on it), tagged `version`; -> the futures of the versions the workers will report. On Ray the weights
+    stay a future (rank 0's object for a TrainerGroup, once every rank is done): each worker reads it from the
+    object store, none passes through this process, and the workers load them at the same time."""
     weights = place.submit(trainer, "weights")
     if hasattr(weights, "value_ref"):  # a TrainerGroup's call: rank 0 holds the weights
         weights = weights.value_ref()
-    return [place.get(f) for f in [place.submit(w, "set_weights", weights, version) for w in workers]]
+    return [place.submit(w, "set_weights", weights, version) for w in workers]
 
 
-def _launch(place, workers, buffer, config, version, stop_after_groups, launch=None):
-    """Hand episodes to the workers; -> their futures."""
+def _launch(place, workers, buffer, config, version, stop_after_groups, launch=None, until=None):
+    """Hand episodes to the workers; -> their futures. `until`: the trainer's step in flight, on Ray (a worker
+    generates past its stop until that step is done); in this process the step is already done."""
     episodes = place.get(place.submit(buffer, "episodes_to_run", launch or config.rollout_batch, version))
     shares = _split(episodes, len(workers))
     futures = []
@@ -429,7 +497,7 @@ def _launch(place, workers, buffer, config, version, stop_after_groups, launch=N
         if not share:
             continue
         stop = None if stop_after_groups is None else max(1, math.ceil(stop_after_groups / len(workers)))
-        futures.append(place.submit(w, "generate", share, stop))
+        futures.append(place.submit(w, "generate", share, stop, *([until] if place.ray is not None and until else [])))
     return futures
 
 

@@ -53,6 +53,7 @@ class TrainerConfig:
     overlong_penalty: float = 0.5
     micro_batch: int = 8  # episodes per forward (memory), gradients accumulated
     parallel: str = "ddp"  # inside a process group of several ranks: ddp or fsdp (glm5/train/parallel.py)
+    ternary: bool = False  # train through absmean-ternary views of the weights (glm5/train/ternary.py)
 
     def validate(self) -> None:
         self.loss.validate()
@@ -66,6 +67,8 @@ class TrainerConfig:
             raise ValueError(f"grad clip {self.grad_clip}: must be >= 0 (0: no clipping)")
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch {self.micro_batch}: must be >= 1")
+        if self.ternary and self.parallel == "fsdp":
+            raise ValueError("ternary training runs without FSDP (its parametrized weights are not sharded); use ddp")
 
 
 def prepare_for_rl(model: nn.Module) -> nn.Module:
@@ -113,6 +116,13 @@ def sequence_logprobs(model: nn.Module, episodes: list[Episode], with_entropy: b
 class RLTrainer:
     def __init__(self, model: nn.Module, config: TrainerConfig, group_size: int, version: int = 0):
         config.validate()
+        if config.ternary:
+            # BitNet's straight-through views over the given weights (the shadows; shadows_from_ternary when the
+            # model was loaded from a ternary checkpoint), weights only: the engine runs activations in full
+            # precision, and the trainer's log-probs must be the engine's (mismatch_kl measures it)
+            from glm5.train.ternary import make_ternary
+
+            make_ternary(model, activations=False)
         self.inner = prepare_for_rl(model)
         self.config, self.group_size, self.version = config, group_size, version
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
@@ -137,7 +147,17 @@ class RLTrainer:
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank:
             return {}
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.inner.state_dict().items()}
+        # no copy on a CPU: a worker's set_weights copies them into its own model, and on Ray the answer is
+        # serialized into the object store when this call returns (the next update cannot reach it)
+        return {k: v.detach().to("cpu") for k, v in self._state(view=True).items()}
+
+    def _state(self, view: bool) -> dict:
+        """The model's tensors under the plain model's names; ternary: the views (`view`) or the shadows."""
+        if not self.config.ternary:
+            return self.inner.state_dict()
+        from glm5.train.ternary import plain_state_dict
+
+        return plain_state_dict(self.inner, view)
 
     def state_dict(self) -> dict:
         """Model, optimizer (torch.optim's layout, whatever the parallel mode) and version; complete on rank 0."""
@@ -151,7 +171,7 @@ class RLTrainer:
         elif self.rank:
             model_state, optim_state = {}, {}
         else:
-            model_state, optim_state = self.inner.state_dict(), self.optimizer.state_dict()
+            model_state, optim_state = self._state(view=False), self.optimizer.state_dict()
         return {"model": model_state, "optimizer": optim_state, "version": self.version}
 
     def load_state_dict(self, state: dict) -> None:
@@ -166,7 +186,12 @@ class RLTrainer:
 
             load_full_state(self.model, state["model"], own, _by_name(saved, own, self.inner))
         else:
-            self.inner.load_state_dict(state["model"])
+            model_state = state["model"]
+            if self.config.ternary:
+                from glm5.train.ternary import parametrized_state
+
+                model_state = parametrized_state(self.inner, model_state)
+            self.inner.load_state_dict(model_state)
             self.optimizer.load_state_dict({"optimizers": [saved]})
         self.version = int(state["version"])
 
