@@ -10,8 +10,11 @@ Formats, each written to disk by glm5's own converters and read back with `load_
     int4 GPTQ         `glm5 quantize int4 --method gptq` (calibrated on the demo corpus's training split)
     q2 mix            `glm5 quantize q2 --avg-bits 2.56 --method gptq`
     ternary (PTQ)     `glm5 quantize ternary` (absmean, post-training)
-    ternary (trained) `glm5 train pretrain --init MODEL --ternary` for --ternary-steps steps on the demo's
-                      pretraining texts (quantization-aware training from the model, BitNet b1.58 STE)
+    ternary (trained) `glm5 train sft --init MODEL --ternary` for --ternary-steps steps on the demo's SFT
+                      conversations (quantization-aware training from the model, BitNet b1.58 STE, on the data
+                      the model last learned: the chat format and its tool calls)
+    ternary (trained + RL)  `glm5 rl --init` that ternary model, the demo's RL stage (APRIL, the tool-call env,
+                      kept KV caches) for --ternary-rl-steps steps: shadows through ternary views, glm5-ternary out
 Per format: bytes of safetensors on disk, held-out perplexity on the demo's held-out stdlib text and chats
 (the same split `glm5 demo` holds out, its seq len 512), tool-call validity / right tool / exact call on the
 demo's held-out requests (glm5.train.evaluate.tool_call_eval, greedy), and decode tokens/s of the engine
@@ -72,7 +75,10 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="a trained model directory (default: the newest runs/*/model)")
     parser.add_argument("--work", default=None, help="where the converted checkpoints go (default: a temporary folder)")
     parser.add_argument("--ternary-steps", type=int, default=80, help="quantization-aware ternary training steps (default 80)")
-    parser.add_argument("--ternary-seq-len", type=int, default=256, help="tokens per row of the ternary run (default 256)")
+    parser.add_argument("--ternary-seq-len", type=int, default=512, help="tokens per row of the ternary run (default 512)")
+    parser.add_argument("--ternary-lr", type=float, default=5e-4, help="learning rate of the ternary run (default 5e-4)")
+    parser.add_argument("--ternary-rl-steps", type=int, default=20, help="RL steps on the ternary-trained model (default 20)")
+    parser.add_argument("--ternary-rl-lr", type=float, default=2e-4, help="its learning rate (default 2e-4)")
     parser.add_argument("--heldout-rows", type=int, default=24, help="held-out rows of each kind scored (default 24)")
     parser.add_argument("--tasks", type=int, default=30, help="held-out tool-call requests (default 30)")
     parser.add_argument("--decode-tokens", type=int, default=48, help="new tokens per decode timing (default 48)")
@@ -135,14 +141,28 @@ def main() -> int:
     def ternary_trained(target):
         data = os.path.join(work, "ternary-data.jsonl")
         with open(data, "w", encoding="utf-8") as fh:
-            for text in corpus.train_texts:
-                fh.write(json.dumps({"text": text}) + "\n")
+            for conversation in corpus.sft_train:
+                fh.write(json.dumps(conversation) + "\n")
         run_dir = os.path.join(work, "ternary-run")
         shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "glm5.cli", "train", "pretrain", "--init", model_dir, "--data", data,
-               "--out", run_dir, "--steps", str(args.ternary_steps), "--batch-size", "4", "--seq-len",
-               str(args.ternary_seq_len), "--lr", "1e-3", "--warmup", "5", "--ternary", "--no-progress"]
+        cmd = [sys.executable, "-m", "glm5.cli", "train", "sft", "--init", model_dir, "--data", data,
+               "--out", run_dir, "--steps", str(args.ternary_steps), "--batch-size", "8", "--seq-len",
+               str(args.ternary_seq_len), "--lr", str(args.ternary_lr), "--warmup", "5", "--ternary", "--no-progress",
+               "--truncate"]
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+        shutil.copytree(os.path.join(run_dir, "model"), target)
+
+    def ternary_rl(target):
+        from glm5.rl.run import RLConfig, run_rl
+
+        run_dir = os.path.join(work, "ternary-rl")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        summary = run_rl(RLConfig(out=run_dir, init=path("ternary (trained)"), env="tool-call",
+                                  env_kwargs={"final_answer": False}, algo="grpo", mode="april",
+                                  steps=args.ternary_rl_steps, rollout_batch=4, group_size=4, max_new_tokens=48,
+                                  over_sample=2.0, keep_partial_kv=True, max_staleness=1, lr=args.ternary_rl_lr,
+                                  save_every=0, threads=torch.get_num_threads(), progress=False))
+        log(f"ternary RL: reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f}")
         shutil.copytree(os.path.join(run_dir, "model"), target)
 
     make("bf16", bf16)
@@ -152,11 +172,14 @@ def main() -> int:
     make("q2 mix", lambda t: quantize_checkpoint_lowbit(model_dir, t, "q2", method="gptq", avg_bits=2.56, calib_rows=args.calib_rows))
     make("ternary (PTQ)", lambda t: quantize_checkpoint_lowbit(model_dir, t, "ternary"))
     make("ternary (trained)", ternary_trained)
+    if "ternary (trained)" in dirs:
+        make("ternary (trained + RL)", ternary_rl)
 
     rows = []
     reference_rate = None
     results = {"benchmark": "quant", "model": os.path.relpath(model_dir, ROOT),  # + "machine": write_results
                "threads": torch.get_num_threads(), "torch": torch.__version__, "ternary_steps": args.ternary_steps,
+               "ternary_rl_steps": args.ternary_rl_steps,
                "heldout_rows": args.heldout_rows, "tasks": len(tasks), "decode_tokens": args.decode_tokens, "rows": rows}
     for name, directory in [("fp32 (source)", model_dir)] + list(dirs.items()):
         model = load_any_checkpoint(directory, dtype=torch.float32)

@@ -100,3 +100,34 @@ def test_ternary_run_loss_falls_and_the_saved_model_is_exactly_ternary(setup, tm
     assert len(out_ids) == 4
     dense = dequantize_model(load_any_checkpoint(str(out / "model")))  # what RL or further training starts from
     assert all(p.requires_grad for p in dense.parameters())
+
+
+def test_continuing_a_ternary_model_starts_from_its_saved_weights(setup, tmp_path):
+    """`glm5 train --init TERNARY --ternary`: the shadows start at s · T / f (glm5.train.ternary.
+    shadows_from_ternary), so a step that cannot move them (lr 1e-20) saves the init's trits and scales again;
+    the dequantized weights as shadows would save every matrix at scale s · f."""
+    from glm5 import GLM5ForCausalLM
+    from glm5.config import GLM5Config
+    from glm5.quant.load import load_any_checkpoint
+    from glm5.quant.lowbit_model import quantize_model_lowbit, save_quantized
+    from glm5.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = GLM5ForCausalLM(GLM5Config.from_pretrained(setup / "cfg"))
+    init = tmp_path / "tern"
+    save_quantized(quantize_model_lowbit(model, "glm5-ternary"), str(init))
+    Tokenizer.from_file(setup / "tok").save(init)
+    out = tmp_path / "again"
+    cmd = [sys.executable, "-m", "glm5.cli", "train", "pretrain", "--data", str(setup / "data.jsonl"),
+           "--init", str(init), "--out", str(out), "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+           "--warmup", "0", "--lr", "1e-20", "--no-progress", "--threads", "1", "--ternary"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = load_any_checkpoint(str(init)).state_dict(), load_any_checkpoint(str(out / "model")).state_dict()
+    packed = [k for k in before if k.endswith("scales")]
+    assert packed
+    for key in packed:
+        assert torch.allclose(after[key].float(), before[key].float(), rtol=1e-2, atol=0), key
+    for key in (k for k in before if k.endswith("qweight")):
+        assert torch.equal(after[key], before[key]), key

@@ -459,7 +459,11 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
         if config.ternary:  # the trained forward's ternary weights exactly, packed (glm5-ternary)
             from glm5.quant.lowbit_model import quantize_model_lowbit, save_quantized
 
-            save_quantized(quantize_model_lowbit(copy.deepcopy(model), "glm5-ternary"), model_dir)
+            packed = quantize_model_lowbit(copy.deepcopy(model), "glm5-ternary")
+            if config.init and init_format(config.init) == "glm5-ternary":  # the unquantized rest as it came
+                saved = json.loads((Path(config.init) / "config.json").read_text()).get("torch_dtype")
+                packed = packed.to(getattr(torch, saved)) if saved in ("bfloat16", "float16") else packed
+            save_quantized(packed, model_dir)
         else:
             model.save_pretrained(model_dir)
         tokenizer.save(model_dir)
