@@ -257,11 +257,9 @@ class GLM5ForCausalLM(nn.Module):
         one (config.json's quantization_config: fp8, glm5-int4 / q2mix / ternary) through
         glm5.quant.load.load_any_checkpoint, its quantized modules in place."""
         from glm5.checkpoint import load_pretrained
-        from glm5.config import GLM5Config
+        from glm5.quant.load import load_any_checkpoint, quant_method
 
-        if cls is GLM5ForCausalLM and GLM5Config.from_pretrained(directory).extra.get("quantization_config"):
-            from glm5.quant.load import load_any_checkpoint
-
+        if cls is GLM5ForCausalLM and quant_method(directory) is not None:
             return load_any_checkpoint(os.fspath(directory), device=device, dtype=dtype, attn_impl=attn_impl)
         return load_pretrained(cls, directory, device=device, dtype=dtype, attn_impl=attn_impl, strict=strict)
 

@@ -16,15 +16,21 @@ from torch import nn
 METHODS = ("glm5-int4", "glm5-q2mix", "glm5-ternary")  # glm5.quant.lowbit_model.METHODS
 
 
+def quant_method(directory) -> str | None:
+    """config.json's quantization_config.quant_method of a checkpoint directory (None: full precision)."""
+    from glm5.config import GLM5Config
+
+    return (GLM5Config.from_pretrained(directory).extra.get("quantization_config") or {}).get("quant_method")
+
+
 def load_any_checkpoint(directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         attn_impl: str = "sparse") -> nn.Module:
     """One loading path for every checkpoint glm5 writes: dispatch on config.json's quantization_config
     (none: GLM5ForCausalLM.from_pretrained; "fp8": load_fp8_model; glm5-int4 / glm5-q2mix / glm5-ternary:
     load_quantized_model)."""
-    from glm5.config import GLM5Config
     from glm5.model.transformer import GLM5ForCausalLM
 
-    method = (GLM5Config.from_pretrained(directory).extra.get("quantization_config") or {}).get("quant_method")
+    method = quant_method(directory)
     if method is None:
         return GLM5ForCausalLM.from_pretrained(directory, device=device, dtype=dtype, attn_impl=attn_impl)
     if method == "fp8":

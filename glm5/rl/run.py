@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from glm5.quant.load import quant_method
 from glm5.rl.losses import ALGOS, LossConfig
 from glm5.rl.names import MODES, TRAINER_PARALLEL  # torch-free: the command's parser reads them
 
@@ -166,12 +167,6 @@ def check_init_dir(path: str) -> Path:
     return directory
 
 
-def init_format(directory) -> str | None:
-    """config.json's quantization_config.quant_method of a model directory (None: full precision)."""
-    config = json.loads((Path(directory) / "config.json").read_text())
-    return (config.get("quantization_config") or {}).get("quant_method")
-
-
 def load_policy(config: RLConfig):
     """-> (model, tokenizer); one-line errors for a missing directory or tokenizer. A glm5-ternary --init sets
     `config.ternary` and gives shadows whose ternary views are its weights (glm5/train/ternary.py); int4 / q2
@@ -183,7 +178,7 @@ def load_policy(config: RLConfig):
     if config.init is not None and not config.preset:
         directory = check_init_dir(config.init)
         tokenizer = Tokenizer.from_file(directory)
-        method = init_format(directory)
+        method = quant_method(directory)
         if method is None:
             model = GLM5ForCausalLM.from_pretrained(directory)
         else:
@@ -216,7 +211,7 @@ def check_inputs(config: RLConfig, need_source: bool = True) -> None:
 
     if config.init is not None and not config.preset:
         check_init_dir(config.init)
-        method = init_format(config.init)
+        method = quant_method(config.init)
         if method not in (None, "glm5-int4", "glm5-q2mix", "glm5-ternary"):
             raise ValueError(f"--init {config.init}: a {method} checkpoint; RL trains full-precision, int4, q2 or "
                              "ternary models (load it and save it in full precision first)")
@@ -386,7 +381,8 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
                 stop, until = None, None
                 if config.overlap:
                     stop = max(1, config.rollout_batch - place.get(place.submit(buffer, "complete_groups")))
-                    until = getattr(train_future, "refs", None) or [train_future]  # a TrainerGroup's: every rank's
+                    if place.ray is not None:  # in this process the step is done before generation starts
+                        until = getattr(train_future, "refs", None) or [train_future]  # a TrainerGroup: every rank's
                 pending = _collect(place, _launch(place, workers, buffer, config, version, stop, launch, until),
                                    buffer, None)
             synced = None
@@ -457,11 +453,12 @@ def run_rl(config: RLConfig, model=None, tokenizer=None, save_model: bool = True
     report = None
     if save_model:
         if config.ternary:  # the trained forward's ternary weights exactly, packed (glm5-ternary)
+            from glm5.config import GLM5Config
             from glm5.quant.lowbit_model import quantize_model_lowbit, save_quantized
 
             packed = quantize_model_lowbit(copy.deepcopy(model), "glm5-ternary")
-            if config.init and init_format(config.init) == "glm5-ternary":  # the unquantized rest as it came
-                saved = json.loads((Path(config.init) / "config.json").read_text()).get("torch_dtype")
+            if config.init and quant_method(config.init) == "glm5-ternary":  # the unquantized rest as it came
+                saved = GLM5Config.from_pretrained(config.init).torch_dtype
                 packed = packed.to(getattr(torch, saved)) if saved in ("bfloat16", "float16") else packed
             save_quantized(packed, model_dir)
         else:
@@ -492,8 +489,8 @@ def _send_weights(place, trainer, workers, version: int) -> list:
 
 
 def _launch(place, workers, buffer, config, version, stop_after_groups, launch=None, until=None):
-    """Hand episodes to the workers; -> their futures. `until`: the trainer's step in flight, on Ray (a worker
-    generates past its stop until that step is done); in this process the step is already done."""
+    """Hand episodes to the workers; -> their futures. `until`: the trainer's step in flight, as Ray futures (a
+    worker generates past its stop until that step is done)."""
     episodes = place.get(place.submit(buffer, "episodes_to_run", launch or config.rollout_batch, version))
     shares = _split(episodes, len(workers))
     futures = []
@@ -501,7 +498,7 @@ def _launch(place, workers, buffer, config, version, stop_after_groups, launch=N
         if not share:
             continue
         stop = None if stop_after_groups is None else max(1, math.ceil(stop_after_groups / len(workers)))
-        futures.append(place.submit(w, "generate", share, stop, *([until] if place.ray is not None and until else [])))
+        futures.append(place.submit(w, "generate", share, stop, *([] if until is None else [until])))
     return futures
 
 

@@ -64,20 +64,12 @@ def _quantize_input(module, args):
 
 def make_ternary(model: nn.Module, activations: bool = True) -> int:
     """Put the ternary view on every quantizable weight of `model` (in place); returns how many tensors."""
-    from glm5.quant.lowbit_model import quant_targets
-
-    count = 0
-    for _, module in quant_targets(model):
-        if type(module) is nn.Linear:
-            parametrize.register_parametrization(module, "weight", TernaryWeight())
-            count += 1
-        else:
-            parametrize.register_parametrization(module, "gate_up_proj", TernaryWeight(halves=True))
-            parametrize.register_parametrization(module, "down_proj", TernaryWeight())
-            count += 2
-        if activations:
+    matrices = list(_ternary_matrices(model))  # listed first: a parametrized module's type changes
+    for module, attr, halves in matrices:
+        parametrize.register_parametrization(module, attr, TernaryWeight(halves))
+        if activations and not hasattr(module, "_ternary_act_hook"):  # one per module (experts have two matrices)
             module._ternary_act_hook = module.register_forward_pre_hook(_quantize_input)
-    return count
+    return len(matrices)
 
 
 def is_ternary(model: nn.Module) -> bool:
