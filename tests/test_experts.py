@@ -10,7 +10,8 @@ from conftest import randomize_, tiny_config
 
 import glm5.model.experts as experts_module
 from glm5 import GLM5ForCausalLM
-from glm5.kernels import use_cpu_kernels
+from glm5.kernels import build, use_cpu_kernels
+from glm5.kernels import experts as experts_kernel
 from glm5.model.experts import PATHS, experts_path, run_experts
 
 
@@ -60,11 +61,21 @@ def test_dispatcher_follows_the_table(monkeypatch):
     experts = moe.experts
     small, small_idx, small_w = x[:3], indices[:3], weights[:3]
     with torch.no_grad():
-        assert experts_path(experts, x, indices, weights) == "loop"  # CPU fp32 inference, 8 rows
-        assert experts_path(experts, small, small_idx, small_w) == "per_token"  # decode sizes
-        # static (CUDA graphs): 16 experts <= 2 * 8 * 4 -> every expert on every row; 1 row -> gathered
-        assert experts_path(experts, x, indices, weights, static=True) == "dense_all"
-        assert experts_path(experts, x[:1], indices[:1], weights[:1], static=True) == "gathered"
+        kernel = "cpu_rows" if experts_kernel.available() else None  # CPU fp32 decode sizes, kernels built
+        assert experts_path(experts, x, indices, weights) == (kernel or "loop")  # 8 rows
+        assert experts_path(experts, small, small_idx, small_w) == (kernel or "per_token")
+        assert experts_path(experts, x, indices, weights, static=True) == (kernel or "dense_all")
+        big = x.repeat(3, 1)[: experts_module.CPU_ROWS_MAX_ROWS + 1]  # over the kernel's rows: a matmul's job
+        big_idx, big_w = indices.repeat(3, 1)[: len(big)], weights.repeat(3, 1)[: len(big)]
+        assert experts_path(experts, big, big_idx, big_w) == "loop"
+        with use_cpu_kernels(False):
+            assert experts_path(experts, x, indices, weights) == "loop"
+            assert experts_path(experts, small, small_idx, small_w) == "per_token"  # decode sizes
+            # static (CUDA graphs): 16 experts <= 2 * 8 * 4 -> every expert on every row; 1 row -> gathered
+            assert experts_path(experts, x, indices, weights, static=True) == "dense_all"
+            assert experts_path(experts, x[:1], indices[:1], weights[:1], static=True) == "gathered"
+        monkeypatch.setattr(experts_module, "USE_CPU_ROWS", False)
+        assert experts_path(experts, small, small_idx, small_w) == "per_token"
         assert experts_path(experts, x.bfloat16(), indices, weights) == "padded_loop"
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert experts_path(experts, x, indices, weights) == "padded_loop"
@@ -96,6 +107,7 @@ def test_engine_and_model_reach_the_experts_through_the_dispatcher(monkeypatch):
         return path
 
     monkeypatch.setattr(experts_module, "experts_path", recording)
+    monkeypatch.setattr(experts_module, "USE_CPU_ROWS", False)  # the decode kernel has its own test below
     for graphs in (False, True):
         seen.clear()
         llm = LLM(model, cuda_graphs=graphs)
@@ -103,3 +115,30 @@ def test_engine_and_model_reach_the_experts_through_the_dispatcher(monkeypatch):
         want = {"dense_all", "gathered"} if graphs else {"per_token", "loop"}
         assert set(seen) and set(seen) <= want, f"cuda_graphs={graphs}: paths {sorted(set(seen))}"
         assert "per_token" in seen or graphs, "decode steps (1 row) should take the per-token path"
+
+
+@pytest.mark.parametrize("isa", build.available_isas())
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_decode_kernel_equals_the_gathered_sums(monkeypatch, isa, rows):
+    """glm5.kernels.experts on every instruction-set path this CPU runs (forced), against the same sums in
+    PyTorch, with widths that are not whole vectors (the kernel's tails) and rows sharing experts."""
+    monkeypatch.setenv(build.ISA_ENV, isa)
+    gen = torch.Generator().manual_seed(rows)
+    E, H, I, k = 6, 72, 40, 3
+    gate_up, down = torch.randn(E, 2 * I, H, generator=gen) * 0.2, torch.randn(E, H, I, generator=gen) * 0.2
+    x = torch.randn(rows, H, generator=gen)
+    indices = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(rows)])
+    weights = torch.rand(rows, k, generator=gen)
+    if not experts_kernel.available():
+        pytest.skip("no C compiler: the kernel cannot be built")
+    assert build.library_isa(build.load_library("experts"))[0] == isa
+    got = experts_kernel.experts_rows(x, indices, weights, gate_up, down)
+    want = experts_kernel.experts_rows_reference(x, indices, weights, gate_up, down)
+    assert got is not None and got.shape == want.shape
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, scale)
+    # the comparison can fail: one slot's weight dropped moves the sums far beyond the tolerance
+    wrong = experts_kernel.experts_rows(x, indices, weights.masked_fill(indices == indices[0, 0], 0), gate_up, down)
+    assert (wrong - want).abs().max().item() > 1e-3 * max(1.0, scale)
+    # not CPU fp32: None (the caller's PyTorch path runs)
+    assert experts_kernel.experts_rows(x.double(), indices, weights, gate_up, down) is None

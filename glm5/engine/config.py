@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
+COMPILE_MODES = ("max-autotune", "default")  # glm5.engine.compiled.MODES
 
 
 @dataclass(slots=True)
@@ -31,6 +32,8 @@ class EngineConfig:
     eos_token_ids: list[int] | None = None  # None: the model config's
     cuda_graphs: bool | None = None  # None: on for CUDA without speculation; True on a CPU: static path uncaptured
     cuda_graph_max_tokens: int = 1024  # steps of at most this many padded tokens replay a graph
+    compile: bool = False  # CPU: decode steps compiled by inductor (glm5/engine/compiled.py); off: eager
+    compile_mode: str = "max-autotune"  # inductor options of the compiled step ("max-autotune" or "default")
     device: str | None = None  # where from_preset / from_pretrained / glm5 serve put the model (None: best available)
     dtype: str | None = None  # weights dtype for those ("float32", "bfloat16", "float16"; None: as built / saved)
     threads: int | None = None  # torch threads of the engine thread (server); None: torch's default
@@ -46,6 +49,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.num_speculative_tokens={self.num_speculative_tokens!r}: must be >= 0")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype={self.dtype!r}: one of {', '.join(DTYPES)} or None")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"EngineConfig.compile={self.compile!r}: must be True or False")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"EngineConfig.compile_mode={self.compile_mode!r}: one of {', '.join(COMPILE_MODES)}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"EngineConfig.threads={self.threads!r}: must be a positive integer or None")
 
@@ -98,6 +105,11 @@ class EngineConfig:
         group.add_argument("--enforce-eager", dest="cuda_graphs", action="store_const", const=False,
                            default=default("cuda_graphs"),
                            help="no CUDA graphs (on CUDA, steps of few tokens are replayed from captured graphs by default)")
+        group.add_argument("--compile", dest="compile", action="store_true", default=default("compile"),
+                           help="CPU: compile the decode steps with torch.compile (inductor); the first step of "
+                                "each batch size takes tens of seconds to compile")
+        group.add_argument("--compile-mode", dest="compile_mode", choices=COMPILE_MODES, default=default("compile_mode"),
+                           help="inductor options of the compiled decode step")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides) -> EngineConfig:

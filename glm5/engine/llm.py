@@ -23,6 +23,7 @@ import torch
 
 from glm5.config import GLM5Config
 from glm5.engine.block_manager import BlockManager
+from glm5.engine.compiled import CompiledSteps
 from glm5.engine.config import EngineConfig
 from glm5.engine.cuda_graphs import StepGraphs
 from glm5.engine.kv_cache import LatentKVCache
@@ -110,6 +111,16 @@ class LLMEngine:
             cuda_graphs = on_cuda and not num_speculative_tokens
         self.graphs = (StepGraphs(self.runner, engine_config.max_num_seqs, self.cache.scratch_slot, capture=on_cuda,
                                   max_tokens=engine_config.cuda_graph_max_tokens) if cuda_graphs else None)
+        # on a CPU, decode steps compiled by inductor (glm5/engine/compiled.py); CUDA replays graphs instead
+        self.compiled = None
+        if engine_config.compile:
+            if param.device.type != "cpu":
+                raise ValueError(f"compile=True compiles CPU decode steps; this model is on {param.device.type} "
+                                 "(CUDA steps are replayed from CUDA graphs)")
+            if self.graphs is not None:
+                raise ValueError("compile=True and cuda_graphs=True: choose one form of the static step")
+            self.compiled = CompiledSteps(self.runner, engine_config.max_num_seqs, self.cache.scratch_slot,
+                                          engine_config.compile_mode)
         self.sampler = Sampler()
         self.drafter = MTPDrafter(self.runner, self.block_manager, num_speculative_tokens) if num_speculative_tokens else None
         eos_token_ids = engine_config.eos_token_ids
@@ -249,7 +260,11 @@ class LLMEngine:
         if batch is None:
             return []
         self.stats.steps += 1
-        if self.graphs is not None and self.graphs.handles(batch):
+        step_logits = None  # [rows, vocab] when the step computed them (a compiled decode step: row i, sequence i)
+        compiled = self.compiled.run(batch.seqs) if self.compiled is not None and self.compiled.handles(batch) else None
+        if compiled is not None:
+            inputs, hidden, step_logits = compiled
+        elif self.graphs is not None and self.graphs.handles(batch):
             inputs, hidden = self.graphs.run(batch.seqs, batch.num_new_tokens)
         else:
             inputs = self.runner.prepare_batch(batch)
@@ -272,7 +287,8 @@ class LLMEngine:
             if not seq.draft_token_ids:
                 seq.num_computed_tokens += n
         if rows:
-            logits = self.runner.logits(hidden[torch.tensor(rows, device=hidden.device)])
+            index = torch.tensor(rows, device=hidden.device)
+            logits = step_logits[index] if step_logits is not None else self.runner.logits(hidden[index])
             tokens, logprobs = self.sampler(logits, sample_seqs)
             for seq, token, logprob in zip(sample_seqs, tokens, logprobs):
                 self._append(seq, token, logprob)

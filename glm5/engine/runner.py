@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.scheduler import ScheduledBatch
@@ -262,11 +263,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * normed.to(x.dtype)
 
 
-class FusedMLA:
-    """An MLAttention layer's weights rearranged for decoding over the latent cache (see the module docstring)."""
+class FusedMLA(nn.Module):
+    """An MLAttention layer's weights rearranged for decoding over the latent cache (see the module docstring).
+    A module whose rearranged weights are buffers: a compiled step (glm5/engine/compiled.py) freezes them as
+    it freezes the model's parameters."""
 
     @torch.no_grad()
     def __init__(self, attn: MLAttention) -> None:
+        super().__init__()
         H, nope, R, L = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.latent_dim
         self.H, self.R, self.L = H, R, L
         self.q_lora = attn.q_a_proj.out_features
@@ -309,8 +313,11 @@ class FusedMLA:
         self.b_o = attn.o_proj.bias
         self.q_norm = (attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
         self.kv_norm = (attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps)
+        for name in ("w_in", "b_in", "w_q", "w_o"):
+            value = self.__dict__.pop(name)
+            self.register_buffer(name, value, persistent=False)
 
-    def __call__(
+    def forward(
         self, x: torch.Tensor, rot: torch.Tensor, latent_cache: torch.Tensor, key_cache: torch.Tensor | None,
         inputs: StepInputs, prev_topk: torch.Tensor | None, index_topk: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

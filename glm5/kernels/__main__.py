@@ -60,6 +60,17 @@ def _cases(tokens: int):
     x = torch.randn(T, cfg.hidden_size, generator=g)
     norm_w = torch.randn(cfg.hidden_size, generator=g)
     h = torch.randn(T * cfg.num_experts_per_tok, 2 * cfg.moe_intermediate_size, generator=g)
+    # a decode step of 8 sequences through one MoE layer's routed experts, against the eager engine's path
+    from glm5.kernels.experts import experts_rows
+    from glm5.model.experts import Experts, experts_loop
+
+    experts = Experts(cfg)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.02, generator=g)
+    torch.nn.init.normal_(experts.down_proj, std=0.02, generator=g)
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    xd = torch.randn(8, cfg.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(8)])
+    wd = torch.rand(8, K, generator=g)
     return [
         (f"indexer_topk   [{T} queries x {T} keys, {H} heads x {D}, top-{topk}]",
          lambda: indexer_topk(q, w * indexer.softmax_scale, k, pos, topk),
@@ -71,6 +82,9 @@ def _cases(tokens: int):
          lambda: norm_w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))),
         (f"swiglu         [{h.shape[0]} x {h.shape[1]}]", lambda: swiglu(h),
          lambda: torch.nn.functional.silu(h[:, : h.shape[1] // 2]) * h[:, h.shape[1] // 2:]),
+        (f"experts_rows   [8 rows, top-{K} of {E} experts, {cfg.hidden_size} -> {cfg.moe_intermediate_size}]",
+         lambda: experts_rows(xd, idx, wd, experts.gate_up_proj.data, experts.down_proj.data),
+         lambda: experts_loop(experts, xd, idx, wd)),
     ]
 
 
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
               "threads": torch.get_num_threads(), "kernels_enabled": build.cpu_kernels_enabled(),
               "check_enabled": check.check_enabled(), "kernels": []}
     libraries = {}
-    for name in ("indexer_topk", "sparse_attention", "elementwise"):
+    for name in ("indexer_topk", "sparse_attention", "elementwise", "experts"):
         lib = build.load_library(name)
         if lib is None:
             libraries[name] = "not built (PyTorch fallback)"

@@ -210,14 +210,24 @@ def load_library(name: str) -> ctypes.CDLL | None:
     kernels are off or it cannot be built (a warning says why, once)."""
     if not cpu_kernels_enabled():
         return None
+    # what decides the library: the forced ISA and the cache directory (both from the environment); a
+    # dictionary lookup on them keeps per-call costs (decode-sized kernels) off the ISA and path resolution
+    key = (name, os.environ.get(ISA_ENV), os.environ.get("GLM5_CACHE"))
+    lib = _libraries.get(key)
+    if lib is not None:
+        return lib
     from glm5.common import cache_dir
 
     isa = selected_isa()[0]
     with _lock:  # one build per process even when threads ask at once
-        return _load(name, str(cache_dir()), isa)
+        lib = _load(name, str(cache_dir()), isa)
+    if lib is not None:  # (a failure is remembered by _load, which warned once)
+        _libraries[key] = lib
+    return lib
 
 
 _bound: dict[int, tuple[ctypes.CDLL, object]] = {}
+_libraries: dict[tuple, ctypes.CDLL] = {}  # libraries loaded, by (name, forced ISA, cache dir)
 
 
 def bound_functions(lib: ctypes.CDLL, bind_all):

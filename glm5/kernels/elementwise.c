@@ -75,20 +75,6 @@ void glm5_rmsnorm_backward(const float *x, const float *w, const float *rstd, co
     }
 }
 
-static inline vf vsigmoid(vf g) {
-    /* 1 / (1 + exp(-g)) for either sign through exp of a non-positive argument: e = exp(-|g|) */
-    const vi neg = g < (vf){0};
-    const vf a = (vf)((vi)g & ~neg) - (vf)((vi)g & neg);   /* |g| */
-    const vf e = vexp((vf){0} - a);
-    const vf pos_s = 1.0f / (1.0f + e), neg_s = e / (1.0f + e);
-    return (vf)(((vi)neg_s & neg) | ((vi)pos_s & ~neg));
-}
-
-static inline float sigmoid1(float g) {
-    const float e = expf(-fabsf(g));
-    return g >= 0 ? 1.0f / (1.0f + e) : e / (1.0f + e);
-}
-
 /* out[r, i] = silu(h[r, i]) * h[r, I + i] (gate then up, as glm5's fused gate_up weights); h rows have
  * stride `hs` floats (2 I for a contiguous [R, 2I]); rows [r0, r1). */
 void glm5_swiglu_forward(const float *h, int64_t hs, int64_t I, int64_t r0, int64_t r1, float *out) {

@@ -171,6 +171,21 @@ static inline vf vexp(vf x) {
     return p * (vf)bits;
 }
 
+/* sigmoid for either sign of g, vectors and scalars (SiLU(g) = g sigmoid(g)) */
+static inline vf vsigmoid(vf g) {
+    /* 1 / (1 + exp(-g)) for either sign through exp of a non-positive argument: e = exp(-|g|) */
+    const vi neg = g < (vf){0};
+    const vf a = (vf)((vi)g & ~neg) - (vf)((vi)g & neg);   /* |g| */
+    const vf e = vexp((vf){0} - a);
+    const vf pos_s = 1.0f / (1.0f + e), neg_s = e / (1.0f + e);
+    return (vf)(((vi)neg_s & neg) | ((vi)pos_s & ~neg));
+}
+
+static inline float sigmoid1(float g) {
+    const float e = expf(-fabsf(g));
+    return g >= 0 ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
 /* (defined in this header: each kernel library is one translation unit and exports them once)
  * 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
  * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's

@@ -10,6 +10,10 @@ computes down(silu(gate x) * up x), and a token's output is the sum over its k e
 router's (fp32) weights. The paths, in the order `experts_path` tries them:
 
   path          runs when                                                  how
+  cpu_rows      CPU, fp32, no autograd, N <= CPU_ROWS_MAX_ROWS, kernels     `glm5.kernels.experts`: each picked expert
+                built, not under torch.compile (USE_CPU_ROWS; static or     reads its weights once for all its rows (a
+                not; the startup check decides against the path below)     C kernel)
+  gathered      static, CPU, under torch.compile                           (inductor fuses the gather into its loop)
   dense_all     static, not grouped_mm, E <= 2 N k                         every expert on every row, weighted by
                                                                            the (mostly zero) dense routing weights
   gathered      static, not grouped_mm, E > 2 N k                          each (row, expert) pair's weights
@@ -40,7 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm5.config import GLM5Config
+from glm5.kernels import experts as experts_kernel
 from glm5.kernels import swiglu, swiglu_runs
+from glm5.kernels.build import cpu_kernels_enabled
+from glm5.kernels.check import kernel_or_fallback, size_class
 from glm5.kernels.elementwise import moe_combine, moe_combine_backward, swiglu_backward_into, swiglu_into
 from glm5.model.layers import no_autograd
 
@@ -51,8 +58,10 @@ PAD_EXPERT_ROWS = True  # CPU bf16/fp16: round each expert's row count up (see _
 PAD_ROWS = 128
 # no-autograd calls with at most this many rows take the per-token path (the engine's decode steps)
 PER_TOKEN_MAX_ROWS = 4
+USE_CPU_ROWS = True  # CPU fp32 decode sizes through glm5.kernels.experts (the startup check still decides)
+CPU_ROWS_MAX_ROWS = experts_kernel.MAX_ROWS
 
-PATHS = ("dense_all", "gathered", "cpu_autograd", "per_token", "grouped_mm", "padded_loop", "loop", "reference")
+PATHS = ("cpu_rows", "dense_all", "gathered", "cpu_autograd", "per_token", "grouped_mm", "padded_loop", "loop", "reference")
 
 
 class Experts(nn.Module):
@@ -73,11 +82,13 @@ def experts_path(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weigh
                  static: bool = False) -> str:
     """The name of the path `run_experts` takes for these inputs (the table in the module docstring)."""
     N, k = indices.shape
+    inference = no_autograd(x, experts.gate_up_proj, experts.down_proj, weights)
+    if inference and _cpu_rows_ok(experts, x, N):
+        return "cpu_rows"
     if static:
         if USE_GROUPED_MM and _grouped_mm_ok(x):
             return "grouped_mm"
-        return "dense_all" if experts.num_experts <= 2 * N * k else "gathered"
-    inference = no_autograd(x, experts.gate_up_proj, experts.down_proj, weights)
+        return _static_path(experts, x, N, k)
     if not inference and _cpu_experts_ok(x, experts.gate_up_proj, experts.down_proj, weights):
         return "cpu_autograd"
     if inference and N <= PER_TOKEN_MAX_ROWS:
@@ -98,6 +109,8 @@ def run_experts(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weight
     path = path or experts_path(experts, x, indices, weights, static)
     if path not in _FUNCTIONS:
         raise ValueError(f"experts path {path!r}: expected one of {PATHS}")
+    if path == "cpu_rows":
+        return experts_cpu_rows(experts, x, indices, weights, static=static)
     return _FUNCTIONS[path](experts, x, indices, weights)
 
 
@@ -239,6 +252,22 @@ class _CPUExperts(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------- unsorted paths
+def experts_cpu_rows(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                     static: bool = False) -> torch.Tensor:
+    """`glm5.kernels.experts`: each picked expert's weights read once for all its rows, behind the startup check
+    against the path it replaces (per_token / loop; the static forms when `static`)."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    N, k = indices.shape
+    if static:
+        fallback = _static_path(experts, x, N, k)
+    else:
+        fallback = "per_token" if N <= PER_TOKEN_MAX_ROWS else "loop"
+    return kernel_or_fallback(
+        "experts_rows", (size_class(N), k, experts.num_experts, x.shape[1], down.shape[2]),
+        lambda: experts_kernel.experts_rows(x, indices, weights.float(), gate_up, down),
+        lambda: _FUNCTIONS[fallback](experts, x, indices, weights))
+
+
 def experts_per_token(experts: Experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each token's k experts, one row at a time (decode sizes: no sort, no grouping; reads the routing on the
     host)."""
@@ -292,7 +321,7 @@ def experts_reference(experts: Experts, x: torch.Tensor, indices: torch.Tensor, 
 
 
 _FUNCTIONS = {
-    "dense_all": experts_dense_all, "gathered": experts_gathered, "cpu_autograd": experts_cpu_autograd,
+    "cpu_rows": experts_cpu_rows, "dense_all": experts_dense_all, "gathered": experts_gathered, "cpu_autograd": experts_cpu_autograd,
     "per_token": experts_per_token, "grouped_mm": experts_grouped_mm, "padded_loop": experts_padded_loop,
     "loop": experts_loop, "reference": experts_reference,
 }
@@ -314,6 +343,24 @@ def _padded_counts(counts: torch.Tensor) -> torch.Tensor:
     pow2 = torch.exp2(torch.ceil(torch.log2(counts.clamp(min=1).double()))).long()
     rounded = (counts + PAD_ROWS - 1) // PAD_ROWS * PAD_ROWS
     return torch.where(counts == 0, 0, torch.where(counts <= PAD_ROWS, pow2, rounded))
+
+
+def _static_path(experts: Experts, x: torch.Tensor, N: int, k: int) -> str:
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        # inductor fuses the gathered weights into one reduction loop that reads each pair's expert once, where
+        # dense_all's batched matmul stays an aten call over every expert (batch 8 of tiny-bench: 0.6 vs 1.5 ms)
+        return "gathered"
+    return "dense_all" if experts.num_experts <= 2 * N * k else "gathered"
+
+
+def _cpu_rows_ok(experts: Experts, x: torch.Tensor, N: int) -> bool:
+    """A decode-sized call in fp32 on a CPU where the experts kernel loads, not under torch.compile (a ctypes
+    call cannot be traced; inductor fuses the gathered form instead)."""
+    if not (USE_CPU_ROWS and x.device.type == "cpu" and N <= CPU_ROWS_MAX_ROWS and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")
+            and all(t.dtype == torch.float32 for t in (x, experts.gate_up_proj, experts.down_proj))):
+        return False
+    return cpu_kernels_enabled() and experts_kernel.available()
 
 
 def _pad_expert_rows(x: torch.Tensor) -> bool:

@@ -170,9 +170,14 @@ def lowest_position_ties_static(scores: torch.Tensor, values: torch.Tensor, indi
     if n == 0:
         return indices
     greater, above, tied, fix = _tie_cut(scores, values)
-    # kept positions first, in ascending order: a stable descending sort of the 0/1 mask
-    fixed = _kept(greater, above, tied, n).to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[..., :n]
-    return torch.where(fix, fixed.to(indices.dtype), indices)
+    # kept positions in ascending order: each kept key goes to slot (keys kept before it), the others to a
+    # spare slot n that is dropped (a rank and a scatter: linear in T, where a stable sort of the mask is not)
+    kept = _kept(greater, above, tied, n)
+    rank = kept.cumsum(dim=-1) - 1
+    slot = torch.where(kept & (rank < n), rank, n)
+    positions = torch.arange(scores.shape[-1], device=scores.device, dtype=indices.dtype).expand_as(slot)
+    fixed = indices.new_zeros(*indices.shape[:-1], n + 1).scatter_(-1, slot, positions)[..., :n]
+    return torch.where(fix, fixed, indices)
 
 
 def select_path(q: torch.Tensor, visible: torch.Tensor | None = None, static: bool = False) -> str:

@@ -1,0 +1,168 @@
+"""Compiled decode steps for a CPU: the engine's static step through torch.compile (inductor), lm_head included.
+
+At decode sizes on a CPU a step is bound by per-op overhead and by how fast the weights stream through
+single-row matmuls, not by FLOPs: the eager step of `tiny-bench` runs ~2,000 aten calls, and MKL reads a
+[1, 256] x [256, 768] weight at ~8 GB/s. Inductor turns the static forward (the one CUDA graphs replay, with
+`StepInputs.static`: no host sync, no data-dependent shape) into fused C++ loops, and with
+
+    freezing                   the weights are constants of the compiled step (packed once, ahead)
+    max_autotune, "CPP,ATEN"   each matmul takes inductor's C++ GEMM template where it times faster than
+                               aten's (a few-row kernel streaming the packed weight), else aten's
+    cpp_wrapper                the step's kernels are called from generated C++, not from Python
+
+a batch-1 step is a handful of calls. One compiled function serves every decode step of a batch bucket:
+
+    key       (sequences bucket, sparse): the context length T is a dynamic dimension (one graph for every
+              context bucket: 16, 32, ... tokens, padded and masked as the CUDA-graph steps are), and
+              whether T exceeds index_topk picks the dense or the sparse (indexer) branch
+    inputs    ids, positions, cache slots [S] and the padded slot table [S, T] (cuda_graphs' packing)
+    output    hidden [S, hidden] and logits [S, vocab] (fp32): the engine samples from these rows
+
+Prefill steps, steps that verify MTP drafts, and batches over the last bucket run the eager forward. A compile
+takes tens of seconds (~40-70 s for tiny-bench on 2 cores with max_autotune; the first step of each bucket pays
+it), so the switch is off by default:
+
+    llm = LLM(model, compile=True)          # EngineConfig.compile; `glm5 serve --compile`
+    llm.compiled.warm_up([1, 8])            # compile the decode steps of these batch sizes ahead
+
+The weights are frozen into the step: after changing the model's weights call `LLMEngine.refresh_weights()`,
+which drops the compiled steps (the next decode step compiles again). Greedy tokens match the eager engine's
+(tests/test_compiled_step.py); the arithmetic differs only in summation order.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+import torch._inductor.config as inductor_config
+
+from glm5.engine.cuda_graphs import batch_buckets, context_bucket, host_inputs
+from glm5.engine.runner import ModelRunner, StepInputs
+
+# inductor's options for the compiled step (see the module docstring); "default" compiles without autotuning
+# (faster to build, slower to run: the tests use it)
+MODES = {
+    "max-autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                     "cpp_wrapper": True},
+    "default": {"freezing": True, "cpp_wrapper": True},
+}
+
+
+def decode_step(runner: ModelRunner, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                ctx_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static forward of one decode step (one new token per sequence) -> (hidden [S, H], logits [S, V])."""
+    S, T = ctx_slots.shape
+    rows = torch.arange(S, device=ids.device)
+    t = torch.arange(T, device=ids.device).view(1, 1, T)
+    inputs = StepInputs(
+        input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, 1), unpad_index=rows,
+        ctx_slots=ctx_slots, visible=t <= positions.view(S, 1, 1), sparse=T > runner.index_topk,
+        query_starts=list(range(S)), query_counts=[1] * S, static=True,
+    )
+    hidden = runner.forward(inputs)
+    return hidden, runner.logits(hidden)
+
+
+class CompiledSteps:
+    """Decode steps of a runner through torch.compile (see the module docstring)."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, mode: str = "max-autotune") -> None:
+        if mode not in MODES:
+            raise ValueError(f"compile mode {mode!r}: one of {', '.join(MODES)}")
+        self.runner = runner
+        self.buckets = batch_buckets(max_batch)
+        self.scratch_slot = scratch_slot
+        self.mode = mode
+        self.num_runs = 0
+        self.failed: str | None = None  # why compiling failed (then every step runs eagerly)
+        self.reset()
+        runner.graphs = self  # refresh_weights() resets us
+
+    def reset(self) -> None:
+        """Forget the compiled steps (their frozen weights are the old ones after `refresh_weights`)."""
+        self.functions: dict[tuple[int, bool], object] = {}
+        self.ready: set[tuple[int, bool, int]] = set()  # (sequences, sparse, context) shapes run with guards checked
+
+    def handles(self, batch) -> bool:
+        """A decode step (one token per sequence, no drafts) of at most the last bucket's sequences."""
+        return (self.failed is None and not batch.is_prefill and not any(batch.num_draft_tokens)
+                and all(n == 1 for n in batch.num_new_tokens) and len(batch.seqs) <= self.buckets[-1])
+
+    def _function(self, S: int, sparse: bool):
+        key = (S, sparse)
+        fn = self.functions.get(key)
+        if fn is None:
+            self.runner.build_fused()  # made once, eagerly: the compiled step reads (and freezes) them
+            # the runner is closed over, not passed: then dynamo installs the model's parameters as attributes of
+            # the graph (constants that freezing folds and the GEMM templates pack), not as inputs
+            runner = self.runner
+
+            def step(ids, positions, slots, ctx_slots):
+                return decode_step(runner, ids, positions, slots, ctx_slots)
+
+            # dynamo keeps its compiled graphs on the code object: one of its own per (bucket, branch) keeps
+            # every key to one cache entry (no recompile limit shared between keys, no guard to tell them apart)
+            code = step.__code__.replace(co_name=f"decode_step_s{S}_{'sparse' if sparse else 'dense'}")
+            step = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+            fn = self.functions[key] = torch.compile(step, dynamic=False, fullgraph=True)
+        return fn
+
+    def _call(self, key: tuple[int, bool], ids, positions, slots, ctx):
+        fn = self._function(*key)
+        shape = (*key, ctx.shape[1])
+        if shape in self.ready:
+            # this exact shape has run once with every guard checked (and compiled if one failed); the inputs are
+            # always the step's own int64 tensors, so the guards can only pass again, and evaluating them
+            # costs ~0.2 ms a step
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return fn(ids, positions, slots, ctx)
+        torch._dynamo.mark_dynamic(ctx, 1)  # one graph for every context bucket
+        with inductor_config.patch(MODES[self.mode]):  # read while compiling
+            out = fn(ids, positions, slots, ctx)
+        self.ready.add(shape)
+        return out
+
+    @torch.no_grad()
+    def run(self, seqs) -> tuple[StepInputs, torch.Tensor, torch.Tensor] | None:
+        """Feed each sequence's newest token -> (the step's inputs, hidden [S_bucket, H], logits [S_bucket, V]),
+        row i for sequence i; None when compiling failed (the caller runs the step eagerly)."""
+        n = len(seqs)
+        S = next(b for b in self.buckets if b >= n)
+        starts = [s.num_computed_tokens for s in seqs]
+        T = context_bucket(max(starts) + 1)
+        packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [1] * n, S, 1, T)
+        packed = packed.to(self.runner.device)
+        ids, positions, slots, ctx = packed[:S], packed[S : 2 * S], packed[2 * S : 3 * S], packed[3 * S :].view(S, T)
+        sparse = T > self.runner.index_topk
+        try:
+            hidden, logits = self._call((S, sparse), ids, positions, slots, ctx)
+        except Exception as err:  # a fast path must never take the engine down: warn, run eagerly from now on
+            self.failed = f"{type(err).__name__}: {str(err)[:500]}"
+            warnings.warn(f"compiling the decode step failed, running steps eagerly: {self.failed}", stacklevel=2)
+            return None
+        self.num_runs += 1
+        rows = torch.arange(S)
+        inputs = StepInputs(
+            input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, 1), unpad_index=rows,
+            ctx_slots=ctx, visible=None, sparse=sparse, query_starts=list(range(n)), query_counts=[1] * n, static=True,
+        )
+        return inputs, hidden, logits
+
+    @torch.no_grad()
+    def warm_up(self, batch_sizes: list[int]) -> int:
+        """Compile the decode steps of these batch sizes now, both branches (contexts up to index_topk, and
+        longer): each on a dummy step whose rows write and read only the cache's scratch slot. -> steps held."""
+        device = self.runner.device
+        topk = self.runner.index_topk
+        for n in batch_sizes:
+            S = next((b for b in self.buckets if b >= n), None)
+            if S is None:
+                raise ValueError(f"batch size {n}: more than the engine's {self.buckets[-1]} sequences")
+            for T in sorted({context_bucket(topk), context_bucket(topk + 1)}):
+                ids = torch.zeros(S, dtype=torch.long, device=device)
+                slots = torch.full((S,), self.scratch_slot, dtype=torch.long, device=device)
+                ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long, device=device)
+                self._call((S, T > topk), ids, ids.clone(), slots, ctx)
+        return len(self.functions)
