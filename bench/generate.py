@@ -11,7 +11,12 @@ with sdpa attention and its default DynamicCache). Runs alternate (transformers,
 busy machine slows both alike; medians are reported. Every repetition feeds fresh random prompts (the same to
 both), so the engine, built once per batch size, never reuses a cached prefix. On CUDA the engine's decode
 graphs (the prefill's shape and every decode shape) are captured before timing (reported as graph_capture_s), and the engine also
-runs with cuda_graphs=False as "glm5_eager". Both sides' new tokens are compared: in fp32 on a CPU a
+runs with cuda_graphs=False as "glm5_eager". On a CPU the engine also runs with compiled decode steps as
+"glm5_compiled" (glm5/engine/compiled.py; compiled before timing, both branches of the batch's bucket,
+reported as compile_s; --no-compiled leaves it out), timed in the same alternation. Inductor sums in its own
+order, so its tokens may part from transformers' where a near tie rounds the other way, in the final logits or
+in a discrete choice before them (a router's or DSA's top-k at random init): such sequences are recorded
+(compiled_same_tokens, compiled_differences: the reference forward's logit gap where they part), not fatal. Both sides' new tokens are compared: in fp32 on a CPU a
 difference stops the benchmark (the timings would compare different work); otherwise it is recorded
 (`same_tokens`, `token_mismatches`). Each side is timed in one run per repetition: transformers' first token
 and each later one are stamped by a streamer inside its one `generate` call.
@@ -29,7 +34,8 @@ router have near-ties that fp32 summation orders break either way (dev/LOG.md, G
   ttft_s          time to the first new token (the prefill), median
   decode_tok_s    new tokens after the first / time after the first
   e2e_tok_s       all new tokens / total time (new tokens/s end to end)
-and the ratios glm5 / transformers (speedup_decode, speedup_e2e, ttft_ratio) and glm5 / llama.cpp
+and the ratios glm5 / transformers (speedup_decode, speedup_e2e, ttft_ratio; speedup_decode_compiled and
+speedup_e2e_compiled for glm5_compiled) and glm5 / llama.cpp
 (speedup_decode_vs_llamacpp, speedup_e2e_vs_llamacpp, ttft_ratio_vs_llamacpp). Writes bench/results/generate.json.
 """
 
@@ -146,9 +152,11 @@ def main() -> int:
     # --device in --dtype; cache and batch sizes are set per batch below
     EngineConfig.add_arguments(parser, device="cpu", dtype="float32", threads=2)
     parser.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out (glm5 and transformers only)")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="on a CPU, leave out the engine with compiled decode steps (glm5_compiled)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "generate.json"))
     args = parser.parse_args()
-    from conftest import transformers_twin  # (sets 2 threads on import: set ours after it)
+    from conftest import greedy_difference, transformers_twin  # (sets 2 threads on import: set ours after it)
 
     engine_config = EngineConfig.from_args(args)
     torch.set_num_threads(args.threads)
@@ -199,9 +207,16 @@ def main() -> int:
         def make_engine(batch_config=batch_config, **changes):
             return LLMEngine(model, batch_config.replace(**changes))
 
-        engines = {"glm5": make_engine()}
+        engines = {"glm5": make_engine(compile=False)}
         if device.type == "cuda":
             engines["glm5_eager"] = make_engine(cuda_graphs=False)
+        compile_s = None
+        if device.type == "cpu" and not args.no_compiled:
+            engines["glm5_compiled"] = make_engine(compile=True, cuda_graphs=False)
+            t = time.perf_counter()
+            engines["glm5_compiled"].compiled.warm_up([batch])  # both branches of this batch's bucket
+            compile_s = time.perf_counter() - t
+            print(f"  compiled the decode steps ({engine_config.compile_mode}) in {compile_s:.1f} s", flush=True)
         capture_s = None
         if engines["glm5"].graphs is not None:
             t = time.perf_counter()
@@ -225,7 +240,7 @@ def main() -> int:
         times: dict[str, list] = {"transformers": [], **{name: [] for name in engines}}
         if llama is not None:
             times["llamacpp"] = []
-        mismatches, llama_mismatches, llama_first = [], [], None
+        mismatches, llama_mismatches, llama_first, compiled_differences = [], [], None, []
         for _ in range(args.reps):
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=gen)  # fresh: no prefix hits
             times["transformers"].append(run_transformers(twin, prompts.to(device), args.new)[:2])
@@ -234,7 +249,15 @@ def main() -> int:
             for name, engine in engines.items():
                 ttft, total, tokens = run_glm5(engine, prompts.tolist(), args.new)
                 times[name].append((ttft, total))
-                if (differ := same_tokens(tokens, reference)) is not None:
+                if (differ := same_tokens(tokens, reference)) is not None and name == "glm5_compiled":
+                    # the compiled step sums in inductor's order: where its tokens part from transformers', the
+                    # reference forward's logit gap there says whether the final logits were a near tie, or a
+                    # discrete choice before them (a router's or DSA's top-k) was (untimed; recorded)
+                    for seq, (a, b) in enumerate(zip(tokens, reference)):
+                        if a != b:
+                            problem = greedy_difference(model, prompts[seq].tolist(), a, b)
+                            compiled_differences.append(f"sequence {seq}: " + (problem or "a near tie of the final logits"))
+                elif differ is not None:
                     mismatches.append(f"{name}: {differ}")
                 if name == "glm5":
                     ours = tokens
@@ -271,6 +294,19 @@ def main() -> int:
         # fp32 on a CPU must match (checked above); bf16 or GPU kernels may round a near-tie the other way
         row["same_tokens"] = not mismatches
         row["token_mismatches"] = mismatches[:4]
+        if "glm5_compiled" in row:
+            compiled = engines["glm5_compiled"].compiled
+            row["compile_s"] = compile_s
+            row["compiled_steps"] = compiled.num_runs
+            row["compile_failure"] = compiled.failed
+            row["compiled_same_tokens"] = not compiled_differences
+            row["compiled_sequences_differing"] = len(compiled_differences)
+            row["compiled_differences"] = [d[:300] for d in compiled_differences[:4]]
+            row["speedup_decode_compiled"] = row["glm5_compiled"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
+            row["speedup_e2e_compiled"] = row["glm5_compiled"]["e2e_tok_s"] / row["transformers"]["e2e_tok_s"]
+            if llama is not None:
+                row["speedup_decode_compiled_vs_llamacpp"] = (row["glm5_compiled"]["decode_tok_s"]
+                                                              / row["llamacpp"]["decode_tok_s"])
         if capture_s is not None:
             graphs = engines["glm5"].graphs
             row["graph_capture_s"] = capture_s
@@ -297,6 +333,19 @@ def main() -> int:
                   + ("yes" if first is None else f"{batch * args.reps - len(llama_mismatches)} of {batch * args.reps} "
                      f"sequences\n           first difference, sequence {first['sequence']}: {describe_mismatch(first)}"),
                   flush=True)
+        if "glm5_compiled" in row:
+            gc = row["glm5_compiled"]
+            print(f"         glm5 compiled decode steps: decode tok/s {gc['decode_tok_s']:8.1f} "
+                  f"({row['speedup_decode_compiled']:.2f}x transformers"
+                  + (f", {row['speedup_decode_compiled_vs_llamacpp']:.2f}x llama.cpp" if llama is not None else "")
+                  + f")   e2e {gc['e2e_tok_s']:.1f} ({row['speedup_e2e_compiled']:.2f}x)   "
+                  f"{row['compiled_steps']} compiled steps" + (f"; FAILED: {row['compile_failure']}"
+                                                              if row["compile_failure"] else "")
+                  + (f"; same tokens as transformers: {batch * args.reps - len(compiled_differences)} of "
+                     f"{batch * args.reps} sequences" if compiled_differences else "; same tokens as transformers"),
+                  flush=True)
+            for difference in compiled_differences[:2]:
+                print(f"           {difference[:300]}", flush=True)
         if "glm5_eager" in row:
             print(f"         glm5 without CUDA graphs: decode tok/s {row['glm5_eager']['decode_tok_s']:8.1f} "
                   f"({row['speedup_decode_eager']:.2f}x)  TTFT {row['glm5_eager']['ttft_s'] * 1e3:.1f} ms", flush=True)

@@ -150,6 +150,16 @@ def build_server(args):
             model = model.to(dtype)
     print(f"glm5 serve: chat template: {template_source}", flush=True)
     engine = glm5.engine.LLMEngine(model, engine_config.replace(eos_token_ids=tokenizer.eos_token_ids))
+    if engine.compiled is not None:  # --compile: one sequence's decode steps now, larger batches on first use
+        import time
+
+        print("glm5 serve: compiling the decode steps for one sequence (--compile; about a minute on 2 cores)",
+              flush=True)
+        started = time.perf_counter()
+        engine.compiled.warm_up([1])
+        print(f"glm5 serve: compiled in {time.perf_counter() - started:.0f} s"
+              + (f" (failed, steps run eagerly: {engine.compiled.failed})" if engine.compiled.failed else ""),
+              flush=True)
     config = ServerConfig(model_name=name, default_max_tokens=getattr(args, "default_max_tokens", 256),
                           chat_template=template, responses_store_items=getattr(args, "responses_store_items", 1024),
                           responses_store_bytes=getattr(args, "responses_store_mib", 64) << 20)
