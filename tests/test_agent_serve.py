@@ -90,7 +90,7 @@ def test_ctrl_c_stops_the_server_it_started_and_leaves_a_resumable_trace(tmp_pat
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in err
+    assert process.returncode == 130 and "interrupted" in err, f"exit status {process.returncode}:\n{err[-3000:]}"
     start = json.loads(trace.read_text().splitlines()[0])
     assert not _port_open(start["base_url"])                    # the child server was stopped
     assert not any(json.loads(line)["type"] == "final" for line in trace.read_text().splitlines())   # resumable
