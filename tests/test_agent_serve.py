@@ -80,7 +80,11 @@ def test_ctrl_c_stops_the_server_it_started_and_leaves_a_resumable_trace(tmp_pat
     workdir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "glm5.cli", "agent", "run", "Tell me a long story.", "--workdir",
                                 str(workdir), "--max-tokens", "1500", "--mode", "research"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # a suite started in the background of a non-interactive shell (`nohup make test &`)
+                               # ignores SIGINT, and an ignored signal stays ignored across exec: Python then installs
+                               # no KeyboardInterrupt handler. The run gets Ctrl-C's default back.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     trace = workdir / "trace.jsonl"
     deadline = time.monotonic() + 240
     while not (trace.exists() and trace.read_text().strip()):   # the server is up and the first call is out
