@@ -16,11 +16,16 @@ from torch import nn
 METHODS = ("glm5-int4", "glm5-q2mix", "glm5-ternary")  # glm5.quant.lowbit_model.METHODS
 
 
+def config_quant_method(cfg) -> str | None:
+    """A GLM5Config's quantization_config.quant_method (None: full precision)."""
+    return (cfg.extra.get("quantization_config") or {}).get("quant_method")
+
+
 def quant_method(directory) -> str | None:
     """config.json's quantization_config.quant_method of a checkpoint directory (None: full precision)."""
     from glm5.config import GLM5Config
 
-    return (GLM5Config.from_pretrained(directory).extra.get("quantization_config") or {}).get("quant_method")
+    return config_quant_method(GLM5Config.from_pretrained(directory))
 
 
 def load_any_checkpoint(directory: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -108,6 +108,7 @@ def build_server(args):
     from glm5.engine.config import EngineConfig
     from glm5.engine.memory import check_fits_serving
     from glm5.model import GLM5ForCausalLM
+    from glm5.quant.load import config_quant_method
     from glm5.serve.async_engine import AsyncEngine
     from glm5.serve.state import ServerConfig
 
@@ -116,7 +117,7 @@ def build_server(args):
     dtype = engine_config.torch_dtype()
     if args.model:
         cfg = GLM5Config.from_pretrained(args.model)
-        quant = (cfg.extra.get("quantization_config") or {}).get("quant_method")
+        quant = config_quant_method(cfg)
         weights_dtype = dtype or getattr(torch, cfg.torch_dtype)
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     else:

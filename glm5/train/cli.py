@@ -130,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
     check_dtype_speed(args.dtype, device)
     model = _build_model(args, cfg).to(device)
     if args.ternary:
+        from glm5.quant.load import config_quant_method
         from glm5.train.ternary import make_ternary, shadows_from_ternary
 
-        if (cfg.extra.get("quantization_config") or {}).get("quant_method") == "glm5-ternary":
+        if config_quant_method(cfg) == "glm5-ternary":
             # continuing a ternary model: shadows whose views are its saved weights (not shrunk by absmean)
             shadows_from_ternary(model)
         print0(f"[train] ternary: {make_ternary(model)} weight tensors train through absmean-ternary views")
