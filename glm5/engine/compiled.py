@@ -52,18 +52,25 @@ MODES = {
 }
 
 
+def decode_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, ctx_slots: torch.Tensor,
+                  index_topk: int, visible: torch.Tensor | None, num_seqs: int) -> StepInputs:
+    """A decode step's StepInputs in the padded layout: row i is sequence i's one new token (of num_seqs real
+    sequences; the rest of the S rows are padding)."""
+    S, T = ctx_slots.shape
+    rows = torch.arange(S, device=ids.device)
+    return StepInputs(
+        input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, 1), unpad_index=rows,
+        ctx_slots=ctx_slots, visible=visible, sparse=T > index_topk, query_starts=list(range(num_seqs)),
+        query_counts=[1] * num_seqs, static=True,
+    )
+
+
 def decode_step(runner: ModelRunner, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 ctx_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The static forward of one decode step (one new token per sequence) -> (hidden [S, H], logits [S, V])."""
     S, T = ctx_slots.shape
-    rows = torch.arange(S, device=ids.device)
-    t = torch.arange(T, device=ids.device).view(1, 1, T)
-    inputs = StepInputs(
-        input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, 1), unpad_index=rows,
-        ctx_slots=ctx_slots, visible=t <= positions.view(S, 1, 1), sparse=T > runner.index_topk,
-        query_starts=list(range(S)), query_counts=[1] * S, static=True,
-    )
-    hidden = runner.forward(inputs)
+    visible = torch.arange(T, device=ids.device).view(1, 1, T) <= positions.view(S, 1, 1)
+    hidden = runner.forward(decode_inputs(ids, positions, slots, ctx_slots, runner.index_topk, visible, S))
     return hidden, runner.logits(hidden)
 
 
@@ -91,6 +98,15 @@ class CompiledSteps:
         """A decode step (one token per sequence, no drafts) of at most the last bucket's sequences."""
         return (self.failed is None and not batch.is_prefill and not any(batch.num_draft_tokens)
                 and all(n == 1 for n in batch.num_new_tokens) and len(batch.seqs) <= self.buckets[-1])
+
+    def _bucket(self, n: int) -> int | None:
+        """The batch bucket of n sequences (None: more than the last)."""
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _fail(self, err: Exception) -> None:
+        """A fast path must never take the engine down: warn once, and every later step runs eagerly."""
+        self.failed = f"{type(err).__name__}: {str(err)[:500]}"
+        warnings.warn(f"compiling the decode step failed, running steps eagerly: {self.failed}", stacklevel=3)
 
     def _function(self, S: int, sparse: bool):
         key = (S, sparse)
@@ -131,7 +147,7 @@ class CompiledSteps:
         """Feed each sequence's newest token -> (the step's inputs, hidden [S_bucket, H], logits [S_bucket, V]),
         row i for sequence i; None when compiling failed (the caller runs the step eagerly)."""
         n = len(seqs)
-        S = next(b for b in self.buckets if b >= n)
+        S = self._bucket(n)
         starts = [s.num_computed_tokens for s in seqs]
         T = context_bucket(max(starts) + 1)
         packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [1] * n, S, 1, T)
@@ -140,17 +156,11 @@ class CompiledSteps:
         sparse = T > self.runner.index_topk
         try:
             hidden, logits = self._call((S, sparse), ids, positions, slots, ctx)
-        except Exception as err:  # a fast path must never take the engine down: warn, run eagerly from now on
-            self.failed = f"{type(err).__name__}: {str(err)[:500]}"
-            warnings.warn(f"compiling the decode step failed, running steps eagerly: {self.failed}", stacklevel=2)
+        except Exception as err:
+            self._fail(err)
             return None
         self.num_runs += 1
-        rows = torch.arange(S)
-        inputs = StepInputs(
-            input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, 1), unpad_index=rows,
-            ctx_slots=ctx, visible=None, sparse=sparse, query_starts=list(range(n)), query_counts=[1] * n, static=True,
-        )
-        return inputs, hidden, logits
+        return decode_inputs(ids, positions, slots, ctx, self.runner.index_topk, None, n), hidden, logits
 
     @torch.no_grad()
     def warm_up(self, batch_sizes: list[int]) -> int:
@@ -160,19 +170,17 @@ class CompiledSteps:
         device = self.runner.device
         topk = self.runner.index_topk
         for n in batch_sizes:
-            S = next((b for b in self.buckets if b >= n), None)
+            S = self._bucket(n)
             if S is None:
                 raise ValueError(f"batch size {n}: more than the engine's {self.buckets[-1]} sequences")
             for T in sorted({context_bucket(topk), context_bucket(topk + 1)}):
+                if self.failed is not None:
+                    return len(self.ready)
                 ids = torch.zeros(S, dtype=torch.long, device=device)
                 slots = torch.full((S,), self.scratch_slot, dtype=torch.long, device=device)
                 ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long, device=device)
-                if self.failed is not None:
-                    return len(self.ready)
                 try:
                     self._call((S, T > topk), ids, ids.clone(), slots, ctx)
-                except Exception as err:  # as in run(): warn, and every step runs eagerly
-                    self.failed = f"{type(err).__name__}: {str(err)[:500]}"
-                    warnings.warn(f"compiling the decode step failed, running steps eagerly: {self.failed}",
-                                  stacklevel=2)
+                except Exception as err:
+                    self._fail(err)
         return len(self.ready)
