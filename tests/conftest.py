@@ -94,3 +94,25 @@ def train_cli_setup(base):
         for i in range(0, 400, 4):
             fh.write(json.dumps({"text": "".join(text[i : i + 4])}) + "\n")
     return base
+
+
+def drafting_model(scale: float = 30.0, seed: int = 0):
+    """A random tiny model with an MTP layer whose drafts are often, not always, right: the embeddings are scaled
+    up so a token's prediction depends mostly on the token itself, and the MTP layer passes the next token's
+    embedding through (eh_proj [I | 0], its attention and experts damped), so it predicts what the main model
+    will predict one position on. Speculation then accepts some drafts, all of them, or none."""
+    from glm5 import GLM5ForCausalLM
+
+    torch.manual_seed(seed)
+    model = randomize_(GLM5ForCausalLM(tiny_config(index_n_heads=16)), seed=seed).eval()
+    hidden = model.config.hidden_size
+    mtp = model.mtp[0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(scale)
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :hidden] = torch.eye(hidden)
+        mtp.self_attn.o_proj.weight.mul_(0.1)
+        for name, p in mtp.mlp.named_parameters():
+            if "down" in name:
+                p.mul_(0.1)
+    return model

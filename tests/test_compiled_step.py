@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import greedy_difference, randomize_, tiny_config
+from conftest import drafting_model, greedy_difference, randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, EngineConfig, SamplingParams
@@ -45,8 +45,8 @@ def test_compiled_decode_equals_eager_and_refreshes():
     # every decode step ran compiled (the first token of each sequence comes from the eager prefill)
     assert steps.num_runs == 39
     # one function per (bucket, branch); the context buckets 32 and 64 share the sparse one (T is dynamic)
-    assert set(steps.functions) == {(4, False), (4, True)}
-    assert {shape[2] for shape in steps.ready} == {16, 32, 64}
+    assert set(steps.functions) == {(4, False, 0), (4, True, 0)}
+    assert {shape[3] for shape in steps.ready} == {16, 32, 64}
     # new weights: the frozen steps are dropped and compiled again, and follow the new weights
     with torch.no_grad():
         for p in model.parameters():
@@ -56,7 +56,7 @@ def test_compiled_decode_equals_eager_and_refreshes():
     assert not steps.functions and not steps.ready
     prompts, params = _prompts([5], seed=3), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     _check_same(model, prompts, compiled.generate(prompts, params), eager.generate(prompts, params))
-    assert set(steps.functions) == {(1, False)}  # contexts up to 13: the dense branch only
+    assert set(steps.functions) == {(1, False, 0)}  # contexts up to 13: the dense branch only
 
 
 def test_a_failing_compile_falls_back_to_eager_steps(monkeypatch):
@@ -113,12 +113,38 @@ def test_max_autotune_step_equals_eager():
     assert compiled.compiled.failed is None and compiled.compiled.num_runs == 9
 
 
+def test_compiled_speculative_cycle_equals_the_eager_drafter():
+    """A whole MTP cycle (verify, accept, draft) as one compiled call: the tokens of plain greedy decoding and
+    the drafts the eager drafter makes."""
+    model = drafting_model()
+    prompts = _prompts([37])  # contexts 38 .. 70: the sparse branch (index_topk 16), buckets 64 and 128
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    eager = LLM(model, num_speculative_tokens=2)
+    want = eager.generate(prompts, params)
+    compiled = LLM(model, num_speculative_tokens=2, compile=True, compile_mode="default")
+    got = compiled.generate(prompts, params)
+    _check_same(model, prompts, got, LLM(model).generate(prompts, params))
+    _check_same(model, prompts, got, want)
+    steps, e, c = compiled.compiled, eager.stats, compiled.stats
+    assert steps.failed is None, steps.failed
+    assert set(steps.functions) == {(1, True, 2)} and {shape[3] for shape in steps.ready} == {64, 128}
+    assert steps.num_runs == c.verify_steps == c.steps - 1  # every step after the prefill: one compiled cycle
+    assert 0 < e.accepted < e.drafted, e
+    assert (c.verify_steps, c.drafted, c.accepted) == (e.verify_steps, e.drafted, e.accepted)
+
+
 def test_warm_up_compiles_both_branches_of_each_bucket(monkeypatch):
     llm = LLM(_model(), compile=True, max_num_seqs=8)
     calls = []
     monkeypatch.setattr(llm.compiled, "_call", lambda key, ids, positions, slots, ctx: calls.append((*key, ctx.shape[1])))
     llm.compiled.warm_up([1, 3])
     # index_topk 16: contexts up to 16 (dense) and 32 (sparse); 3 sequences run in the bucket of 4
-    assert calls == [(1, False, 16), (1, True, 32), (4, False, 16), (4, True, 32)]
+    assert calls == [(1, False, 0, 16), (1, True, 0, 32), (4, False, 0, 16), (4, True, 0, 32)]
     with pytest.raises(ValueError, match="more than the engine's 8 sequences"):
         llm.compiled.warm_up([9])
+    # with MTP speculation, each bucket's speculative cycle too
+    llm = LLM(_model(), compile=True, num_speculative_tokens=3)
+    calls = []
+    monkeypatch.setattr(llm.compiled, "_call", lambda key, ids, positions, slots, ctx: calls.append((*key, ids.shape[0])))
+    llm.compiled.warm_up([1])
+    assert calls == [(1, False, 0, 1), (1, False, 3, 4), (1, True, 0, 1), (1, True, 3, 4)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy_difference, randomize_, tiny_config
+from conftest import drafting_model, greedy_difference, randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
@@ -87,6 +87,30 @@ def test_static_engine_equals_eager_as_sequences_leave_and_join():
     assert greedy_difference(model, prompts[1], second.output_token_ids, eager[1]) is None
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_cycles_on_the_static_path_equal_the_eager_drafter(k):
+    # one cycle a step (verify, accept, MTP over the verified rows, chained drafts) in the static form a CUDA
+    # graph captures, against the eager engine's verify and MTPDrafter: the same tokens, the same drafts taken
+    model = drafting_model()
+    eager = LLM(model, block_size=4, num_speculative_tokens=k)
+    static = LLM(model, block_size=4, num_speculative_tokens=k, cuda_graphs=True)
+    # a batch that shrinks through the buckets (4 -> 1) with contexts past index_topk 16 (the sparse branch),
+    # then one short request (contexts up to 16: the dense branch)
+    for lengths, max_tokens in (((5, 11, 23, 37), (40, 40, 17, 30)), ((3,), (7,))):
+        prompts = _prompts(lengths)
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        plain = [c.token_ids for c in LLM(model, block_size=4).generate(prompts, params)]
+        assert [c.token_ids for c in eager.generate(prompts, params)] == plain
+        for prompt, c, want in zip(prompts, static.generate(prompts, params), plain):
+            assert (differ := greedy_difference(model, prompt, c.token_ids, want)) is None, differ
+    e, s = eager.stats, static.stats
+    assert 0.1 < e.accepted / e.drafted < 0.95, e  # some drafts accepted, some not: every branch ran
+    assert (s.verify_steps, s.drafted, s.accepted) == (e.verify_steps, e.drafted, e.accepted)
+    cycles = static.graphs.cycles
+    assert {T > 16 for _, T in cycles} == {False, True} and {S for S, _ in cycles} == {1, 2, 4}, cycles
+    assert static.graphs.num_cycles == s.steps - 2  # every step after the two prefill steps was a cycle
+
+
 def test_padding_rows_write_only_the_scratch_slot():
     model = _model(index_n_heads=16)
     llm = LLM(model, block_size=4, kv_cache_tokens=256, cuda_graphs=True)
@@ -112,12 +136,23 @@ def test_which_steps_take_the_graph_path():
     model = _model(index_n_heads=16, num_nextn_predict_layers=1)
     assert LLM(model).graphs is None  # off on a CPU by default
     assert LLM(model, num_speculative_tokens=2).graphs is None
+    spec = LLM(model, num_speculative_tokens=2, cuda_graphs=True, max_num_seqs=4)
+    spec.add_request(_prompts((10,))[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    batch = spec.scheduler.schedule()
+    batch.is_prefill, batch.num_new_tokens, batch.num_draft_tokens = False, [3], [2]
+    assert spec.graphs.handles_speculative(batch)
+    batch.num_draft_tokens = [1]
+    assert not spec.graphs.handles_speculative(batch)  # fewer drafts than k: eager
+    batch.num_draft_tokens = [2]
+    batch.seqs[0].params.logits_processors = [lambda ids, logits: logits]
+    assert not spec.graphs.handles_speculative(batch)  # a logits processor: eager
     llm = LLM(model, cuda_graphs=True, max_num_seqs=4, cuda_graph_max_tokens=64)
     llm.add_request(_prompts((10,))[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     batch = llm.scheduler.schedule()
     assert batch.is_prefill and llm.graphs.handles(batch)  # 10 tokens -> a shape of 1 x 16
     batch.num_draft_tokens = [1]
-    assert not llm.graphs.handles(batch)  # drafts: eager
+    assert not llm.graphs.handles(batch)  # drafts: a speculative cycle (with num_speculative_tokens), not a step
+    assert not llm.graphs.handles_speculative(batch)  # this engine does not speculate
     batch.num_draft_tokens, batch.num_new_tokens = [0], [65]
     assert not llm.graphs.handles(batch)  # 128 padded tokens > cuda_graph_max_tokens
     llm.graphs.max_prefill_graphs = 0

@@ -18,7 +18,11 @@ a batch-1 step is a handful of calls. One compiled function serves every decode 
     inputs    ids, positions, cache slots [S] and the padded slot table [S, T] (cuda_graphs' packing)
     output    hidden [S, hidden] and logits [S, vocab] (fp32): the engine samples from these rows
 
-Prefill steps, steps that verify MTP drafts, and batches over the last bucket run the eager forward. A compile
+With MTP speculation (num_speculative_tokens k) a decode step is one whole speculative cycle compiled the same
+way, key (sequences bucket, sparse, k): the main model verifies [last token, k drafts], the greedy choices
+decide how many are accepted, and the MTP layer drafts the next k, all in one call
+(`glm5.engine.speculative.verify_and_draft`). Prefill steps, steps with a logits processor or with sequences
+that did not draft, and batches over the last bucket run the eager forward. A compile
 takes tens of seconds (~40-70 s for tiny-bench on 2 cores with max_autotune; the first step of each bucket pays
 it), so the switch is off by default:
 
@@ -40,6 +44,7 @@ import torch._inductor.config as inductor_config
 
 from glm5.engine.cuda_graphs import batch_buckets, context_bucket, host_inputs
 from glm5.engine.runner import ModelRunner, StepInputs
+from glm5.engine.speculative import verify_and_draft
 
 # inductor's options for the compiled step (see the module docstring); "default" compiles without autotuning
 # (faster to build, slower to run: the tests use it)
@@ -77,10 +82,12 @@ def decode_step(runner: ModelRunner, ids: torch.Tensor, positions: torch.Tensor,
 class CompiledSteps:
     """Decode steps of a runner through torch.compile (see the module docstring)."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, mode: str = "max-autotune") -> None:
+    def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, mode: str = "max-autotune",
+                 num_speculative_tokens: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: one of {', '.join(MODES)}")
         self.runner = runner
+        self.k = num_speculative_tokens  # drafts per sequence in the speculative cycles compiled
         self.buckets = batch_buckets(max_batch)
         self.scratch_slot = scratch_slot
         self.mode = mode
@@ -91,13 +98,20 @@ class CompiledSteps:
 
     def reset(self) -> None:
         """Forget the compiled steps (their frozen weights are the old ones after `refresh_weights`)."""
-        self.functions: dict[tuple[int, bool], object] = {}
-        self.ready: set[tuple[int, bool, int]] = set()  # (sequences, sparse, context) shapes run with guards checked
+        self.functions: dict[tuple[int, bool, int], object] = {}  # (sequences, sparse, drafts) -> compiled
+        self.ready: set[tuple[int, bool, int, int]] = set()  # + context: shapes run once with guards checked
 
     def handles(self, batch) -> bool:
         """A decode step (one token per sequence, no drafts) of at most the last bucket's sequences."""
         return (self.failed is None and not batch.is_prefill and not any(batch.num_draft_tokens)
                 and all(n == 1 for n in batch.num_new_tokens) and len(batch.seqs) <= self.buckets[-1])
+
+    def handles_speculative(self, batch) -> bool:
+        """A decode step in which every sequence verifies k drafts and none has a logits processor (the compiled
+        cycle takes the plain greedy choice; processed rows run eagerly), at most the last bucket's sequences."""
+        return (self.failed is None and self.k > 0 and not batch.is_prefill and len(batch.seqs) <= self.buckets[-1]
+                and all(d == self.k for d in batch.num_draft_tokens)
+                and not any(s.params.logits_processors for s in batch.seqs))
 
     def _bucket(self, n: int) -> int | None:
         """The batch bucket of n sequences (None: more than the last)."""
@@ -108,8 +122,9 @@ class CompiledSteps:
         self.failed = f"{type(err).__name__}: {str(err)[:500]}"
         warnings.warn(f"compiling the decode step failed, running steps eagerly: {self.failed}", stacklevel=3)
 
-    def _function(self, S: int, sparse: bool):
-        key = (S, sparse)
+    def _function(self, S: int, sparse: bool, k: int = 0):
+        """The compiled step of a key: a decode step (k = 0) or a speculative cycle verifying k drafts."""
+        key = (S, sparse, k)
         fn = self.functions.get(key)
         if fn is None:
             self.runner.build_fused()  # made once, eagerly: the compiled step reads (and freezes) them
@@ -117,17 +132,22 @@ class CompiledSteps:
             # the graph (constants that freezing folds and the GEMM templates pack), not as inputs
             runner = self.runner
 
-            def step(ids, positions, slots, ctx_slots):
-                return decode_step(runner, ids, positions, slots, ctx_slots)
+            if k:
+                def step(ids, positions, slots, ctx_slots):
+                    return verify_and_draft(runner, ids, positions, slots, ctx_slots, k)
+            else:
+                def step(ids, positions, slots, ctx_slots):
+                    return decode_step(runner, ids, positions, slots, ctx_slots)
 
-            # dynamo keeps its compiled graphs on the code object: one of its own per (bucket, branch) keeps
-            # every key to one cache entry (no recompile limit shared between keys, no guard to tell them apart)
-            code = step.__code__.replace(co_name=f"decode_step_s{S}_{'sparse' if sparse else 'dense'}")
+            # dynamo keeps its compiled graphs on the code object: one of its own per key keeps every key to one
+            # cache entry (no recompile limit shared between keys, no guard to tell them apart)
+            name = f"{'verify' if k else 'decode'}_step_s{S}{f'_k{k}' if k else ''}_{'sparse' if sparse else 'dense'}"
+            code = step.__code__.replace(co_name=name)
             step = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
             fn = self.functions[key] = torch.compile(step, dynamic=False, fullgraph=True)
         return fn
 
-    def _call(self, key: tuple[int, bool], ids, positions, slots, ctx):
+    def _call(self, key: tuple[int, bool, int], ids, positions, slots, ctx):
         fn = self._function(*key)
         shape = (*key, ctx.shape[1])
         if shape in self.ready:
@@ -155,12 +175,35 @@ class CompiledSteps:
         ids, positions, slots, ctx = packed[:S], packed[S : 2 * S], packed[2 * S : 3 * S], packed[3 * S :].view(S, T)
         sparse = T > self.runner.index_topk
         try:
-            hidden, logits = self._call((S, sparse), ids, positions, slots, ctx)
+            hidden, logits = self._call((S, sparse, 0), ids, positions, slots, ctx)
         except Exception as err:
             self._fail(err)
             return None
         self.num_runs += 1
         return decode_inputs(ids, positions, slots, ctx, self.runner.index_topk, None, n), hidden, logits
+
+    @torch.no_grad()
+    def run_speculative(self, seqs) -> list[list[int]] | None:
+        """One speculative cycle (`glm5.engine.speculative.verify_and_draft`): feed each sequence's newest token
+        and its k drafts -> per sequence [k + 1 targets, drafts accepted, k next drafts]; None when compiling
+        failed (the caller runs the step eagerly)."""
+        n, k = len(seqs), self.k
+        S = self._bucket(n)
+        starts = [s.num_computed_tokens for s in seqs]
+        T = context_bucket(max(starts) + 2 * k)  # the chained drafts reach k - 1 positions past the last draft
+        tokens = [s.token_ids[a:] + s.draft_token_ids for s, a in zip(seqs, starts)]
+        packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [k + 1] * n, S, k + 1, T,
+                             tokens=tokens)
+        packed = packed.to(self.runner.device)
+        N = S * (k + 1)
+        ids, positions, slots, ctx = packed[:N], packed[N : 2 * N], packed[2 * N : 3 * N], packed[3 * N :].view(S, T)
+        try:
+            out = self._call((S, T > self.runner.index_topk, k), ids, positions, slots, ctx)
+        except Exception as err:
+            self._fail(err)
+            return None
+        self.num_runs += 1
+        return out[:n].tolist()
 
     @torch.no_grad()
     def warm_up(self, batch_sizes: list[int]) -> int:
@@ -180,7 +223,12 @@ class CompiledSteps:
                 slots = torch.full((S,), self.scratch_slot, dtype=torch.long, device=device)
                 ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long, device=device)
                 try:
-                    self._call((S, T > topk), ids, ids.clone(), slots, ctx)
+                    self._call((S, T > topk, 0), ids, ids.clone(), slots, ctx)
+                    if self.k:  # the speculative cycle of this bucket, its rows on the scratch slot too
+                        N = S * (self.k + 1)
+                        ids = torch.zeros(N, dtype=torch.long, device=device)
+                        slots = torch.full((N,), self.scratch_slot, dtype=torch.long, device=device)
+                        self._call((S, T > topk, self.k), ids, ids.clone(), slots, ctx.clone())
                 except Exception as err:
                     self._fail(err)
         return len(self.ready)

@@ -30,7 +30,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context length; None: the model's max_position_embeddings
     num_speculative_tokens: int = 0  # MTP draft tokens per decode step (0: off)
     eos_token_ids: list[int] | None = None  # None: the model config's
-    cuda_graphs: bool | None = None  # None: on for CUDA without speculation; True on a CPU: static path uncaptured
+    cuda_graphs: bool | None = None  # None: on for CUDA; True on a CPU: the static path uncaptured
     cuda_graph_max_tokens: int = 1024  # steps of at most this many padded tokens replay a graph
     compile: bool = False  # CPU: decode steps compiled by inductor (glm5/engine/compiled.py); off: eager
     compile_mode: str = "max-autotune"  # inductor options of the compiled step ("max-autotune" or "default")

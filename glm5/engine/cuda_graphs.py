@@ -17,8 +17,9 @@ dozen tiny kernels. `StepGraphs` captures the runner's whole forward for a step'
 The captured forward is the runner's own with `StepInputs.static` set, its only differences being sync-free:
 the top-k's tie rule (`lowest_position_ties_static`) and the MoE (`glm5.model.experts.run_experts(..., static=True)`). Since the context is
 padded to its bucket, a step whose longest context is at most `index_topk` may take the sparse path, where all
-visible keys are selected: the same keys, the same softmax. Steps that feed MTP drafts (speculative decoding)
-run eagerly.
+visible keys are selected: the same keys, the same softmax. With MTP speculation a decode step is one whole
+speculative cycle (`glm5.engine.speculative.verify_and_draft`: verify the drafts, accept, draft the next ones)
+captured as one graph per (sequences, context) bucket; its tokens per sequence are k + 1.
 
 On a device without CUDA graphs (the CPU), `capture=False` runs exactly the same static forward eagerly:
 that is the fallback the tests compare with the ordinary eager engine, token for token. A capture that fails
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from glm5.engine.runner import ModelRunner, StepInputs
+from glm5.engine.speculative import verify_and_draft
 
 MIN_CONTEXT_BUCKET = 16
 
@@ -61,10 +63,11 @@ def context_bucket(length: int) -> int:
 
 
 def host_inputs(block_size: int, scratch: int, seqs, starts: list[int], counts: list[int], S: int, Q: int,
-                T: int) -> torch.Tensor:
+                T: int, tokens: list[list[int]] | None = None) -> torch.Tensor:
     """A static step's packed int64 inputs [3 S Q + S T] (ids | positions | slots | padded slot table; see the
     module docstring), built with numpy: per-token Python loops cost ~0.35 ms for a prefill of 8 x 128 tokens,
-    a good part of a step that the GPU runs in about a millisecond."""
+    a good part of a step that the GPU runs in about a millisecond. `tokens` overrides the ids fed (a sequence's
+    newest token and its drafts); by default they are the sequence's own."""
     bs = block_size
     n_seqs = len(seqs)
     start = np.asarray(starts, dtype=np.int64)[:, None]
@@ -80,7 +83,7 @@ def host_inputs(block_size: int, scratch: int, seqs, starts: list[int], counts: 
     slots = np.where(real, np.take_along_axis(tables, positions // bs, 1) * bs + positions % bs, scratch)
     ids = np.zeros((n_seqs, Q), dtype=np.int64)
     for i, (seq, a, n) in enumerate(zip(seqs, starts, counts)):
-        ids[i, :n] = seq.token_ids[a : a + n]
+        ids[i, :n] = seq.token_ids[a : a + n] if tokens is None else tokens[i]
     t = np.arange(T, dtype=np.int64)
     ctx = tables[:, t // bs] * bs + t % bs  # beyond a row's position: masked, any slot will do
     packed = np.empty(3 * S * Q + S * T, dtype=np.int64)
@@ -105,14 +108,16 @@ class _Entry:
 
 class StepGraphs:
     def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, capture: bool,
-                 max_tokens: int = 1024, max_prefill_graphs: int = 32) -> None:
+                 max_tokens: int = 1024, max_prefill_graphs: int = 32, num_speculative_tokens: int = 0) -> None:
         self.runner = runner
+        self.k = num_speculative_tokens  # drafts per sequence of the speculative cycles captured
         self.buckets = batch_buckets(max_batch)
         self.scratch_slot = scratch_slot
         self.capture_enabled = capture
         self.max_tokens = max_tokens
         self.max_prefill_graphs = max_prefill_graphs
         self.num_replays = 0
+        self.num_cycles = 0  # speculative cycles run (replayed or, uncaptured, run as they are)
         self.failed: str | None = None  # why capture failed (then every step runs eagerly)
         self.reset()
         runner.graphs = self
@@ -120,6 +125,7 @@ class StepGraphs:
     def reset(self) -> None:
         """Drop every graph (they read the runner's fused weights: after `refresh_weights`, stale)."""
         self.entries: dict[tuple[int, int, int], _Entry] = {}
+        self.cycles: dict[tuple[int, int], _Entry] = {}  # speculative cycles by (sequences, context)
         self.pool = None
 
     def shape(self, counts: list[int], contexts: list[int]) -> tuple[int, int, int] | None:
@@ -146,7 +152,39 @@ class StepGraphs:
             return True
         return sum(q > 1 for _, q, _ in self.entries) < self.max_prefill_graphs
 
+    def handles_speculative(self, batch) -> bool:
+        """A decode step in which every sequence verifies k drafts and none has a logits processor (the cycle
+        takes the plain greedy choice), a bucket for its sequences, and at most max_tokens padded tokens."""
+        return (self.failed is None and self.k > 0 and not batch.is_prefill
+                and all(d == self.k for d in batch.num_draft_tokens)
+                and not any(s.params.logits_processors for s in batch.seqs)
+                and self.shape([self.k + 1] * len(batch.seqs), [1]) is not None)
+
     # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def run_speculative(self, seqs) -> list[list[int]] | None:
+        """One speculative cycle (`glm5.engine.speculative.verify_and_draft`) replayed from its graph: feed each
+        sequence's newest token and its k drafts -> per sequence [k + 1 targets, drafts accepted, k next
+        drafts]; None when the capture failed just now (the caller runs the step eagerly)."""
+        n, k = len(seqs), self.k
+        starts = [s.num_computed_tokens for s in seqs]
+        S, Q = self.shape([k + 1] * n, [1])[0], k + 1  # exactly k + 1 rows a sequence (the cycle's layout)
+        T = context_bucket(max(starts) + 2 * k)  # the chained drafts reach k - 1 positions past the last draft
+        entry = self.cycles.get((S, T)) or self._build(S, Q, T, speculative=True)
+        if entry is None:
+            return None
+        tokens = [s.token_ids[a:] + s.draft_token_ids for s, a in zip(seqs, starts)]
+        self.num_cycles += 1
+        entry.packed.copy_(host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [Q] * n, S, Q, T,
+                                       tokens=tokens))
+        if entry.graph is not None:
+            entry.graph.replay()
+            self.num_replays += 1
+            out = entry.out
+        else:
+            out = entry.body()
+        return out[:n].tolist()
+
     @torch.no_grad()
     def run(self, seqs, counts: list[int] | None = None) -> tuple[StepInputs, torch.Tensor]:
         """Feed tokens [num_computed, num_computed + counts[i]) of each sequence (default: its newest one)
@@ -169,7 +207,7 @@ class StepGraphs:
 
     # ------------------------------------------------------------------ capture
     @torch.no_grad()
-    def _build(self, S: int, Q: int, T: int) -> _Entry | None:
+    def _build(self, S: int, Q: int, T: int, speculative: bool = False) -> _Entry | None:
         runner = self.runner
         device = runner.device
         N = S * Q
@@ -186,6 +224,9 @@ class StepGraphs:
         t = torch.arange(T, device=device).view(1, 1, T)
 
         def body() -> torch.Tensor:
+            if speculative:  # the cycle builds its own inputs from the same packed tensor
+                return verify_and_draft(runner, packed[:N], positions, packed[2 * N : 3 * N],
+                                        packed[3 * N :].view(S, T), Q - 1)
             inputs.visible = t <= positions.view(S, Q, 1)  # computed inside the graph from the positions
             inputs.rotation = None  # likewise the RoPE matrices (never a capture-time leftover)
             return runner.forward(inputs)
@@ -198,7 +239,10 @@ class StepGraphs:
                 self.failed = f"{type(err).__name__}: {err}"
                 warnings.warn(f"CUDA graph capture failed, running steps without graphs: {self.failed}", stacklevel=2)
                 return None
-        self.entries[entry.shape] = entry
+        if speculative:
+            self.cycles[(S, T)] = entry
+        else:
+            self.entries[entry.shape] = entry
         return entry
 
     def _capture(self, entry: _Entry) -> None:

@@ -103,14 +103,15 @@ class LLMEngine:
                                    num_speculative_tokens)
         self.runner = ModelRunner(model, self.cache, block_size)
         # steps of at most cuda_graph_max_tokens padded tokens replayed from captured CUDA graphs (see
-        # glm5/engine/cuda_graphs.py): on by default on CUDA without speculation (drafts feed steps eagerly);
+        # glm5/engine/cuda_graphs.py; with speculation, whole speculative cycles): on by default on CUDA;
         # True on another device runs the same static forward uncaptured
         on_cuda = param.device.type == "cuda"
         cuda_graphs = engine_config.cuda_graphs
         if cuda_graphs is None:
-            cuda_graphs = on_cuda and not num_speculative_tokens
+            cuda_graphs = on_cuda
         self.graphs = (StepGraphs(self.runner, engine_config.max_num_seqs, self.cache.scratch_slot, capture=on_cuda,
-                                  max_tokens=engine_config.cuda_graph_max_tokens) if cuda_graphs else None)
+                                  max_tokens=engine_config.cuda_graph_max_tokens,
+                                  num_speculative_tokens=num_speculative_tokens) if cuda_graphs else None)
         # on a CPU, decode steps compiled by inductor (glm5/engine/compiled.py); CUDA replays graphs instead
         self.compiled = None
         if engine_config.compile:
@@ -120,7 +121,7 @@ class LLMEngine:
             if self.graphs is not None:
                 raise ValueError("compile=True and cuda_graphs=True: choose one form of the static step")
             self.compiled = CompiledSteps(self.runner, engine_config.max_num_seqs, self.cache.scratch_slot,
-                                          engine_config.compile_mode)
+                                          engine_config.compile_mode, num_speculative_tokens)
         self.sampler = Sampler()
         self.drafter = MTPDrafter(self.runner, self.block_manager, num_speculative_tokens) if num_speculative_tokens else None
         eos_token_ids = engine_config.eos_token_ids
@@ -261,8 +262,17 @@ class LLMEngine:
             return []
         self.stats.steps += 1
         step_logits = None  # [rows, vocab] when the step computed them (a compiled decode step: row i, sequence i)
-        compiled = self.compiled.run(batch.seqs) if self.compiled is not None and self.compiled.handles(batch) else None
-        if compiled is not None:
+        cycle = None  # per sequence [targets, accepted, next drafts] when a compiled speculative cycle ran
+        compiled = None
+        if self.compiled is not None and self.compiled.handles_speculative(batch):
+            cycle = self.compiled.run_speculative(batch.seqs)
+        elif self.graphs is not None and self.graphs.handles_speculative(batch):
+            cycle = self.graphs.run_speculative(batch.seqs)
+        elif self.compiled is not None and self.compiled.handles(batch):
+            compiled = self.compiled.run(batch.seqs)
+        if cycle is not None:
+            inputs = hidden = None
+        elif compiled is not None:
             inputs, hidden, step_logits = compiled
         elif self.graphs is not None and self.graphs.handles(batch):
             inputs, hidden = self.graphs.run(batch.seqs, batch.num_new_tokens)
@@ -273,12 +283,11 @@ class LLMEngine:
         sample_seqs, rows, verify = [], [], []
         computed_before = [s.num_computed_tokens for s in batch.seqs]
         for i, (seq, n, k) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.num_draft_tokens)):
-            start = inputs.query_starts[i]
             if k:
-                verify.append((seq, list(range(start, start + n))))
+                verify.append((seq, None if cycle is not None else list(range(inputs.query_starts[i], inputs.query_starts[i] + n))))
             elif seq.num_computed_tokens + n == len(seq.token_ids):
                 sample_seqs.append(seq)
-                rows.append(start + n - 1)
+                rows.append(inputs.query_starts[i] + n - 1)
             if batch.is_prefill:
                 self.stats.prefill_tokens += n
         new_tokens: dict[int, list[int]] = {id(s): [] for s in batch.seqs}
@@ -297,7 +306,10 @@ class LLMEngine:
                     new_logprobs[id(seq)].append(logprob)
                 if not batch.is_prefill:
                     self.stats.decode_tokens += 1
-        if verify:  # one lm_head and one max over every verified row of the batch
+        targets = []  # per verifying sequence, the main model's greedy choice at [last token, drafts...]
+        if cycle is not None:
+            targets = [row[: len(seq.draft_token_ids) + 1] for seq, row in zip(batch.seqs, cycle)]
+        elif verify:  # one lm_head and one max over every verified row of the batch
             flat_rows = [r for _, seq_rows in verify for r in seq_rows]
             logits = self.runner.logits(hidden[torch.tensor(flat_rows, device=hidden.device)])
             row_seqs = [seq for seq, seq_rows in verify for _ in seq_rows]
@@ -305,12 +317,14 @@ class LLMEngine:
                 prefixes = [seq.output_token_ids + seq.draft_token_ids[:j]  # follows the output and j drafts
                             for seq, seq_rows in verify for j in range(len(seq_rows))]
                 logits = apply_processors(logits, row_seqs, prefixes)
-            targets = logits.max(-1).indices.tolist()
-        offset = 0
-        for seq, seq_rows in verify:
+            flat = logits.max(-1).indices.tolist()
+            offset = 0
+            for _, seq_rows in verify:
+                targets.append(flat[offset : offset + len(seq_rows)])
+                offset += len(seq_rows)
+        for (seq, _), seq_targets in zip(verify, targets):
             drafts = seq.draft_token_ids
-            accepted, tokens = accept_drafts(targets[offset : offset + len(seq_rows)], drafts)
-            offset += len(seq_rows)
+            accepted, tokens = accept_drafts(seq_targets, drafts)
             seq.draft_token_ids = []
             seq.num_computed_tokens += 1 + accepted  # the last token and the accepted drafts are now cached
             kept = 0
@@ -327,7 +341,11 @@ class LLMEngine:
             self.stats.verify_steps += 1
             self.stats.drafted += len(drafts)
             self.stats.accepted += kept_drafts
-        if self.drafter is not None:
+        if cycle is not None:  # the cycle drafted already: keep the drafts where the drafter would draft
+            for seq, row in zip(batch.seqs, cycle):
+                if self.drafter.may_draft(seq):
+                    seq.draft_token_ids = row[self.num_speculative_tokens + 2 :]
+        elif self.drafter is not None:
             self.drafter.after_step(batch, inputs, hidden, computed_before)
         outputs = []
         for seq in batch.seqs:

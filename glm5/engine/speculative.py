@@ -13,6 +13,11 @@ penalties or logprobs speculate; the others decode one token per step in the sam
 marked `stateless = True` (a pure function of the output ids and the logits, e.g. logit_bias) do not stop a
 sequence from speculating: they are applied to each draft and each verified row with the output extended by
 the drafts before it, so the accepted tokens are still exactly the processed greedy choices.
+
+That is the eager form: a verify forward, then an MTP forward and an lm_head per draft, each with its own inputs
+built on the host. `verify_and_draft` is the same cycle as one static forward (no host sync), which a compiled
+CPU step (glm5/engine/compiled.py) or a CUDA graph (glm5/engine/cuda_graphs.py) runs in one call when every
+sequence of a decode step verifies k drafts without logits processors; it takes the same drafts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from glm5.engine.block_manager import BlockManager
+from glm5.engine.runner import StepInputs
 from glm5.engine.sampler import apply_processors
 
 
@@ -50,6 +56,17 @@ class MTPDrafter:
         self.block_manager = block_manager
         self.k = num_speculative_tokens
 
+    def may_draft(self, seq) -> bool:
+        """Whether `seq` drafts for its next step: live, greedy without penalties, prompt complete, and room in the
+        cache for the drafts and the chained MTP positions after them (taken now: earlier drafters of the same
+        step use up free blocks)."""
+        need = len(seq.token_ids) + 2 * self.k
+        if (seq.finish_reason is None and can_speculate(seq) and seq.num_pending_tokens == 1
+                and self.block_manager.can_allocate(seq, need)):
+            self.block_manager.allocate(seq, need)
+            return True
+        return False
+
     @torch.no_grad()
     def after_step(self, batch, inputs, hidden: torch.Tensor, computed_before: list[int]) -> None:
         """Run the MTP layer over this step's computed positions; set `draft_token_ids` on the sequences."""
@@ -72,12 +89,7 @@ class MTPDrafter:
         mtp_inputs = self.runner.prepare(seqs, starts, counts, tokens)
         out = self.runner.forward_mtp(mtp_inputs, hidden[torch.tensor(rows, device=hidden.device)])
         # draft only for live greedy sequences whose last fed token is their newest (prompt complete)
-        drafting = []
-        for j, seq in enumerate(seqs):  # check and take the blocks together: earlier drafters use up free ones
-            if (seq.finish_reason is None and can_speculate(seq) and seq.num_pending_tokens == 1
-                    and self.block_manager.can_allocate(seq, len(seq.token_ids) + 2 * self.k)):
-                self.block_manager.allocate(seq, len(seq.token_ids) + 2 * self.k)
-                drafting.append((j, seq))
+        drafting = [(j, seq) for j, seq in enumerate(seqs) if self.may_draft(seq)]
         if not drafting:
             return
         last_rows = [mtp_inputs.query_starts[j] + counts[j] - 1 for j, _ in drafting]
@@ -97,3 +109,61 @@ class MTPDrafter:
             positions = [len(seq.token_ids) - 1 + depth for seq in chain]
             step_inputs = self.runner.prepare(chain, positions, [1] * len(chain), [[d] for d in drafts])
             h = self.runner.forward_mtp(step_inputs, h)
+
+
+def static_step_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, ctx_slots: torch.Tensor,
+                       index_topk: int) -> StepInputs:
+    """StepInputs of a static step in the padded layout: S sequences (ctx_slots [S, T]) of Q = N / S rows each,
+    row i * Q + j being sequence i's token j; the visibility mask is computed from the positions."""
+    S, T = ctx_slots.shape
+    Q = ids.shape[0] // S
+    rows = torch.arange(S * Q, device=ids.device)
+    visible = torch.arange(T, device=ids.device).view(1, 1, T) <= positions.view(S, Q, 1)
+    return StepInputs(
+        input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, Q), unpad_index=rows,
+        ctx_slots=ctx_slots, visible=visible, sparse=T > index_topk, query_starts=[i * Q for i in range(S)],
+        query_counts=[Q] * S, static=True,
+    )
+
+
+def verify_and_draft(runner, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     ctx_slots: torch.Tensor, k: int) -> torch.Tensor:
+    """One whole speculative cycle as a static forward (no host sync, no data-dependent shape): what a compiled
+    step or a CUDA graph runs in one call. Each of the S sequences feeds Q = k + 1 rows, [last token, k drafts],
+    in the padded layout (ctx_slots [S, T] must reach k - 1 positions past the last draft).
+
+        verify   the main model over the Q rows; its greedy choice at each row is the target
+        accept   a = the drafts that equal their targets, in order (the first mismatch stops it)
+        MTP      the MTP layer over the same Q rows, fed the targets as next tokens: for rows 0..a the target
+                 is the token that now follows (the accepted draft, then the bonus token), so those rows fill
+                 the MTP cache exactly as after a step without drafts; rows past a write cache rows that the
+                 next cycle overwrites before any query can see them
+        draft    row a's output drafts the token after the bonus; k - 1 chained MTP steps (positions p + a + 1
+                 onward, each fed the draft before it) make the rest
+
+    -> int64 [S, 2k + 2]: the targets [S, k + 1] | a [S, 1] | the next drafts [S, k]. The caller accepts
+    targets[:a] + [targets[a]] exactly as `accept_drafts` does, so greedy output is that of plain decoding."""
+    S, T = ctx_slots.shape
+    Q = k + 1
+    inputs = static_step_inputs(ids, positions, slots, ctx_slots, runner.index_topk)
+    hidden = runner.forward(inputs)  # [S * Q, H]
+    targets = runner.logits(hidden).argmax(-1)  # [S * Q]
+    grid = targets.view(S, Q)
+    accepted = (ids.view(S, Q)[:, 1:] == grid[:, :k]).long().cumprod(1).sum(1)  # [S]
+    mtp_inputs = static_step_inputs(targets, positions, slots, ctx_slots, runner.index_topk)
+    mtp_inputs.rotation = inputs.rotation  # same positions, same RoPE matrices
+    out = runner.forward_mtp(mtp_inputs, hidden).view(S, Q, -1)
+    seq_rows = torch.arange(S, device=ids.device)
+    h = out[seq_rows, accepted]  # [S, H]
+    position = positions.view(S, Q)[:, 0] + accepted  # of the bonus token's predecessor
+    drafts = []
+    for depth in range(k):
+        token = runner.logits(h).argmax(-1)  # [S]
+        drafts.append(token)
+        if depth + 1 == k:
+            break
+        position = position + 1
+        chain = static_step_inputs(token, position, ctx_slots.gather(1, position.view(S, 1)).view(S), ctx_slots,
+                                   runner.index_topk)
+        h = runner.forward_mtp(chain, h)
+    return torch.cat([grid, accepted.view(S, 1), torch.stack(drafts, 1)], 1)
