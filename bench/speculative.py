@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/speculative.py --model runs/demo/model      # a model trained by `make demo`
     .venv/bin/python bench/speculative.py                              # newest runs/*/model, else random nano
+    .venv/bin/python bench/speculative.py --compile --batch 1          # compiled CPU steps on both sides
 
 Greedy outputs with and without speculation are checked to be identical. Accept length = tokens produced
 per verifying step (1 + accepted drafts); 1.0 means no draft was ever right (expected on random weights).
 Prompts are chat prompts (with the checkpoint's tokenizer) so a trained model sees text like its training data.
-Writes bench/results/speculative.json.
+Each side is one engine, run once untimed (with --compile that compiles every step shape the prompts reach:
+minutes with max-autotune) and then --reps times with the prefix cache emptied before each.
+Writes bench/results/speculative.json (speculative-compiled.json with --compile).
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts decoded together")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (median time)")
     EngineConfig.add_arguments(parser, kv_cache_tokens=8192, threads=2)  # the engine's flags; k is set per row
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speculative.json"))
+    parser.add_argument("--out", default=None, help="results JSON (default: bench/results/speculative.json, "
+                        "speculative-compiled.json with --compile)")
     args = parser.parse_args()
+    name = "speculative-compiled.json" if args.compile else "speculative.json"
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", name)
     engine_config = EngineConfig.from_args(args)
     torch.set_num_threads(args.threads)
 
@@ -71,25 +77,34 @@ def main() -> int:
         return 1
     prompts_all = [tokenizer.encode(render_messages(m, enable_thinking=False), allow_special=True) for m in MESSAGES]
     params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
-    results = {"model": source, "new_tokens": args.new, "threads": args.threads, "rows": []}
+    results = {"model": source, "new_tokens": args.new, "threads": args.threads, "compiled": args.compile,
+               "compile_mode": args.compile_mode if args.compile else None, "rows": []}
+    engines = {}  # k -> one engine for every batch size (its compiled steps are kept)
 
     def timed(k: int, prompts):
-        times, engine, outs = [], None, None
+        engine = engines.get(k)
+        if engine is None:
+            engine = engines[k] = LLMEngine(model, engine_config.replace(num_speculative_tokens=k))
+        started = time.perf_counter()
+        engine.generate(prompts, params)  # untimed: first steps, and every compile these prompts need
+        warm_s = time.perf_counter() - started
+        times, outs = [], None
         for _ in range(args.reps):
-            engine = LLMEngine(model, engine_config.replace(num_speculative_tokens=k))
+            engine.block_manager.reset_prefix_cache()  # each repetition prefills its prompts again
+            engine.stats = type(engine.stats)()
             start = time.perf_counter()
             outs = engine.generate(prompts, params)
             times.append(time.perf_counter() - start)
-        return statistics.median(times), engine, [o.token_ids for o in outs]
+        return statistics.median(times), engine, [o.token_ids for o in outs], warm_s
 
     for batch in args.batch:
         prompts = [prompts_all[i % len(prompts_all)] for i in range(batch)]
-        timed(0, [p[:8] for p in prompts])  # warm-up
-        base_time, _, base_out = timed(0, prompts)
-        print(f"batch {batch}: plain greedy {batch * args.new / base_time:7.1f} tok/s")
+        base_time, _, base_out, warm_s = timed(0, prompts)
+        print(f"batch {batch}: plain greedy {batch * args.new / base_time:7.1f} tok/s (first run {warm_s:.0f} s)",
+              flush=True)
         for k in args.k:
-            spec_time, engine, spec_out = timed(k, prompts)
-            row = {"batch": batch, "k": k, "tok_s": batch * args.new / spec_time,
+            spec_time, engine, spec_out, warm_s = timed(k, prompts)
+            row = {"batch": batch, "k": k, "tok_s": batch * args.new / spec_time, "first_run_s": warm_s,
                    "baseline_tok_s": batch * args.new / base_time, "speedup": base_time / spec_time,
                    "mean_accept_length": engine.stats.mean_accept_length,
                    "draft_acceptance": engine.stats.accepted / max(1, engine.stats.drafted),

@@ -154,7 +154,8 @@ def build_server(args):
     if engine.compiled is not None:  # --compile: one sequence's decode steps now, larger batches on first use
         import time
 
-        print("glm5 serve: compiling the decode steps for one sequence (--compile; about a minute on 2 cores)",
+        what = "decode steps and speculative cycles" if engine.num_speculative_tokens else "decode steps"
+        print(f"glm5 serve: compiling the {what} for one sequence (--compile; a few minutes on 2 cores)",
               flush=True)
         started = time.perf_counter()
         engine.compiled.warm_up([1])
