@@ -8,7 +8,7 @@ Greedy outputs with and without speculation are checked to be identical. Accept 
 per verifying step (1 + accepted drafts); 1.0 means no draft was ever right (expected on random weights).
 Prompts are chat prompts (with the checkpoint's tokenizer) so a trained model sees text like its training data.
 Each side is one engine, run once untimed (with --compile that compiles every step shape the prompts reach:
-minutes with max-autotune) and then --reps times with the prefix cache emptied before each.
+minutes with max-autotune) and then --reps times, the sides taking turns, with the prefix cache emptied.
 Writes bench/results/speculative.json (speculative-compiled.json with --compile).
 """
 
@@ -43,9 +43,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: newest runs/*/model)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 3], help="draft tokens per step")
-    parser.add_argument("--new", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--new", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts decoded together")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (median time)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions, the sides alternating (medians)")
     EngineConfig.add_arguments(parser, kv_cache_tokens=8192, threads=2)  # the engine's flags; k is set per row
     parser.add_argument("--out", default=None, help="results JSON (default: bench/results/speculative.json, "
                         "speculative-compiled.json with --compile)")
@@ -79,36 +79,41 @@ def main() -> int:
     params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
     results = {"model": source, "new_tokens": args.new, "threads": args.threads, "compiled": args.compile,
                "compile_mode": args.compile_mode if args.compile else None, "rows": []}
-    engines = {}  # k -> one engine for every batch size (its compiled steps are kept)
+    engines = {k: LLMEngine(model, engine_config.replace(num_speculative_tokens=k)) for k in [0, *args.k]}
 
-    def timed(k: int, prompts):
-        engine = engines.get(k)
-        if engine is None:
-            engine = engines[k] = LLMEngine(model, engine_config.replace(num_speculative_tokens=k))
-        started = time.perf_counter()
-        engine.generate(prompts, params)  # untimed: first steps, and every compile these prompts need
-        warm_s = time.perf_counter() - started
-        times, outs = [], None
-        for _ in range(args.reps):
-            engine.block_manager.reset_prefix_cache()  # each repetition prefills its prompts again
-            engine.stats = type(engine.stats)()
-            start = time.perf_counter()
-            outs = engine.generate(prompts, params)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), engine, [o.token_ids for o in outs], warm_s
+    def run(k: int, prompts):
+        engine = engines[k]
+        engine.block_manager.reset_prefix_cache()  # each run prefills its prompts again
+        engine.stats = type(engine.stats)()
+        start = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        return time.perf_counter() - start, [o.token_ids for o in outs]
 
     for batch in args.batch:
         prompts = [prompts_all[i % len(prompts_all)] for i in range(batch)]
-        base_time, _, base_out, warm_s = timed(0, prompts)
-        print(f"batch {batch}: plain greedy {batch * args.new / base_time:7.1f} tok/s (first run {warm_s:.0f} s)",
+        first = {}
+        for k in engines:  # untimed: first steps, and every compile these prompts need
+            first[k] = run(k, prompts)[0]
+        # the sides alternate within each repetition, so a machine that slows down slows both (this one is
+        # shared: a side timed minutes after the other can be 30% off); speed-up = median of same-repetition ratios
+        times = {k: [] for k in engines}
+        outs = {}
+        for _ in range(args.reps):
+            for k in engines:
+                elapsed, outs[k] = run(k, prompts)
+                times[k].append(elapsed)
+        base_time = statistics.median(times[0])
+        print(f"batch {batch}: plain greedy {batch * args.new / base_time:7.1f} tok/s (first run {first[0]:.0f} s)",
               flush=True)
         for k in args.k:
-            spec_time, engine, spec_out, warm_s = timed(k, prompts)
-            row = {"batch": batch, "k": k, "tok_s": batch * args.new / spec_time, "first_run_s": warm_s,
-                   "baseline_tok_s": batch * args.new / base_time, "speedup": base_time / spec_time,
+            engine = engines[k]
+            spec_time = statistics.median(times[k])
+            row = {"batch": batch, "k": k, "tok_s": batch * args.new / spec_time, "first_run_s": first[k],
+                   "baseline_tok_s": batch * args.new / base_time,
+                   "speedup": statistics.median(b / t for b, t in zip(times[0], times[k])),
                    "mean_accept_length": engine.stats.mean_accept_length,
                    "draft_acceptance": engine.stats.accepted / max(1, engine.stats.drafted),
-                   "identical_to_greedy": spec_out == base_out}
+                   "identical_to_greedy": outs[k] == outs[0]}
             results["rows"].append(row)
             print(f"  k={k}: {row['tok_s']:7.1f} tok/s  speed-up {row['speedup']:.2f}x  accept length "
                   f"{row['mean_accept_length']:.2f}  drafts accepted {row['draft_acceptance']:.0%}  "
