@@ -42,7 +42,7 @@ import warnings
 import torch
 import torch._inductor.config as inductor_config
 
-from glm5.engine.cuda_graphs import batch_buckets, context_bucket, host_inputs
+from glm5.engine.cuda_graphs import batch_buckets, context_bucket, cycle_inputs, host_inputs
 from glm5.engine.runner import ModelRunner, StepInputs
 from glm5.engine.speculative import verify_and_draft
 
@@ -189,9 +189,7 @@ class CompiledSteps:
         failed (the caller runs the step eagerly)."""
         n, k = len(seqs), self.k
         S = self._bucket(n)
-        starts = [s.num_computed_tokens for s in seqs]
-        T = context_bucket(max(starts) + 2 * k)  # the chained drafts reach k - 1 positions past the last draft
-        tokens = [s.token_ids[a:] + s.draft_token_ids for s, a in zip(seqs, starts)]
+        starts, tokens, T = cycle_inputs(seqs, k)
         packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [k + 1] * n, S, k + 1, T,
                              tokens=tokens)
         packed = packed.to(self.runner.device)

@@ -62,6 +62,14 @@ def context_bucket(length: int) -> int:
     return max(MIN_CONTEXT_BUCKET, pow2_bucket(length))
 
 
+def cycle_inputs(seqs, k: int) -> tuple[list[int], list[list[int]], int]:
+    """What a speculative cycle feeds each sequence: (first positions, [newest token, k drafts], the context
+    bucket, which reaches the k - 1 chained drafts past the last draft)."""
+    starts = [s.num_computed_tokens for s in seqs]
+    tokens = [s.token_ids[a:] + s.draft_token_ids for s, a in zip(seqs, starts)]
+    return starts, tokens, context_bucket(max(starts) + 2 * k)
+
+
 def host_inputs(block_size: int, scratch: int, seqs, starts: list[int], counts: list[int], S: int, Q: int,
                 T: int, tokens: list[list[int]] | None = None) -> torch.Tensor:
     """A static step's packed int64 inputs [3 S Q + S T] (ids | positions | slots | padded slot table; see the
@@ -166,24 +174,24 @@ class StepGraphs:
         """One speculative cycle (`glm5.engine.speculative.verify_and_draft`) replayed from its graph: feed each
         sequence's newest token and its k drafts -> per sequence [k + 1 targets, drafts accepted, k next
         drafts]; None when the capture failed just now (the caller runs the step eagerly)."""
-        n, k = len(seqs), self.k
-        starts = [s.num_computed_tokens for s in seqs]
-        S, Q = self.shape([k + 1] * n, [1])[0], k + 1  # exactly k + 1 rows a sequence (the cycle's layout)
-        T = context_bucket(max(starts) + 2 * k)  # the chained drafts reach k - 1 positions past the last draft
+        n, Q = len(seqs), self.k + 1  # exactly k + 1 rows a sequence (the cycle's layout)
+        starts, tokens, T = cycle_inputs(seqs, self.k)
+        S = self.shape([Q] * n, [1])[0]
         entry = self.cycles.get((S, T)) or self._build(S, Q, T, speculative=True)
         if entry is None:
             return None
-        tokens = [s.token_ids[a:] + s.draft_token_ids for s, a in zip(seqs, starts)]
         self.num_cycles += 1
-        entry.packed.copy_(host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [Q] * n, S, Q, T,
-                                       tokens=tokens))
-        if entry.graph is not None:
-            entry.graph.replay()
-            self.num_replays += 1
-            out = entry.out
-        else:
-            out = entry.body()
-        return out[:n].tolist()
+        packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [Q] * n, S, Q, T, tokens=tokens)
+        return self._replay(entry, packed)[:n].tolist()
+
+    def _replay(self, entry: _Entry, packed: torch.Tensor) -> torch.Tensor:
+        """Copy a step's packed inputs in and replay its graph (or, uncaptured, run its body) -> its output."""
+        entry.packed.copy_(packed)
+        if entry.graph is None:
+            return entry.body()
+        entry.graph.replay()
+        self.num_replays += 1
+        return entry.out
 
     @torch.no_grad()
     def run(self, seqs, counts: list[int] | None = None) -> tuple[StepInputs, torch.Tensor]:
@@ -196,14 +204,8 @@ class StepGraphs:
         if entry is None:  # no graph fits this step, or capture failed just now: it runs eagerly
             inputs = self.runner.prepare(seqs, starts, counts)
             return inputs, self.runner.forward(inputs)
-        entry.packed.copy_(host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, counts, *shape))
-        if entry.graph is not None:
-            entry.graph.replay()
-            self.num_replays += 1
-            out = entry.out
-        else:
-            out = entry.body()
-        return entry.inputs, out
+        packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, counts, *shape)
+        return entry.inputs, self._replay(entry, packed)
 
     # ------------------------------------------------------------------ capture
     @torch.no_grad()
