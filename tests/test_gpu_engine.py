@@ -1,9 +1,9 @@
-"""The engine on CUDA: the same greedy tokens as on the CPU, with and without MTP speculation, and sampling
-that runs. Skipped without CUDA (conftest)."""
+"""The engine on CUDA: the same greedy tokens as on the CPU, with and without MTP speculation (its cycles
+captured as CUDA graphs), and sampling that runs. Skipped without CUDA (conftest)."""
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import drafting_model, randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
@@ -25,6 +25,21 @@ def test_cuda_engine_greedy_equals_the_cpu_engine():
     assert gpu == cpu
     spec = LLM(_model().cuda(), num_speculative_tokens=2).generate(prompts, greedy)
     assert [c.token_ids for c in spec] == cpu
+
+
+def test_speculative_cycles_are_captured_and_take_the_eager_drafters_drafts():
+    model = drafting_model()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 17, 40)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    cpu = LLM(model, num_speculative_tokens=2)
+    want = [c.token_ids for c in cpu.generate(prompts, greedy)]
+    llm = LLM(drafting_model().cuda(), num_speculative_tokens=2)  # CUDA graphs on by default, cycles included
+    assert [c.token_ids for c in llm.generate(prompts, greedy)] == want
+    graphs = llm.graphs
+    assert graphs.failed is None and graphs.cycles and all(e.graph is not None for e in graphs.cycles.values())
+    assert graphs.num_cycles == llm.stats.steps - 1 and graphs.num_replays >= graphs.num_cycles
+    assert (llm.stats.drafted, llm.stats.accepted) == (cpu.stats.drafted, cpu.stats.accepted)
 
 
 def test_cuda_engine_samples_with_a_seed():
