@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import greedy_difference, randomize_, tiny_config
 
 from glm5 import GLM5ForCausalLM
 from glm5.engine import LLM, SamplingParams
@@ -25,13 +25,30 @@ def greedy(n):
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
-def test_drafting_under_cache_pressure_does_not_crash_a_step():
+@pytest.mark.parametrize("cycles", [False, True], ids=["eager", "static-cycle"])
+def test_drafting_under_cache_pressure_does_not_crash_a_step(cycles):
     model = make_model()
     batch = prompts((6, 6), seed=1)
     plain = [c.token_ids for c in LLM(model, block_size=4).generate(batch, greedy(4))]
     # 5 blocks of 4: both sequences can each take one more block for their drafts, but not both at once
-    llm = LLM(model, block_size=4, kv_cache_tokens=20, num_speculative_tokens=1)
-    assert [c.token_ids for c in llm.generate(batch, greedy(4))] == plain
+    # (cycles: the speculative cycle in its static form, the one compiled steps and CUDA graphs run)
+    llm = LLM(model, block_size=4, kv_cache_tokens=20, num_speculative_tokens=1, cuda_graphs=cycles)
+    for prompt, c, want in zip(batch, llm.generate(batch, greedy(4)), plain):
+        # (the static form pads its batch: other matmul shapes, so a near tie may round the other way)
+        assert (differ := greedy_difference(model, prompt, c.token_ids, want)) is None, differ
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_speculative_cycles_through_preemption_give_the_plain_tokens():
+    # 12 blocks of 4 for 4 x (5 + 30) tokens and the drafts' room: sequences are preempted and recomputed while
+    # the others go on in speculative cycles; a recomputed sequence drafts again after its prefill
+    batch = prompts((5, 5, 5, 5), seed=3)
+    model = make_model()
+    plain = [c.token_ids for c in LLM(model, block_size=4).generate(batch, greedy(30))]
+    llm = LLM(model, block_size=4, kv_cache_tokens=48, num_speculative_tokens=2, cuda_graphs=True)
+    for prompt, c, want in zip(batch, llm.generate(batch, greedy(30)), plain):
+        assert (differ := greedy_difference(model, prompt, c.token_ids, want)) is None, differ
+    assert llm.stats.preemptions > 0 and llm.graphs.num_cycles > 0
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
