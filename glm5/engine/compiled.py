@@ -42,9 +42,9 @@ import warnings
 import torch
 import torch._inductor.config as inductor_config
 
-from glm5.engine.cuda_graphs import batch_buckets, context_bucket, cycle_inputs, host_inputs
-from glm5.engine.runner import ModelRunner, StepInputs
-from glm5.engine.speculative import verify_and_draft
+from glm5.engine.cuda_graphs import batch_buckets, context_bucket, cycle_inputs, host_inputs, unpack
+from glm5.engine.runner import ModelRunner, StepInputs, static_step_inputs
+from glm5.engine.speculative import cycle_batch, verify_and_draft
 
 # inductor's options for the compiled step (see the module docstring); "default" compiles without autotuning
 # (faster to build, slower to run: the tests use it)
@@ -57,25 +57,10 @@ MODES = {
 }
 
 
-def decode_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, ctx_slots: torch.Tensor,
-                  index_topk: int, visible: torch.Tensor | None, num_seqs: int) -> StepInputs:
-    """A decode step's StepInputs in the padded layout: row i is sequence i's one new token (of num_seqs real
-    sequences; the rest of the S rows are padding)."""
-    S, T = ctx_slots.shape
-    rows = torch.arange(S, device=ids.device)
-    return StepInputs(
-        input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, 1), unpad_index=rows,
-        ctx_slots=ctx_slots, visible=visible, sparse=T > index_topk, query_starts=list(range(num_seqs)),
-        query_counts=[1] * num_seqs, static=True,
-    )
-
-
 def decode_step(runner: ModelRunner, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 ctx_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The static forward of one decode step (one new token per sequence) -> (hidden [S, H], logits [S, V])."""
-    S, T = ctx_slots.shape
-    visible = torch.arange(T, device=ids.device).view(1, 1, T) <= positions.view(S, 1, 1)
-    hidden = runner.forward(decode_inputs(ids, positions, slots, ctx_slots, runner.index_topk, visible, S))
+    hidden = runner.forward(static_step_inputs(ids, positions, slots, ctx_slots, runner.index_topk))
     return hidden, runner.logits(hidden)
 
 
@@ -109,9 +94,7 @@ class CompiledSteps:
     def handles_speculative(self, batch) -> bool:
         """A decode step in which every sequence verifies k drafts and none has a logits processor (the compiled
         cycle takes the plain greedy choice; processed rows run eagerly), at most the last bucket's sequences."""
-        return (self.failed is None and self.k > 0 and not batch.is_prefill and len(batch.seqs) <= self.buckets[-1]
-                and all(d == self.k for d in batch.num_draft_tokens)
-                and not any(s.params.logits_processors for s in batch.seqs))
+        return self.failed is None and cycle_batch(batch, self.k) and len(batch.seqs) <= self.buckets[-1]
 
     def _bucket(self, n: int) -> int | None:
         """The batch bucket of n sequences (None: more than the last)."""
@@ -171,8 +154,7 @@ class CompiledSteps:
         starts = [s.num_computed_tokens for s in seqs]
         T = context_bucket(max(starts) + 1)
         packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [1] * n, S, 1, T)
-        packed = packed.to(self.runner.device)
-        ids, positions, slots, ctx = packed[:S], packed[S : 2 * S], packed[2 * S : 3 * S], packed[3 * S :].view(S, T)
+        ids, positions, slots, ctx = unpack(packed.to(self.runner.device), S, 1, T)
         sparse = T > self.runner.index_topk
         try:
             hidden, logits = self._call((S, sparse, 0), ids, positions, slots, ctx)
@@ -180,7 +162,7 @@ class CompiledSteps:
             self._fail(err)
             return None
         self.num_runs += 1
-        return decode_inputs(ids, positions, slots, ctx, self.runner.index_topk, None, n), hidden, logits
+        return static_step_inputs(ids, positions, slots, ctx, self.runner.index_topk), hidden, logits
 
     @torch.no_grad()
     def run_speculative(self, seqs) -> list[list[int]] | None:
@@ -192,9 +174,7 @@ class CompiledSteps:
         starts, tokens, T = cycle_inputs(seqs, k)
         packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [k + 1] * n, S, k + 1, T,
                              tokens=tokens)
-        packed = packed.to(self.runner.device)
-        N = S * (k + 1)
-        ids, positions, slots, ctx = packed[:N], packed[N : 2 * N], packed[2 * N : 3 * N], packed[3 * N :].view(S, T)
+        ids, positions, slots, ctx = unpack(packed.to(self.runner.device), S, k + 1, T)
         try:
             out = self._call((S, T > self.runner.index_topk, k), ids, positions, slots, ctx)
         except Exception as err:
@@ -217,16 +197,15 @@ class CompiledSteps:
             for T in sorted({context_bucket(topk), context_bucket(topk + 1)}):
                 if self.failed is not None:
                     return len(self.ready)
-                ids = torch.zeros(S, dtype=torch.long, device=device)
-                slots = torch.full((S,), self.scratch_slot, dtype=torch.long, device=device)
-                ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long, device=device)
-                try:
-                    self._call((S, T > topk, 0), ids, ids.clone(), slots, ctx)
-                    if self.k:  # the speculative cycle of this bucket, its rows on the scratch slot too
-                        N = S * (self.k + 1)
-                        ids = torch.zeros(N, dtype=torch.long, device=device)
-                        slots = torch.full((N,), self.scratch_slot, dtype=torch.long, device=device)
-                        self._call((S, T > topk, self.k), ids, ids.clone(), slots, ctx.clone())
-                except Exception as err:
-                    self._fail(err)
+                # the decode step, and with speculation the cycle of this bucket (k + 1 rows a sequence)
+                for k in sorted({0, self.k}):
+                    N = S * (k + 1)
+                    ids = torch.zeros(N, dtype=torch.long, device=device)
+                    slots = torch.full((N,), self.scratch_slot, dtype=torch.long, device=device)
+                    ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long, device=device)
+                    try:
+                        self._call((S, T > topk, k), ids, ids.clone(), slots, ctx)
+                    except Exception as err:
+                        self._fail(err)
+                        break
         return len(self.ready)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glm5.engine.runner import ModelRunner, StepInputs
-from glm5.engine.speculative import verify_and_draft
+from glm5.engine.runner import ModelRunner, StepInputs, static_step_inputs
+from glm5.engine.speculative import cycle_batch, verify_and_draft
 
 MIN_CONTEXT_BUCKET = 16
 
@@ -104,6 +104,12 @@ def host_inputs(block_size: int, scratch: int, seqs, starts: list[int], counts: 
     return torch.from_numpy(packed)
 
 
+def unpack(packed: torch.Tensor, S: int, Q: int, T: int) -> tuple[torch.Tensor, ...]:
+    """`host_inputs`' packed tensor -> views (ids [N], positions [N], slots [N], slot table [S, T]), N = S Q."""
+    N = S * Q
+    return packed[:N], packed[N : 2 * N], packed[2 * N : 3 * N], packed[3 * N :].view(S, T)
+
+
 @dataclass
 class _Entry:
     shape: tuple[int, int, int]  # (sequences, tokens per sequence, context)
@@ -163,9 +169,7 @@ class StepGraphs:
     def handles_speculative(self, batch) -> bool:
         """A decode step in which every sequence verifies k drafts and none has a logits processor (the cycle
         takes the plain greedy choice), a bucket for its sequences, and at most max_tokens padded tokens."""
-        return (self.failed is None and self.k > 0 and not batch.is_prefill
-                and all(d == self.k for d in batch.num_draft_tokens)
-                and not any(s.params.logits_processors for s in batch.seqs)
+        return (self.failed is None and cycle_batch(batch, self.k)
                 and self.shape([self.k + 1] * len(batch.seqs), [1]) is not None)
 
     # ------------------------------------------------------------------ one step
@@ -216,19 +220,13 @@ class StepGraphs:
         packed = torch.zeros(3 * N + S * T, dtype=torch.long, device=device)
         # a valid step to warm up and capture on: every row writes and reads the scratch slot
         packed[2 * N :] = self.scratch_slot
-        rows = torch.arange(N, device=device)
-        positions = packed[N : 2 * N]
-        inputs = StepInputs(
-            input_ids=packed[:N], positions=positions, slot_mapping=packed[2 * N : 3 * N],
-            pad_index=rows.view(S, Q), unpad_index=rows, ctx_slots=packed[3 * N :].view(S, T), visible=None,
-            sparse=T > runner.index_topk, query_starts=[i * Q for i in range(S)], query_counts=[Q] * S, static=True,
-        )
+        ids, positions, slots, ctx = unpack(packed, S, Q, T)
+        inputs = static_step_inputs(ids, positions, slots, ctx, runner.index_topk)
         t = torch.arange(T, device=device).view(1, 1, T)
 
         def body() -> torch.Tensor:
-            if speculative:  # the cycle builds its own inputs from the same packed tensor
-                return verify_and_draft(runner, packed[:N], positions, packed[2 * N : 3 * N],
-                                        packed[3 * N :].view(S, T), Q - 1)
+            if speculative:  # the cycle builds its own inputs from the same packed views
+                return verify_and_draft(runner, ids, positions, slots, ctx, Q - 1)
             inputs.visible = t <= positions.view(S, Q, 1)  # computed inside the graph from the positions
             inputs.rotation = None  # likewise the RoPE matrices (never a capture-time leftover)
             return runner.forward(inputs)

@@ -58,6 +58,22 @@ class StepInputs:
     static: bool = False
 
 
+def static_step_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, ctx_slots: torch.Tensor,
+                       index_topk: int) -> StepInputs:
+    """StepInputs of a static step (compiled steps, CUDA graphs, speculative cycles) in the padded layout: S
+    sequences (ctx_slots [S, T]) of Q = N / S rows each, row i * Q + j being sequence i's token j (padding rows
+    included); the visibility mask is computed from the positions."""
+    S, T = ctx_slots.shape
+    Q = ids.shape[0] // S
+    rows = torch.arange(S * Q, device=ids.device)
+    visible = torch.arange(T, device=ids.device).view(1, 1, T) <= positions.view(S, Q, 1)
+    return StepInputs(
+        input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, Q), unpad_index=rows,
+        ctx_slots=ctx_slots, visible=visible, sparse=T > index_topk, query_starts=[i * Q for i in range(S)],
+        query_counts=[Q] * S, static=True,
+    )
+
+
 class ModelRunner:
     def __init__(self, model: GLM5ForCausalLM, cache: LatentKVCache, block_size: int) -> None:
         self.model = model

@@ -22,10 +22,12 @@ sequence of a decode step verifies k drafts without logits processors; it takes 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from glm5.engine.block_manager import BlockManager
-from glm5.engine.runner import StepInputs
+from glm5.engine.runner import static_step_inputs
 from glm5.engine.sampler import apply_processors
 
 
@@ -42,6 +44,13 @@ def accept_drafts(targets: list[int], drafts: list[int]) -> tuple[int, list[int]
     while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
         accepted += 1
     return accepted, drafts[:accepted] + [targets[accepted]]
+
+
+def cycle_batch(batch, k: int) -> bool:
+    """A decode step that one `verify_and_draft` call can run: every sequence verifies k drafts and none has a
+    logits processor (the cycle takes the plain greedy choice; processed rows are verified eagerly)."""
+    return (k > 0 and not batch.is_prefill and all(d == k for d in batch.num_draft_tokens)
+            and not any(s.params.logits_processors for s in batch.seqs))
 
 
 def can_speculate(seq) -> bool:
@@ -111,21 +120,6 @@ class MTPDrafter:
             h = self.runner.forward_mtp(step_inputs, h)
 
 
-def static_step_inputs(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, ctx_slots: torch.Tensor,
-                       index_topk: int) -> StepInputs:
-    """StepInputs of a static step in the padded layout: S sequences (ctx_slots [S, T]) of Q = N / S rows each,
-    row i * Q + j being sequence i's token j; the visibility mask is computed from the positions."""
-    S, T = ctx_slots.shape
-    Q = ids.shape[0] // S
-    rows = torch.arange(S * Q, device=ids.device)
-    visible = torch.arange(T, device=ids.device).view(1, 1, T) <= positions.view(S, Q, 1)
-    return StepInputs(
-        input_ids=ids, positions=positions, slot_mapping=slots, pad_index=rows.view(S, Q), unpad_index=rows,
-        ctx_slots=ctx_slots, visible=visible, sparse=T > index_topk, query_starts=[i * Q for i in range(S)],
-        query_counts=[Q] * S, static=True,
-    )
-
-
 def verify_and_draft(runner, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      ctx_slots: torch.Tensor, k: int) -> torch.Tensor:
     """One whole speculative cycle as a static forward (no host sync, no data-dependent shape): what a compiled
@@ -150,8 +144,7 @@ def verify_and_draft(runner, ids: torch.Tensor, positions: torch.Tensor, slots: 
     targets = runner.logits(hidden).argmax(-1)  # [S * Q]
     grid = targets.view(S, Q)
     accepted = (ids.view(S, Q)[:, 1:] == grid[:, :k]).long().cumprod(1).sum(1)  # [S]
-    mtp_inputs = static_step_inputs(targets, positions, slots, ctx_slots, runner.index_topk)
-    mtp_inputs.rotation = inputs.rotation  # same positions, same RoPE matrices
+    mtp_inputs = dataclasses.replace(inputs, input_ids=targets)  # same rows: same mask and RoPE matrices
     out = runner.forward_mtp(mtp_inputs, hidden).view(S, Q, -1)
     seq_rows = torch.arange(S, device=ids.device)
     h = out[seq_rows, accepted]  # [S, H]
