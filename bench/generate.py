@@ -36,7 +36,11 @@ router have near-ties that fp32 summation orders break either way (dev/LOG.md, G
   e2e_tok_s       all new tokens / total time (new tokens/s end to end)
 and the ratios glm5 / transformers (speedup_decode, speedup_e2e, ttft_ratio; speedup_decode_compiled and
 speedup_e2e_compiled for glm5_compiled) and glm5 / llama.cpp
-(speedup_decode_vs_llamacpp, speedup_e2e_vs_llamacpp, ttft_ratio_vs_llamacpp). Writes bench/results/generate.json.
+(speedup_decode_vs_llamacpp, speedup_e2e_vs_llamacpp, ttft_ratio_vs_llamacpp): ratios of the sides' medians.
+The `_paired` decode ratios (speedup_decode_paired, speedup_decode_compiled_paired,
+speedup_decode_compiled_vs_llamacpp_paired) are the median over repetitions of each repetition's own ratio,
+the two sides timed seconds apart: on a shared machine whose speed drifts over minutes, the steadier figure.
+Writes bench/results/generate.json.
 """
 
 from __future__ import annotations
@@ -95,7 +99,10 @@ def run_transformers(twin, prompts: torch.Tensor, new: int) -> tuple[float, floa
     clock = _TokenClock(prompts.device)
     _sync(prompts.device)
     t = time.perf_counter()
-    out = twin.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, streamer=clock)
+    # the prompts are unpadded: an explicit all-ones mask, else generate infers one from pad_token_id and masks out
+    # every prompt token that happens to be id 0 (random prompts draw it: transformers then continues another text)
+    out = twin.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, pad_token_id=0, streamer=clock)
     _sync(prompts.device)
     total = time.perf_counter() - t
     assert out.shape[1] == prompts.shape[1] + new and len(clock.stamps) == new, (out.shape, len(clock.stamps))
@@ -280,6 +287,12 @@ def main() -> int:
             decode = statistics.median(batch * (args.new - 1) / max(r[1] - r[0], 1e-9) for r in runs)
             return {"ttft_s": ttft, "decode_tok_s": decode, "e2e_tok_s": batch * args.new / total, "total_s": total}
 
+        def decode_rates(runs, batch=batch):
+            return [batch * (args.new - 1) / max(r[1] - r[0], 1e-9) for r in runs]
+
+        def paired(name, other, times=times):  # median over repetitions of the two sides' decode rates, timed seconds apart
+            return statistics.median(a / b for a, b in zip(decode_rates(times[name]), decode_rates(times[other])))
+
         print("  runs (ttft, total):", {name: [tuple(round(x, 4) for x in r) for r in runs] for name, runs in times.items()})
         row = {name: summary(runs) for name, runs in times.items()}
         if llama is not None:
@@ -304,9 +317,11 @@ def main() -> int:
             row["compiled_differences"] = [d[:300] for d in compiled_differences[:4]]
             row["speedup_decode_compiled"] = row["glm5_compiled"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
             row["speedup_e2e_compiled"] = row["glm5_compiled"]["e2e_tok_s"] / row["transformers"]["e2e_tok_s"]
+            row["speedup_decode_compiled_paired"] = paired("glm5_compiled", "transformers")
             if llama is not None:
                 row["speedup_decode_compiled_vs_llamacpp"] = (row["glm5_compiled"]["decode_tok_s"]
                                                               / row["llamacpp"]["decode_tok_s"])
+                row["speedup_decode_compiled_vs_llamacpp_paired"] = paired("glm5_compiled", "llamacpp")
         if capture_s is not None:
             graphs = engines["glm5"].graphs
             row["graph_capture_s"] = capture_s
@@ -317,6 +332,7 @@ def main() -> int:
         if "glm5_eager" in row:
             row["speedup_decode_eager"] = row["glm5_eager"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
         row["speedup_decode"] = row["glm5"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
+        row["speedup_decode_paired"] = paired("glm5", "transformers")
         row["speedup_e2e"] = row["glm5"]["e2e_tok_s"] / row["transformers"]["e2e_tok_s"]
         row["ttft_ratio"] = row["transformers"]["ttft_s"] / row["glm5"]["ttft_s"]
         results["runs"][f"batch{batch}"] = row
@@ -336,7 +352,8 @@ def main() -> int:
         if "glm5_compiled" in row:
             gc = row["glm5_compiled"]
             print(f"         glm5 compiled decode steps: decode tok/s {gc['decode_tok_s']:8.1f} "
-                  f"({row['speedup_decode_compiled']:.2f}x transformers"
+                  f"({row['speedup_decode_compiled']:.2f}x transformers, paired by repetition "
+                  f"{row['speedup_decode_compiled_paired']:.2f}x"
                   + (f", {row['speedup_decode_compiled_vs_llamacpp']:.2f}x llama.cpp" if llama is not None else "")
                   + f")   e2e {gc['e2e_tok_s']:.1f} ({row['speedup_e2e_compiled']:.2f}x)   "
                   f"{row['compiled_steps']} compiled steps" + (f"; FAILED: {row['compile_failure']}"

@@ -53,8 +53,9 @@ def test_greedy_matches_transformers_generate_per_prompt(model_and_twin, cuda_gr
     prompts = _prompts()
     ours = LLM(model, block_size=4, max_num_batched_tokens=32, cuda_graphs=cuda_graphs).generate(prompts, _greedy())
     for prompt, completion in zip(prompts, ours):
-        out = twin.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                            do_sample=False, pad_token_id=0)
+        ids = torch.tensor([prompt])  # an explicit mask: inferred from pad_token_id, it would drop any prompt id 0
+        out = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         expected = out[0, len(prompt):].tolist()
         differ = greedy_difference(model, prompt, completion.token_ids, expected)
         assert differ is None, f"prompt of {len(prompt)} tokens: {differ}"
