@@ -3,6 +3,7 @@
     .venv/bin/python bench/speculative.py --model runs/demo/model      # a model trained by `make demo`
     .venv/bin/python bench/speculative.py                              # newest runs/*/model, else random nano
     .venv/bin/python bench/speculative.py --compile --batch 1          # compiled CPU steps on both sides
+    python bench/speculative.py --device cuda --model runs/demo/model  # on a GPU: cycles captured in CUDA graphs
 
 Greedy outputs with and without speculation are checked to be identical. Accept length = tokens produced
 per verifying step (1 + accepted drafts); 1.0 means no draft was ever right (expected on random weights).
@@ -71,13 +72,16 @@ def main() -> int:
         model = GLM5ForCausalLM(GLM5Config.from_preset("nano")).eval()
         tokenizer = default_tokenizer()
         source = "random nano (no trained model found: accept length will be ~1)"
-    print(f"model: {source}")
+    # the engine runs where the model's weights are: --device / --dtype place them (default: the CPU, as saved)
+    model = model.to(device=engine_config.device or "cpu", dtype=engine_config.torch_dtype())
+    print(f"model: {source} on {engine_config.device or 'cpu'}")
     if not len(model.mtp):
         print("this checkpoint has no MTP layer: nothing to measure")
         return 1
     prompts_all = [tokenizer.encode(render_messages(m, enable_thinking=False), allow_special=True) for m in MESSAGES]
     params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
-    results = {"model": source, "new_tokens": args.new, "threads": args.threads, "compiled": args.compile,
+    results = {"model": source, "device": engine_config.device or "cpu", "dtype": str(next(model.parameters()).dtype),
+               "new_tokens": args.new, "threads": args.threads, "compiled": args.compile,
                "compile_mode": args.compile_mode if args.compile else None, "rows": []}
     engines = {k: LLMEngine(model, engine_config.replace(num_speculative_tokens=k)) for k in [0, *args.k]}
 
