@@ -156,8 +156,6 @@ def run_one(impl: str, seq: int, repeats: int, threads: int, device: str, logits
 def merge_rounds(results: list[dict]) -> dict:
     """One side's rounds at one length -> one row: the median of the rounds' medians, the largest peak, every
     timed pass (the first round's logits check kept)."""
-    if len(results) == 1:
-        return {**results[0], "round_medians_s": [results[0]["median_s"]]}
     row = dict(results[0])
     medians = [r["median_s"] for r in results]
     row.update(times_s=[t for r in results for t in r["times_s"]], median_s=statistics.median(medians),

@@ -111,11 +111,26 @@ def run_transformers(twin, prompts: torch.Tensor, new: int) -> tuple[float, floa
     return clock.stamps[0] - t, total, out[:, prompts.shape[1]:].tolist()
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The first new token at which two continuations differ (the shorter's length when one extends the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def differing_sequences(model, prompts: torch.Tensor, ours: list[list[int]], reference: list[list[int]]):
+    """(sequence, first difference, None at a near tie of the final logits else why not) for each sequence whose
+    tokens differ from the reference's: `greedy_difference`, the parity tests' rule (untimed)."""
+    from conftest import greedy_difference
+
+    for seq, (a, b) in enumerate(zip(ours, reference)):
+        if a != b:
+            yield seq, first_difference(a, b), greedy_difference(model, prompts[seq].tolist(), a, b)
+
+
 def same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> str | None:
     """None when both sides produced the same tokens, else where they first differ."""
     for row, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
-            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            at = first_difference(a, b)
             return f"sequence {row}: first difference at new token {at} (glm5 {a[at:at + 4]}, transformers {b[at:at + 4]})"
     return None if len(ours) == len(theirs) else f"{len(ours)} vs {len(theirs)} sequences"
 
@@ -165,7 +180,7 @@ def main() -> int:
                         help="on a CPU, leave out the engine with compiled decode steps (glm5_compiled)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "generate.json"))
     args = parser.parse_args()
-    from conftest import greedy_difference, transformers_twin  # (sets 2 threads on import: set ours after it)
+    from conftest import transformers_twin  # (sets 2 threads on import: set ours after it)
 
     engine_config = EngineConfig.from_args(args)
     torch.set_num_threads(args.threads)
@@ -262,23 +277,18 @@ def main() -> int:
                     # the compiled step sums in inductor's order: where its tokens part from transformers', the
                     # reference forward's logit gap there says whether the final logits were a near tie, or a
                     # discrete choice before them (a router's or DSA's top-k) was (untimed; recorded)
-                    for seq, (a, b) in enumerate(zip(tokens, reference)):
-                        if a != b:
-                            problem = greedy_difference(model, prompts[seq].tolist(), a, b)
-                            compiled_differences.append(f"sequence {seq}: " + (problem or "a near tie of the final logits"))
+                    for seq, _, problem in differing_sequences(model, prompts, tokens, reference):
+                        compiled_differences.append(f"sequence {seq}: " + (problem or "a near tie of the final logits"))
                 elif differ is not None and device.type == "cpu" and args.dtype == "float32":
                     # fp32 on a CPU: a sequence may part only where the final logits were a near tie (the same
                     # rule as the parity tests: the reference forward's two logits within 1e-4 of their scale),
                     # which summation orders round either way; anything else stops the benchmark below
-                    for seq, (a, b) in enumerate(zip(tokens, reference)):
-                        if a != b:
-                            problem = greedy_difference(model, prompts[seq].tolist(), a, b)
-                            if problem is None:
-                                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                                near_ties.append(f"{name}: sequence {seq}: first difference at new token {at}, a near "
-                                                 "tie of the final logits")
-                            else:
-                                mismatches.append(f"{name}: sequence {seq}: {problem}")
+                    for seq, at, problem in differing_sequences(model, prompts, tokens, reference):
+                        if problem is None:
+                            near_ties.append(f"{name}: sequence {seq}: first difference at new token {at}, a near tie "
+                                             "of the final logits")
+                        else:
+                            mismatches.append(f"{name}: sequence {seq}: {problem}")
                 elif differ is not None:
                     mismatches.append(f"{name}: {differ}")
                 if name == "glm5":
@@ -296,14 +306,14 @@ def main() -> int:
             # greedy fp32 on the same weights must agree token for token, or the timings compare different work
             raise SystemExit(f"batch {batch}: glm5 and transformers generated different tokens: {mismatches[0]}")
 
+        def decode_rates(runs, batch=batch):  # new tokens after the first / time after the first, per repetition
+            return [batch * (args.new - 1) / max(r[1] - r[0], 1e-9) for r in runs]
+
         def summary(runs, batch=batch):
             ttft = statistics.median(r[0] for r in runs)
             total = statistics.median(r[1] for r in runs)
-            decode = statistics.median(batch * (args.new - 1) / max(r[1] - r[0], 1e-9) for r in runs)
-            return {"ttft_s": ttft, "decode_tok_s": decode, "e2e_tok_s": batch * args.new / total, "total_s": total}
-
-        def decode_rates(runs, batch=batch):
-            return [batch * (args.new - 1) / max(r[1] - r[0], 1e-9) for r in runs]
+            return {"ttft_s": ttft, "decode_tok_s": statistics.median(decode_rates(runs)),
+                    "e2e_tok_s": batch * args.new / total, "total_s": total}
 
         def paired(name, other, times=times):  # median over repetitions of the two sides' decode rates, timed seconds apart
             return statistics.median(a / b for a, b in zip(decode_rates(times[name]), decode_rates(times[other])))
