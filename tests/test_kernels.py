@@ -34,7 +34,7 @@ def _kernels_unchecked(monkeypatch):
 def isa(request, monkeypatch):
     """Each instruction-set path this CPU can execute, forced (the library reports the one it was built for)."""
     monkeypatch.setenv(build.ISA_ENV, request.param)
-    for name in ("indexer_topk", "sparse_attention", "elementwise"):
+    for name in ("indexer_topk", "sparse_attention", "elementwise", "linear"):
         lib = load_library(name)
         assert build.library_isa(lib) == (request.param, VECTOR_FLOATS[request.param]), name
     return request.param
@@ -600,3 +600,66 @@ def test_fallbacks_with_no_visible_key_and_no_query():
                                         0.5, 16)
     assert empty.shape == (2, 0, 3, 16)
     assert (indexer_topk(q, w, k, pos, 4) == -1).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("O,H", [(37, 70), (3, 19), (260, 128)])
+def test_linear_rows_kernel_matches_fp64_and_gives_each_row_the_same_numbers(rows, O, H, isa):
+    """glm5.kernels.linear on few rows, with widths that are not whole vectors or output blocks (the kernel's
+    tails) and rows further apart than their width: within fp32's bound for a sum of H products of the exact
+    result, and each row's outputs bit-identical whatever the other rows (a speculative verify step's row and
+    the one-row step it stands for compute the same numbers)."""
+    from glm5.kernels.linear import linear_rows
+
+    g = torch.Generator().manual_seed(rows * O + H)
+    wide = torch.randn(rows, H + 5, generator=g)
+    x = wide[:, :H]  # rows H + 5 floats apart
+    w = torch.randn(O, H, generator=g)
+    got = linear_rows(x, w)
+    assert got is not None and got.shape == (rows, O) and got.dtype == torch.float32
+    exact = x.double() @ w.double().T
+    bound = (H + 2) * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+    assert ((got.double() - exact).abs() <= bound).all()
+    for r in range(rows):
+        assert torch.equal(linear_rows(x[r : r + 1], w)[0], got[r])
+    # the comparison can fail: one weight off by 0.01 moves an output well past the bound
+    bad = w.clone()
+    bad[O - 1, H - 1] += 0.01
+    assert ((linear_rows(x, bad).double() - exact).abs() > bound).any()
+
+
+def test_linear_rows_kernel_declines_what_it_does_not_do():
+    from glm5.kernels.linear import MAX_ROWS, linear_rows
+
+    x, w = torch.randn(4, 32), torch.randn(8, 32)
+    assert linear_rows(x, w) is not None
+    assert linear_rows(x.double(), w.double()) is None  # fp32 only
+    assert linear_rows(torch.randn(MAX_ROWS + 1, 32), w) is None  # a matmul's job
+    assert linear_rows(torch.randn(0, 32), w) is None
+    assert linear_rows(x, torch.randn(8, 31)) is None  # widths disagree
+    assert linear_rows(x.requires_grad_(), w) is None  # autograd: F.linear records the op
+    with use_cpu_kernels(False):
+        assert linear_rows(x.detach(), w) is None
+
+
+def test_engine_linear_takes_the_kernel_for_few_rows_and_pytorch_otherwise(monkeypatch):
+    """The engine's `linear` (every projection of an eager decode step, and the lm_head): the kernel on few fp32
+    rows, F.linear when the kernels are off or the rows are many; the same numbers to fp32 rounding."""
+    import torch.nn.functional as F
+
+    import glm5.engine.runner as runner
+    from glm5.kernels.linear import MAX_ROWS
+
+    calls = []
+    original = runner.linear_kernel.linear_rows
+    monkeypatch.setattr(runner.linear_kernel, "linear_rows", lambda *a: calls.append(1) or original(*a))
+    w = torch.randn(50, 40)
+    for rows in (1, 3, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 40)
+        calls.clear()
+        got = runner.linear(x, w)
+        assert len(calls) == (rows <= MAX_ROWS)
+        assert torch.allclose(got, F.linear(x, w), rtol=0, atol=40 * 2.0**-22 * (x.abs() @ w.abs().T).max())
+        with use_cpu_kernels(False):
+            calls.clear()
+            assert torch.equal(runner.linear(x, w), F.linear(x, w)) and not calls

@@ -32,6 +32,8 @@ from torch import nn
 
 from glm5.engine.kv_cache import LatentKVCache
 from glm5.engine.scheduler import ScheduledBatch
+from glm5.kernels import linear as linear_kernel
+from glm5.kernels.check import kernel_or_fallback, size_class
 from glm5.model.indexer import select_topk
 from glm5.model.mla import MLAttention
 from glm5.model.moe import MoE
@@ -185,7 +187,10 @@ class ModelRunner:
         return _norm(layer.shared_head.norm, x)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        head = self.model.lm_head
+        if type(head) is nn.Linear and head.bias is None:  # (a quantized head runs its own forward)
+            return linear(hidden, head.weight).float()
+        return head(hidden).float()
 
     # ------------------------------------------------------------------ attention over the cache
     def attention(
@@ -242,12 +247,18 @@ _zero_biases: dict[tuple, torch.Tensor] = {}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with a zero bias for fp32 on ZERO_BIAS_DEVICES (see above)."""
-    if bias is None and x.dtype == torch.float32 and x.device.type in ZERO_BIAS_DEVICES and x.dim() == 2:
-        key = (weight.shape[0], x.device)
-        bias = _zero_biases.get(key)
-        if bias is None:
-            bias = _zero_biases[key] = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+    """F.linear, with a zero bias for fp32 on ZERO_BIAS_DEVICES (see above); on a CPU in fp32 with a few rows,
+    `glm5.kernels.linear` where the startup check finds it faster (BLAS reads the weight several times slower
+    for 2-3 rows than for one: a speculative verify step's lm_head took 3x a plain step's)."""
+    if bias is None and x.dtype == torch.float32 and x.dim() == 2:
+        if x.device.type in ZERO_BIAS_DEVICES:
+            key = (weight.shape[0], x.device)
+            bias = _zero_biases.get(key)
+            if bias is None:
+                bias = _zero_biases[key] = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+        elif x.device.type == "cpu" and 0 < x.shape[0] <= linear_kernel.MAX_ROWS:
+            return kernel_or_fallback("linear_rows", (size_class(x.shape[0]), weight.shape[0], weight.shape[1]),
+                                      lambda: linear_kernel.linear_rows(x, weight), lambda: F.linear(x, weight))
     return F.linear(x, weight, bias)
 
 

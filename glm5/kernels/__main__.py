@@ -71,6 +71,11 @@ def _cases(tokens: int):
     xd = torch.randn(8, cfg.hidden_size, generator=g)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(8)])
     wd = torch.rand(8, K, generator=g)
+    # the lm_head of a speculative verify step (the last token and two drafts), against F.linear
+    from glm5.kernels.linear import linear_rows
+
+    head = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g)
+    xv = torch.randn(3, cfg.hidden_size, generator=g)
     return [
         (f"indexer_topk   [{T} queries x {T} keys, {H} heads x {D}, top-{topk}]",
          lambda: indexer_topk(q, w * indexer.softmax_scale, k, pos, topk),
@@ -85,6 +90,8 @@ def _cases(tokens: int):
         (f"experts_rows   [8 rows, top-{K} of {E} experts, {cfg.hidden_size} -> {cfg.moe_intermediate_size}]",
          lambda: experts_rows(xd, idx, wd, experts.gate_up_proj.data, experts.down_proj.data),
          lambda: experts_loop(experts, xd, idx, wd)),
+        (f"linear_rows    [3 rows x {cfg.hidden_size} -> {cfg.vocab_size}]", lambda: linear_rows(xv, head),
+         lambda: torch.nn.functional.linear(xv, head)),
     ]
 
 
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
               "threads": torch.get_num_threads(), "kernels_enabled": build.cpu_kernels_enabled(),
               "check_enabled": check.check_enabled(), "kernels": []}
     libraries = {}
-    for name in ("indexer_topk", "sparse_attention", "elementwise", "experts"):
+    for name in ("indexer_topk", "sparse_attention", "elementwise", "experts", "linear"):
         lib = build.load_library(name)
         if lib is None:
             libraries[name] = "not built (PyTorch fallback)"

@@ -30,7 +30,7 @@ from typing import TypeVar
 
 import torch
 
-from glm5.kernels.build import cpu_features, cpu_kernels_enabled, cpu_model, selected_isa
+from glm5.kernels.build import ISA_ENV, cpu_features, cpu_kernels_enabled, cpu_model, selected_isa
 
 CHECK_ENV = "GLM5_KERNEL_CHECK"  # "0": no timing check, every kernel runs where it can
 SHORT_S = 0.05  # calls shorter than this are timed twice each (alternated) and the minimum kept
@@ -39,6 +39,7 @@ R = TypeVar("R")
 _decisions: dict[str, dict] = {}  # class key -> {"kernel": bool, "kernel_ms": .., "fallback_ms": ..}
 _loaded: set[str] = set()  # check files already read into _decisions
 _lock = threading.Lock()
+_files: dict[tuple, Path] = {}  # (forced ISA, GLM5_CACHE, HOME, threads) -> the check file
 
 
 def check_enabled() -> bool:
@@ -51,9 +52,17 @@ def size_class(n: int) -> int:
 
 
 def _check_file() -> Path:
-    from glm5.common import cache_dir
+    # what decides the file: the forced ISA, the cache directory (both from the environment) and the thread
+    # count; a dictionary lookup on them keeps the per-call cost of a decode-sized kernel at a few microseconds
+    # (resolving the ISA and the path each time cost ~20 us a call)
+    env = os.environ
+    key = (env.get(ISA_ENV), env.get("GLM5_CACHE"), env.get("HOME"), torch.get_num_threads())
+    path = _files.get(key)
+    if path is None:
+        from glm5.common import cache_dir
 
-    return _check_file_for(selected_isa()[0], torch.get_num_threads(), str(cache_dir()))
+        path = _files[key] = _check_file_for(selected_isa()[0], key[3], str(cache_dir()))
+    return path
 
 
 @cache
