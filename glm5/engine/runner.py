@@ -179,7 +179,8 @@ class ModelRunner:
         cos, sin = model.rotary_emb(inputs.positions.unsqueeze(0), next_embeds.dtype)
         # the main stack's fast paths (fused norms, the short MoE path): drafting runs every step, so its
         # cost decides whether speculation pays on a CPU
-        x = layer.eh_proj(torch.cat([_norm(layer.enorm, next_embeds), _norm(layer.hnorm, hidden.unsqueeze(0))], dim=-1))
+        joined = torch.cat([_norm(layer.enorm, next_embeds), _norm(layer.hnorm, hidden.unsqueeze(0))], dim=-1)
+        x = linear(joined[0], dense_weight(layer.eh_proj, joined.dtype), getattr(layer.eh_proj, "bias", None)).unsqueeze(0)
         cache_layer = self.cfg.num_hidden_layers + depth
         attn_out, _ = self.attention(layer.self_attn, cache_layer, _norm(layer.input_layernorm, x), cos, sin, inputs, None)
         x = x + attn_out
