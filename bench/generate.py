@@ -18,9 +18,10 @@ order, so its tokens may part from transformers' where a near tie rounds the oth
 in a discrete choice before them (a router's or DSA's top-k at random init): such sequences are recorded
 (compiled_same_tokens, compiled_differences: the reference forward's logit gap where they part), not fatal. Both sides' new tokens are compared: in fp32 on a CPU a
 difference stops the benchmark (the timings would compare different work) unless the reference forward's two
-candidate logits at the first difference are within 1e-4 of their scale, a near tie that summation orders round
-either way (recorded: `near_ties`, `sequences_at_near_ties`); otherwise it is recorded (`same_tokens`,
-`token_mismatches`). Each side is timed in one run per repetition: transformers' first token
+candidate logits at the first difference are within 1e-4 of their scale, or the reference forward up to it has
+a near tie in a discrete choice (a router's or DSA's top-k whose k-th and (k+1)-th scores are within 1e-5 of
+their scale: `peer.discrete_near_ties`), ties that summation orders round either way (recorded: `near_ties`,
+`sequences_at_near_ties`); otherwise it is recorded (`same_tokens`, `token_mismatches`). Each side is timed in one run per repetition: transformers' first token
 and each later one are stamped by a streamer inside its one `generate` call.
 
 llama.cpp (llama-cpp-python; on --device cpu, skipped with the reason printed when it cannot be imported, or with
@@ -64,7 +65,7 @@ from llamacpp_peer import (
     open_llama,
     run_llama,
 )
-from peer import lowest_position_topk  # bench/ is on sys.path when a bench runs
+from peer import discrete_near_ties, lowest_position_topk  # bench/ is on sys.path when a bench runs
 from results_io import describe_cpu, write_results
 
 from glm5.engine.config import EngineConfig
@@ -124,6 +125,18 @@ def differing_sequences(model, prompts: torch.Tensor, ours: list[list[int]], ref
     for seq, (a, b) in enumerate(zip(ours, reference)):
         if a != b:
             yield seq, first_difference(a, b), greedy_difference(model, prompts[seq].tolist(), a, b)
+
+
+def discrete_tie(model, tokens: list[int]) -> str | None:
+    """Where the reference forward over `tokens` has a near tie in a discrete choice before the logits (a
+    router's or DSA's top-k, `peer.discrete_near_ties`: the k-th and (k+1)-th scores within 1e-5 of their
+    scale), the nearest as a phrase; None when it has none (untimed)."""
+    ties = discrete_near_ties(model, tokens)
+    if not ties:
+        return None
+    t = ties[0]
+    return (f"a near tie in a discrete choice before the logits: {t['choice']} {t['layer']}'s top-k at position "
+            f"{t['position']} of {len(tokens)}, its k-th and (k+1)-th scores {t['relative']:.1e} of their scale apart")
 
 
 def same_tokens(ours: list[list[int]], theirs: list[list[int]]) -> str | None:
@@ -277,8 +290,10 @@ def main() -> int:
                     # the compiled step sums in inductor's order: where its tokens part from transformers', the
                     # reference forward's logit gap there says whether the final logits were a near tie, or a
                     # discrete choice before them (a router's or DSA's top-k) was (untimed; recorded)
-                    for seq, _, problem in differing_sequences(model, prompts, tokens, reference):
-                        compiled_differences.append(f"sequence {seq}: " + (problem or "a near tie of the final logits"))
+                    for seq, at, problem in differing_sequences(model, prompts, tokens, reference):
+                        tie = problem and discrete_tie(model, prompts[seq].tolist() + reference[seq][:at])
+                        compiled_differences.append(f"sequence {seq}: " + (f"{tie}; " if tie else "")
+                                                    + (problem or "a near tie of the final logits"))
                 elif differ is not None and device.type == "cpu" and args.dtype == "float32":
                     # fp32 on a CPU: a sequence may part only where the final logits were a near tie (the same
                     # rule as the parity tests: the reference forward's two logits within 1e-4 of their scale),
@@ -287,6 +302,8 @@ def main() -> int:
                         if problem is None:
                             near_ties.append(f"{name}: sequence {seq}: first difference at new token {at}, a near tie "
                                              "of the final logits")
+                        elif tie := discrete_tie(model, prompts[seq].tolist() + reference[seq][:at]):
+                            near_ties.append(f"{name}: sequence {seq}: first difference at new token {at}, {tie}")
                         else:
                             mismatches.append(f"{name}: sequence {seq}: {problem}")
                 elif differ is not None:

@@ -102,3 +102,61 @@ def shared_selection(impl: str, path: str):
     finally:
         hf.GlmMoeDsaIndexer.forward = original
 
+
+
+@torch.no_grad()
+def discrete_near_ties(model, tokens: list[int], rel: float = 1e-5, limit: int = 3) -> list[dict]:
+    """The discrete choices of glm5's reference forward over `tokens` (fp32, the PyTorch paths) that sums in
+    another order may make the other way: each MoE router's top-k experts and each DSA indexer's top-k keys
+    whose k-th and (k+1)-th scores are closer than `rel` of the row's largest |score| (exact ties are left out:
+    every path breaks them by the same lowest-position rule). A fp32 difference there changes which experts or
+    keys a token uses, so the logits after it differ by far more than rounding. -> up to `limit` of the nearest,
+    nearest first: {"choice": "router" or "indexer", "layer": the router's number or the indexer call's,
+    "position", "gap", "relative"}."""
+    import glm5.model.mla as mla
+    from glm5.kernels import use_cpu_kernels
+    from glm5.model.indexer import causal_key_mask, index_scores
+    from glm5.model.moe import Router
+
+    found = []
+
+    def margins(choice: str, layer: int, scores: torch.Tensor, k: int, positions) -> None:
+        if scores.shape[-1] <= k:
+            return
+        top = scores.float().topk(k + 1, dim=-1).values  # [rows, k + 1]
+        gap = top[:, k - 1] - top[:, k]
+        scale = scores.float().abs().masked_fill(~torch.isfinite(scores), 0).amax(-1).clamp(min=1e-30)
+        near = torch.isfinite(top[:, k]) & (gap > 0) & (gap <= rel * scale)
+        for row in near.nonzero().flatten().tolist():
+            found.append({"choice": choice, "layer": layer, "position": int(positions[row]),
+                          "gap": float(gap[row]), "relative": float(gap[row] / scale[row])})
+
+    routers = {id(m): i for i, m in enumerate(m for m in model.modules() if isinstance(m, Router))}
+
+    def router_hook(module, args, output):
+        x = args[0].float()
+        choice = torch.nn.functional.linear(x, module.weight.float()).sigmoid() + module.e_score_correction_bias
+        if module.n_group <= 1:  # (grouped routing: the group cut comes first; not measured here)
+            margins("router", routers[id(module)], choice, module.top_k, range(x.shape[0]))
+
+    calls = [0]
+    original = mla.select_topk
+
+    def indexer(q, w, k, topk, *, q_positions=None, key_mask=None, **kwargs):
+        scores = index_scores(q, w, k)  # [B, S, T]
+        visible = causal_key_mask(q_positions, k.shape[1], key_mask).expand_as(scores)
+        masked = scores.masked_fill(~visible, float("-inf"))
+        margins("indexer", calls[0], masked.reshape(-1, masked.shape[-1]), topk, q_positions.reshape(-1).tolist())
+        calls[0] += 1
+        return original(q, w, k, topk, q_positions=q_positions, key_mask=key_mask, **kwargs)
+
+    hooks = [m.register_forward_hook(router_hook) for m in model.modules() if isinstance(m, Router)]
+    mla.select_topk = indexer
+    try:
+        with use_cpu_kernels(False):
+            model(torch.tensor([list(tokens)]))
+    finally:
+        mla.select_topk = original
+        for h in hooks:
+            h.remove()
+    return sorted(found, key=lambda f: f["relative"])[:limit]
