@@ -482,6 +482,7 @@ def test_kernels_without_openmp_use_the_thread_pool(monkeypatch, tmp_path):
     runs the same per-range functions; same results."""
     import glm5.kernels.elementwise as elementwise_module
     import glm5.kernels.indexer as indexer_module
+    import glm5.kernels.linear as linear_module
     import glm5.kernels.sparse_attention as attention_module
     from glm5.kernels import rms_norm
 
@@ -490,15 +491,21 @@ def test_kernels_without_openmp_use_the_thread_pool(monkeypatch, tmp_path):
     aq, akv, arows = _attention_inputs(N=200, H=4, D=48, T=100, K=20)
     x = torch.randn(64, 100, 256)
     weight = torch.randn(256)
-    native = (indexer_topk(q, w, k, pos, 16), latent_attention(aq, akv, arows, 0.2, 32), rms_norm(x, weight, 1e-6))
+    rows, head = torch.randn(5, 300), torch.randn(701, 300)  # 840 KB of weight: split over the threads
+
+    def run_all():
+        return (indexer_topk(q, w, k, pos, 16), latent_attention(aq, akv, arows, 0.2, 32), rms_norm(x, weight, 1e-6),
+                linear_module.linear_rows(rows, head))
+
+    native = run_all()
     libs = {name: build._load(name, str(tmp_path), build.selected_isa()[0], openmp=False)
-            for name in ("indexer_topk", "sparse_attention", "elementwise")}
+            for name in ("indexer_topk", "sparse_attention", "elementwise", "linear")}
     assert all(lib is not None and not build.has_openmp(lib) for lib in libs.values())
-    for module in (indexer_module, attention_module, elementwise_module):
+    for module in (indexer_module, attention_module, elementwise_module, linear_module):
         monkeypatch.setattr(module, "load_library", lambda name: libs[name])
-    pooled = (indexer_topk(q, w, k, pos, 16), latent_attention(aq, akv, arows, 0.2, 32), rms_norm(x, weight, 1e-6))
+    pooled = run_all()
     assert _rows(pooled[0]) == _rows(native[0])
-    assert torch.equal(pooled[1], native[1]) and torch.equal(pooled[2], native[2])
+    assert all(torch.equal(a, b) for a, b in zip(pooled[1:], native[1:]))
 
 
 @pytest.mark.parametrize("tokens", [64, 3])
