@@ -45,24 +45,6 @@ static inline __attribute__((always_inline)) void gate_up_dots(const float *wg, 
     }
 }
 
-/* y[r] = <d, act_r> over L for R rows */
-static inline __attribute__((always_inline)) void down_dots(const float *d, const float *act, int64_t stride,
-                                                           const int R, int64_t L, float *y) {
-    vf acc[RB];
-    for (int r = 0; r < R; r++) acc[r] = (vf){0};
-    const int64_t lv = L / VL * VL;
-    int64_t l = 0;
-    for (; l < lv; l += VL) {
-        const vf dv = *(const vf *)(d + l);
-        for (int r = 0; r < R; r++) acc[r] += dv * *(const vf *)(act + r * stride + l);
-    }
-    for (int r = 0; r < R; r++) {
-        float s = hsum(acc[r]);
-        for (int64_t t = l; t < L; t++) s += d[t] * act[r * stride + t];
-        y[r] = s;
-    }
-}
-
 /* one expert on R (<= RB) pairs, intermediate slice [i0, i1): partial[pair] = down[:, i0:i1] act[i0:i1] */
 static inline __attribute__((always_inline)) void expert_block(const float *gu, const float *dn,
                                                               const float *const *xr, const int64_t *pairs,
@@ -89,7 +71,7 @@ static inline __attribute__((always_inline)) void expert_block(const float *gu, 
         for (; l < L; l++) gr[l] = gr[l] * sigmoid1(gr[l]) * ur[l];
     }
     for (int64_t o = 0; o < H; o++) {
-        down_dots(dn + o * I + i0, gbuf, L, R, L, y);
+        dot_rows(dn + o * I + i0, L, gbuf, L, R, y, 1);
         for (int r = 0; r < R; r++) partial[pairs[r] * H + o] = y[r];
     }
 }

@@ -49,24 +49,6 @@ static inline __attribute__((always_inline)) void block4(const float *w, int64_t
     }
 }
 
-/* one output o for R rows (the slice's last O % OB outputs) */
-static inline __attribute__((always_inline)) void block1(const float *w, int64_t H, const float *x, int64_t ldx,
-                                                        const int R, float *y, int64_t ldy) {
-    vf acc[RB];
-    for (int r = 0; r < R; r++) acc[r] = (vf){0};
-    const int64_t hv = H / VL * VL;
-    int64_t h = 0;
-    for (; h < hv; h += VL) {
-        const vf a = *(const vf *)(w + h);
-        for (int r = 0; r < R; r++) acc[r] += a * *(const vf *)(x + r * ldx + h);
-    }
-    for (int r = 0; r < R; r++) {
-        float s = hsum(acc[r]);
-        for (int64_t t = h; t < H; t++) s += w[t] * x[r * ldx + t];
-        y[r * ldy] = s;
-    }
-}
-
 #define ROWS_SWITCH(R, call_R)                                                                                   \
     switch (R) { /* a constant row count: the accumulators stay in registers */                              \
     case 1: call_R(1); break;                                                                                \
@@ -90,7 +72,7 @@ void glm5_linear_rows(const float *x, int64_t N, int64_t ldx, const float *w, in
     for (; o < o1; o++)
         for (int64_t r0 = 0; r0 < N; r0 += RB) {
             const int R = (int)(N - r0 < RB ? N - r0 : RB);
-#define CALL1(K) block1(w + o * H, H, x + r0 * ldx, ldx, K, y + r0 * O + o, O)
+#define CALL1(K) dot_rows(w + o * H, H, x + r0 * ldx, ldx, K, y + r0 * O + o, O) /* the last O % OB */
             ROWS_SWITCH(R, CALL1)
 #undef CALL1
         }

@@ -186,6 +186,25 @@ static inline float sigmoid1(float g) {
     return g >= 0 ? 1.0f / (1.0f + e) : e / (1.0f + e);
 }
 
+/* y[r * ldy] = <w, x + r * ldx> over n floats, for R <= 4 rows (R a constant after inlining: the accumulators
+ * stay in registers); one read of w for all rows (the few-row products of linear.c and experts.c) */
+static inline __attribute__((always_inline)) void dot_rows(const float *w, int64_t n, const float *x, int64_t ldx,
+                                                          const int R, float *y, int64_t ldy) {
+    vf acc[4];
+    for (int r = 0; r < R; r++) acc[r] = (vf){0};
+    const int64_t nv = n / VL * VL;
+    int64_t i = 0;
+    for (; i < nv; i += VL) {
+        const vf a = *(const vf *)(w + i);
+        for (int r = 0; r < R; r++) acc[r] += a * *(const vf *)(x + r * ldx + i);
+    }
+    for (int r = 0; r < R; r++) {
+        float s = hsum(acc[r]);
+        for (int64_t t = i; t < n; t++) s += w[t] * x[r * ldx + t];
+        y[r * ldy] = s;
+    }
+}
+
 /* (defined in this header: each kernel library is one translation unit and exports them once)
  * 1 when built with OpenMP: the *_jobs entry points then run their jobs on OpenMP threads, which are torch's
  * own (the library links libgomp.so.1, the one torch already loaded), so no second pool competes with torch's
