@@ -13,7 +13,9 @@ both), so the engine, built once per batch size, never reuses a cached prefix. O
 graphs (the prefill's shape and every decode shape) are captured before timing (reported as graph_capture_s), and the engine also
 runs with cuda_graphs=False as "glm5_eager". On a CPU the engine also runs with compiled decode steps as
 "glm5_compiled" (glm5/engine/compiled.py; compiled before timing, both branches of the batch's bucket,
-reported as compile_s; --no-compiled leaves it out), timed in the same alternation. Inductor sums in its own
+reported as compile_s; --no-compiled leaves it out), timed in the same alternation, and with --decode-steps N
+(default 4) as "glm5_compiled_steps": the same, N greedy decode steps per compiled call (tokens arrive N at a
+time; `speedup_decode_steps`, and `speedup_decode_steps_vs_compiled_paired` against one step per call). Inductor sums in its own
 order, so its tokens may part from transformers' where a near tie rounds the other way, in the final logits or
 in a discrete choice before them (a router's or DSA's top-k at random init): such sequences are recorded
 (compiled_same_tokens, compiled_differences: the reference forward's logit gap where they part), not fatal. Both sides' new tokens are compared: in fp32 on a CPU a
@@ -187,7 +189,9 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (median reported)")
     # the engine's flags (--device, --dtype, --threads, --block-size, --enforce-eager, ...): both models on
     # --device in --dtype; cache and batch sizes are set per batch below
-    EngineConfig.add_arguments(parser, device="cpu", dtype="float32", threads=2)
+    # --decode-steps N (default 4 here): on a CPU, also the compiled engine with N greedy decode steps per call
+    # (glm5_compiled_steps; 1 leaves it out); the other engines decode one step per call
+    EngineConfig.add_arguments(parser, device="cpu", dtype="float32", threads=2, decode_steps=4)
     parser.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out (glm5 and transformers only)")
     parser.add_argument("--no-compiled", action="store_true",
                         help="on a CPU, leave out the engine with compiled decode steps (glm5_compiled)")
@@ -244,16 +248,23 @@ def main() -> int:
         def make_engine(batch_config=batch_config, **changes):
             return LLMEngine(model, batch_config.replace(**changes))
 
-        engines = {"glm5": make_engine(compile=False)}
+        engines = {"glm5": make_engine(compile=False, decode_steps=1)}
         if device.type == "cuda":
             engines["glm5_eager"] = make_engine(cuda_graphs=False)
-        compile_s = None
+        compile_s = steps_compile_s = None
         if device.type == "cpu" and not args.no_compiled:
-            engines["glm5_compiled"] = make_engine(compile=True, cuda_graphs=False)
+            engines["glm5_compiled"] = make_engine(compile=True, cuda_graphs=False, decode_steps=1)
             t = time.perf_counter()
             engines["glm5_compiled"].compiled.warm_up([batch])  # both branches of this batch's bucket
             compile_s = time.perf_counter() - t
             print(f"  compiled the decode steps ({engine_config.compile_mode}) in {compile_s:.1f} s", flush=True)
+            if args.decode_steps > 1:
+                engines["glm5_compiled_steps"] = make_engine(compile=True, cuda_graphs=False,
+                                                             decode_steps=args.decode_steps)
+                t = time.perf_counter()
+                engines["glm5_compiled_steps"].compiled.warm_up([batch])
+                steps_compile_s = time.perf_counter() - t
+                print(f"  compiled {args.decode_steps} decode steps per call in {steps_compile_s:.1f} s", flush=True)
         capture_s = None
         if engines["glm5"].graphs is not None:
             t = time.perf_counter()
@@ -277,7 +288,9 @@ def main() -> int:
         times: dict[str, list] = {"transformers": [], **{name: [] for name in engines}}
         if llama is not None:
             times["llamacpp"] = []
-        mismatches, llama_mismatches, llama_first, compiled_differences, near_ties = [], [], None, [], []
+        mismatches, llama_mismatches, llama_first, near_ties = [], [], None, []
+        differences = {"glm5_compiled": [], "glm5_compiled_steps": []}  # the compiled engines' (recorded)
+        compiled_differences = differences["glm5_compiled"]
         for _ in range(args.reps):
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=gen)  # fresh: no prefix hits
             times["transformers"].append(run_transformers(twin, prompts.to(device), args.new)[:2])
@@ -286,14 +299,14 @@ def main() -> int:
             for name, engine in engines.items():
                 ttft, total, tokens = run_glm5(engine, prompts.tolist(), args.new)
                 times[name].append((ttft, total))
-                if (differ := same_tokens(tokens, reference)) is not None and name == "glm5_compiled":
+                if (differ := same_tokens(tokens, reference)) is not None and name in differences:
                     # the compiled step sums in inductor's order: where its tokens part from transformers', the
                     # reference forward's logit gap there says whether the final logits were a near tie, or a
                     # discrete choice before them (a router's or DSA's top-k) was (untimed; recorded)
                     for seq, at, problem in differing_sequences(model, prompts, tokens, reference):
                         tie = problem and discrete_tie(model, prompts[seq].tolist() + reference[seq][:at])
-                        compiled_differences.append(f"sequence {seq}: " + (f"{tie}; " if tie else "")
-                                                    + (problem or "a near tie of the final logits"))
+                        differences[name].append(f"sequence {seq}: " + (f"{tie}; " if tie else "")
+                                                 + (problem or "a near tie of the final logits"))
                 elif differ is not None and device.type == "cpu" and args.dtype == "float32":
                     # fp32 on a CPU: a sequence may part only where the final logits were a near tie (the same
                     # rule as the parity tests: the reference forward's two logits within 1e-4 of their scale),
@@ -366,6 +379,18 @@ def main() -> int:
                 row["speedup_decode_compiled_vs_llamacpp"] = (row["glm5_compiled"]["decode_tok_s"]
                                                               / row["llamacpp"]["decode_tok_s"])
                 row["speedup_decode_compiled_vs_llamacpp_paired"] = paired("glm5_compiled", "llamacpp")
+        if "glm5_compiled_steps" in row:
+            steps = row["glm5_compiled_steps"]
+            row["decode_steps"] = args.decode_steps
+            row["steps_compile_s"] = steps_compile_s
+            row["steps_calls"] = engines["glm5_compiled_steps"].compiled.num_runs
+            row["steps_same_tokens"] = not differences["glm5_compiled_steps"]
+            row["steps_differences"] = [d[:300] for d in differences["glm5_compiled_steps"][:4]]
+            row["speedup_decode_steps"] = steps["decode_tok_s"] / row["transformers"]["decode_tok_s"]
+            row["speedup_decode_steps_paired"] = paired("glm5_compiled_steps", "transformers")
+            row["speedup_decode_steps_vs_compiled_paired"] = paired("glm5_compiled_steps", "glm5_compiled")
+            if llama is not None:
+                row["speedup_decode_steps_vs_llamacpp_paired"] = paired("glm5_compiled_steps", "llamacpp")
         if capture_s is not None:
             graphs = engines["glm5"].graphs
             row["graph_capture_s"] = capture_s
@@ -408,6 +433,15 @@ def main() -> int:
                      f"{batch * args.reps} sequences" if compiled_differences else "; same tokens as transformers"),
                   flush=True)
             for difference in compiled_differences[:2]:
+                print(f"           {difference[:300]}", flush=True)
+        if "glm5_compiled_steps" in row:
+            print(f"         glm5 compiled, {args.decode_steps} steps per call: decode tok/s "
+                  f"{row['glm5_compiled_steps']['decode_tok_s']:8.1f} ({row['speedup_decode_steps']:.2f}x transformers, "
+                  f"paired {row['speedup_decode_steps_paired']:.2f}x; {row['speedup_decode_steps_vs_compiled_paired']:.2f}x "
+                  f"one step per call)   {row['steps_calls']} calls; same tokens as transformers: "
+                  + ("yes" if row["steps_same_tokens"] else f"{batch * args.reps - len(differences['glm5_compiled_steps'])}"
+                     f" of {batch * args.reps} sequences"), flush=True)
+            for difference in differences["glm5_compiled_steps"][:2]:
                 print(f"           {difference[:300]}", flush=True)
         if "glm5_eager" in row:
             print(f"         glm5 without CUDA graphs: decode tok/s {row['glm5_eager']['decode_tok_s']:8.1f} "

@@ -45,8 +45,8 @@ def test_compiled_decode_equals_eager_and_refreshes():
     # every decode step ran compiled (the first token of each sequence comes from the eager prefill)
     assert steps.num_runs == 39
     # one function per (bucket, branch); the context buckets 32 and 64 share the sparse one (T is dynamic)
-    assert set(steps.functions) == {(4, False, 0), (4, True, 0)}
-    assert {shape[3] for shape in steps.ready} == {16, 32, 64}
+    assert set(steps.functions) == {(4, False, 0, 1), (4, True, 0, 1)}
+    assert {shape[-1] for shape in steps.ready} == {16, 32, 64}
     # new weights: the frozen steps are dropped and compiled again, and follow the new weights
     with torch.no_grad():
         for p in model.parameters():
@@ -56,7 +56,7 @@ def test_compiled_decode_equals_eager_and_refreshes():
     assert not steps.functions and not steps.ready
     prompts, params = _prompts([5], seed=3), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     _check_same(model, prompts, compiled.generate(prompts, params), eager.generate(prompts, params))
-    assert set(steps.functions) == {(1, False, 0)}  # contexts up to 13: the dense branch only
+    assert set(steps.functions) == {(1, False, 0, 1)}  # contexts up to 13: the dense branch only
 
 
 def test_a_failing_compile_falls_back_to_eager_steps(monkeypatch):
@@ -127,7 +127,7 @@ def test_compiled_speculative_cycle_equals_the_eager_drafter():
     _check_same(model, prompts, got, want)
     steps, e, c = compiled.compiled, eager.stats, compiled.stats
     assert steps.failed is None, steps.failed
-    assert set(steps.functions) == {(1, True, 2)} and {shape[3] for shape in steps.ready} == {64, 128}
+    assert set(steps.functions) == {(1, True, 2, 1)} and {shape[-1] for shape in steps.ready} == {64, 128}
     assert steps.num_runs == c.verify_steps == c.steps - 1  # every step after the prefill: one compiled cycle
     assert 0 < e.accepted < e.drafted, e
     assert (c.verify_steps, c.drafted, c.accepted) == (e.verify_steps, e.drafted, e.accepted)
@@ -139,7 +139,7 @@ def test_warm_up_compiles_both_branches_of_each_bucket(monkeypatch):
     monkeypatch.setattr(llm.compiled, "_call", lambda key, ids, positions, slots, ctx: calls.append((*key, ctx.shape[1])))
     llm.compiled.warm_up([1, 3])
     # index_topk 16: contexts up to 16 (dense) and 32 (sparse); 3 sequences run in the bucket of 4
-    assert calls == [(1, False, 0, 16), (1, True, 0, 32), (4, False, 0, 16), (4, True, 0, 32)]
+    assert calls == [(1, False, 0, 1, 16), (1, True, 0, 1, 32), (4, False, 0, 1, 16), (4, True, 0, 1, 32)]
     with pytest.raises(ValueError, match="more than the engine's 8 sequences"):
         llm.compiled.warm_up([9])
     # with MTP speculation, each bucket's speculative cycle too
@@ -147,4 +147,40 @@ def test_warm_up_compiles_both_branches_of_each_bucket(monkeypatch):
     calls = []
     monkeypatch.setattr(llm.compiled, "_call", lambda key, ids, positions, slots, ctx: calls.append((*key, ids.shape[0])))
     llm.compiled.warm_up([1])
-    assert calls == [(1, False, 0, 1), (1, False, 3, 4), (1, True, 0, 1), (1, True, 3, 4)]
+    assert calls == [(1, False, 0, 1, 1), (1, False, 3, 1, 4), (1, True, 0, 1, 1), (1, True, 3, 1, 4)]
+    # with decode_steps N, each bucket's N-step call too (its slots [S, N])
+    llm = LLM(_model(), compile=True, decode_steps=3)
+    calls = []
+    monkeypatch.setattr(llm.compiled, "_call",
+                        lambda key, ids, positions, slots, ctx: calls.append((*key, tuple(slots.shape))))
+    llm.compiled.warm_up([2])
+    assert calls == [(2, False, 0, 1, (2,)), (2, False, 0, 3, (2, 3)), (2, True, 0, 1, (2,)), (2, True, 0, 3, (2, 3))]
+
+
+def test_decode_steps_give_the_eager_tokens_and_stop_inside_a_group():
+    """decode_steps=3: three greedy steps per compiled call, each fed the token before it inside the compiled code;
+    the tokens are the eager engine's, max_tokens and a stop token that fall inside a group of three cut it there
+    (the steps computed after them are dropped), and the cache stays right for the next request's prefix."""
+    model = _model(4)
+    prompts = _prompts([20], seed=4)  # contexts 21 .. 40: the sparse branch, one bucket
+    eager, compiled = LLM(model), LLM(model, compile=True, compile_mode="default", decode_steps=3)
+    long = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True)  # 16 decode steps: 5 groups and a cut
+    want = eager.generate(prompts, long)
+    got = compiled.generate(prompts, long)
+    _check_same(model, prompts, got, want)
+    steps = compiled.compiled
+    assert steps.failed is None, steps.failed
+    assert set(steps.functions) == {(1, True, 0, 3)} and steps.num_runs == 6  # ceil(16 / 3) calls
+    assert compiled.stats.steps == 7 and compiled.stats.decode_tokens == 16
+    # a stop token whose first occurrence is inside a group: the output ends there, as the eager engine's does
+    out = want[0].token_ids
+    stop = next(t for i, t in enumerate(out) if i % 3 != 0 and i > 2 and t not in out[:i])
+    stopping = SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, stop_token_ids=[stop])
+    got, want = compiled.generate(prompts, stopping), eager.generate(prompts, stopping)
+    assert got[0].token_ids == want[0].token_ids and got[0].token_ids[-1] == stop
+    assert got[0].finish_reason == want[0].finish_reason == "stop"
+    # sampled or penalized sequences decode one step at a time, compiled as before
+    sampled = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3)
+    runs = steps.num_runs
+    _check_same(model, prompts, compiled.generate(prompts, sampled), eager.generate(prompts, sampled))
+    assert steps.num_runs == runs + 5 and (1, True, 0, 1) in steps.functions

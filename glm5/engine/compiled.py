@@ -21,7 +21,13 @@ a batch-1 step is a handful of calls. One compiled function serves every decode 
 With MTP speculation (num_speculative_tokens k) a decode step is one whole speculative cycle compiled the same
 way, key (sequences bucket, sparse, k): the main model verifies [last token, k drafts], the greedy choices
 decide how many are accepted, and the MTP layer drafts the next k, all in one call
-(`glm5.engine.speculative.verify_and_draft`). Prefill steps, steps with a logits processor or with sequences
+(`glm5.engine.speculative.verify_and_draft`). With `decode_steps` N > 1 (no speculation), a decode step of
+sequences that all decode greedily without penalties, logprobs or logits processors runs N steps in one call,
+key (sequences bucket, sparse, 0, N): each step's greedy token is fed to the next inside the compiled code
+(`decode_steps`), and the engine appends the N tokens after it, stopping a sequence at its stop token or
+max_tokens (the steps after a stop were computed for nothing): the per-call cost of a step (torch.compile's
+entry, the packed inputs, the engine's bookkeeping: ~1 ms of a 4.3 ms batch-8 step on a 2-core CPU, dev/LOG.md)
+is paid once per N tokens, as in vLLM's multi-step scheduling. Prefill steps, steps with a logits processor or with sequences
 that did not draft, and batches over the last bucket run the eager forward. A compile
 takes tens of seconds (~40-70 s for tiny-bench on 2 cores with max_autotune; the first step of each bucket pays
 it), so the switch is off by default:
@@ -64,15 +70,29 @@ def decode_step(runner: ModelRunner, ids: torch.Tensor, positions: torch.Tensor,
     return hidden, runner.logits(hidden)
 
 
+def decode_steps(runner: ModelRunner, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 ctx_slots: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` greedy decode steps as one static forward: ids, positions [S] (each sequence's newest token),
+    slots [S, steps] (the cache slots of positions p .. p + steps - 1), ctx_slots [S, T] reaching p + steps - 1.
+    Step j feeds the greedy token of step j - 1 (the first, `ids`) at position p + j. -> tokens [S, steps]."""
+    tokens = []
+    for j in range(steps):
+        inputs = static_step_inputs(ids, positions + j, slots[:, j], ctx_slots, runner.index_topk)
+        ids = runner.logits(runner.forward(inputs)).argmax(-1)
+        tokens.append(ids)
+    return torch.stack(tokens, 1)
+
+
 class CompiledSteps:
     """Decode steps of a runner through torch.compile (see the module docstring)."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, scratch_slot: int, mode: str = "max-autotune",
-                 num_speculative_tokens: int = 0) -> None:
+                 num_speculative_tokens: int = 0, decode_steps: int = 1) -> None:
         if mode not in MODES:
             raise ValueError(f"compile mode {mode!r}: one of {', '.join(MODES)}")
         self.runner = runner
         self.k = num_speculative_tokens  # drafts per sequence in the speculative cycles compiled
+        self.steps = decode_steps if not num_speculative_tokens else 1  # greedy decode steps per call
         self.buckets = batch_buckets(max_batch)
         self.scratch_slot = scratch_slot
         self.mode = mode
@@ -83,8 +103,8 @@ class CompiledSteps:
 
     def reset(self) -> None:
         """Forget the compiled steps (their frozen weights are the old ones after `refresh_weights`)."""
-        self.functions: dict[tuple[int, bool, int], object] = {}  # (sequences, sparse, drafts) -> compiled
-        self.ready: set[tuple[int, bool, int, int]] = set()  # + context: shapes run once with guards checked
+        self.functions: dict[tuple[int, bool, int, int], object] = {}  # (sequences, sparse, drafts, steps) -> compiled
+        self.ready: set[tuple[int, bool, int, int, int]] = set()  # + context: shapes run once with guards checked
 
     def handles(self, batch) -> bool:
         """A decode step (one token per sequence, no drafts) of at most the last bucket's sequences."""
@@ -105,9 +125,17 @@ class CompiledSteps:
         self.failed = f"{type(err).__name__}: {str(err)[:500]}"
         warnings.warn(f"compiling the decode step failed, running steps eagerly: {self.failed}", stacklevel=3)
 
-    def _function(self, S: int, sparse: bool, k: int = 0):
-        """The compiled step of a key: a decode step (k = 0) or a speculative cycle verifying k drafts."""
-        key = (S, sparse, k)
+    def handles_steps(self, batch) -> bool:
+        """A decode step that `run_steps` can run: N > 1 steps per call, every sequence decoding greedily
+        without penalties, logprobs or logits processors (the greedy token is picked inside the compiled code)."""
+        return self.steps > 1 and self.handles(batch) and all(
+            s.params.greedy and not s.params.has_penalties and s.params.logprobs is None
+            and not s.params.logits_processors for s in batch.seqs)
+
+    def _function(self, S: int, sparse: bool, k: int = 0, steps: int = 1):
+        """The compiled step of a key: a decode step (k = 0, steps = 1), a speculative cycle verifying k drafts,
+        or `steps` greedy decode steps."""
+        key = (S, sparse, k, steps)
         fn = self.functions.get(key)
         if fn is None:
             self.runner.build_fused()  # made once, eagerly: the compiled step reads (and freezes) them
@@ -118,19 +146,23 @@ class CompiledSteps:
             if k:
                 def step(ids, positions, slots, ctx_slots):
                     return verify_and_draft(runner, ids, positions, slots, ctx_slots, k)
+            elif steps > 1:
+                def step(ids, positions, slots, ctx_slots):
+                    return decode_steps(runner, ids, positions, slots, ctx_slots, steps)
             else:
                 def step(ids, positions, slots, ctx_slots):
                     return decode_step(runner, ids, positions, slots, ctx_slots)
 
             # dynamo keeps its compiled graphs on the code object: one of its own per key keeps every key to one
             # cache entry (no recompile limit shared between keys, no guard to tell them apart)
-            name = f"{'verify' if k else 'decode'}_step_s{S}{f'_k{k}' if k else ''}_{'sparse' if sparse else 'dense'}"
+            name = (f"{'verify' if k else 'decode'}_step_s{S}{f'_k{k}' if k else ''}{f'_n{steps}' if steps > 1 else ''}"
+                    f"_{'sparse' if sparse else 'dense'}")
             code = step.__code__.replace(co_name=name)
             step = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
             fn = self.functions[key] = torch.compile(step, dynamic=False, fullgraph=True)
         return fn
 
-    def _call(self, key: tuple[int, bool, int], ids, positions, slots, ctx):
+    def _call(self, key: tuple[int, bool, int, int], ids, positions, slots, ctx):
         fn = self._function(*key)
         shape = (*key, ctx.shape[1])
         if shape in self.ready:
@@ -157,7 +189,7 @@ class CompiledSteps:
         ids, positions, slots, ctx = unpack(packed.to(self.runner.device), S, 1, T)
         sparse = T > self.runner.index_topk
         try:
-            hidden, logits = self._call((S, sparse, 0), ids, positions, slots, ctx)
+            hidden, logits = self._call((S, sparse, 0, 1), ids, positions, slots, ctx)
         except Exception as err:
             self._fail(err)
             return None
@@ -175,8 +207,27 @@ class CompiledSteps:
         packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [k + 1] * n, S, k + 1, T,
                              tokens=tokens)
         ids, positions, slots, ctx = unpack(packed.to(self.runner.device), S, k + 1, T)
+        return self._rows((S, T > self.runner.index_topk, k, 1), n, ids, positions, slots, ctx)
+
+    @torch.no_grad()
+    def run_steps(self, seqs) -> list[list[int]] | None:
+        """N greedy decode steps in one call (`decode_steps`; the caller has given every sequence cache slots for
+        N - 1 positions past its newest token) -> per sequence its N next greedy tokens; None when compiling
+        failed (the caller runs the step eagerly)."""
+        n, N = len(seqs), self.steps
+        S = self._bucket(n)
+        starts = [s.num_computed_tokens for s in seqs]
+        T = context_bucket(max(starts) + N)
+        tokens = [s.token_ids[a : a + 1] + [0] * (N - 1) for s, a in zip(seqs, starts)]
+        packed = host_inputs(self.runner.block_size, self.scratch_slot, seqs, starts, [N] * n, S, N, T, tokens=tokens)
+        ids, positions, slots, ctx = unpack(packed.to(self.runner.device), S, N, T)
+        first = slice(None, None, N)  # each sequence's first row: its newest token at its position
+        return self._rows((S, T > self.runner.index_topk, 0, N), n, ids[first], positions[first], slots.view(S, N), ctx)
+
+    def _rows(self, key, n: int, ids, positions, slots, ctx) -> list[list[int]] | None:
+        """A call whose int64 output has a row per sequence -> the first n rows; None when compiling failed."""
         try:
-            out = self._call((S, T > self.runner.index_topk, k), ids, positions, slots, ctx)
+            out = self._call(key, ids, positions, slots, ctx)
         except Exception as err:
             self._fail(err)
             return None
@@ -197,14 +248,16 @@ class CompiledSteps:
             for T in sorted({context_bucket(topk), context_bucket(topk + 1)}):
                 if self.failed is not None:
                     return len(self.ready)
-                # the decode step, and with speculation the cycle of this bucket (k + 1 rows a sequence)
-                for k in sorted({0, self.k}):
+                # the decode step, with speculation the cycle of this bucket (k + 1 rows a sequence), with
+                # decode_steps N > 1 the N steps in one call
+                for k, steps in sorted({(0, 1), (self.k, 1), (0, self.steps)}):
                     N = S * (k + 1)
                     ids = torch.zeros(N, dtype=torch.long, device=device)
-                    slots = torch.full((N,), self.scratch_slot, dtype=torch.long, device=device)
+                    slots = torch.full((N,) if steps == 1 else (S, steps), self.scratch_slot, dtype=torch.long,
+                                       device=device)
                     ctx = torch.full((S, T), self.scratch_slot, dtype=torch.long, device=device)
                     try:
-                        self._call((S, T > topk, k), ids, ids.clone(), slots, ctx)
+                        self._call((S, T > topk, k, steps), ids, ids.clone(), slots, ctx)
                     except Exception as err:
                         self._fail(err)
                         break

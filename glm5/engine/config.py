@@ -34,12 +34,14 @@ class EngineConfig:
     cuda_graph_max_tokens: int = 1024  # steps of at most this many padded tokens replay a graph
     compile: bool = False  # CPU: decode steps compiled by inductor (glm5/engine/compiled.py); off: eager
     compile_mode: str = "max-autotune"  # inductor options of the compiled step ("max-autotune" or "default")
+    decode_steps: int = 1  # compiled CPU decode: greedy steps per compiled call (glm5/engine/compiled.py)
     device: str | None = None  # where from_preset / from_pretrained / glm5 serve put the model (None: best available)
     dtype: str | None = None  # weights dtype for those ("float32", "bfloat16", "float16"; None: as built / saved)
     threads: int | None = None  # torch threads of the engine thread (server); None: torch's default
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_tokens"):
+        for name in ("block_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens", "cuda_graph_max_tokens",
+                     "decode_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}={value!r}: must be a positive integer")
@@ -110,6 +112,9 @@ class EngineConfig:
                                 "each batch size takes tens of seconds to compile")
         group.add_argument("--compile-mode", dest="compile_mode", choices=COMPILE_MODES, default=default("compile_mode"),
                            help="inductor options of the compiled decode step")
+        group.add_argument("--decode-steps", dest="decode_steps", type=int_at_least(1), default=default("decode_steps"),
+                           help="with --compile: greedy decode steps per compiled call (tokens then arrive in "
+                                "groups of this many; the per-call cost is paid once per group)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides) -> EngineConfig:

@@ -121,7 +121,8 @@ class LLMEngine:
             if self.graphs is not None:
                 raise ValueError("compile=True and cuda_graphs=True: choose one form of the static step")
             self.compiled = CompiledSteps(self.runner, engine_config.max_num_seqs, self.cache.scratch_slot,
-                                          engine_config.compile_mode, num_speculative_tokens)
+                                          engine_config.compile_mode, num_speculative_tokens,
+                                          engine_config.decode_steps)
         self.sampler = Sampler()
         self.drafter = MTPDrafter(self.runner, self.block_manager, num_speculative_tokens) if num_speculative_tokens else None
         eos_token_ids = engine_config.eos_token_ids
@@ -261,6 +262,10 @@ class LLMEngine:
         if batch is None:
             return []
         self.stats.steps += 1
+        if self.compiled is not None and self.compiled.handles_steps(batch) and self._room_for_steps(batch):
+            tokens = self.compiled.run_steps(batch.seqs)
+            if tokens is not None:
+                return self._finish_steps(batch, tokens)
         step_logits = None  # [rows, vocab] when the step computed them (a compiled decode step: row i, sequence i)
         cycle = None  # per sequence [targets, accepted, next drafts] when a compiled speculative cycle ran
         compiled = None
@@ -347,6 +352,36 @@ class LLMEngine:
                     seq.draft_token_ids = row[self.num_speculative_tokens + 2 :]
         elif self.drafter is not None:
             self.drafter.after_step(batch, inputs, hidden, computed_before)
+        return self._outputs(batch, new_tokens, new_logprobs)
+
+    def _room_for_steps(self, batch) -> bool:
+        """Cache slots for the compiled multi-step decode: every sequence's N - 1 positions past its newest
+        token, within the context length (else this step decodes one token, as without decode_steps)."""
+        N = self.compiled.steps
+        need = [len(s.token_ids) + N - 1 for s in batch.seqs]
+        limit = min(self.max_model_len, self.capacity_tokens)
+        if any(n > limit for n in need) or sum(self.block_manager.blocks_needed(s, n) for s, n in zip(batch.seqs, need)) \
+                > self.block_manager.num_free_blocks:
+            return False
+        for seq, n in zip(batch.seqs, need):
+            self.block_manager.allocate(seq, n)
+        return True
+
+    def _finish_steps(self, batch, tokens: list[list[int]]) -> list[StepOutput]:
+        """The tokens of a compiled multi-step decode, appended one by one: a sequence stops at its stop token or
+        max_tokens, and the tokens computed after that are dropped."""
+        new_tokens = {id(s): [] for s in batch.seqs}
+        for seq, row in zip(batch.seqs, tokens):
+            for token in row:
+                seq.num_computed_tokens += 1  # the token fed at this position is now cached
+                new_tokens[id(seq)].append(token)
+                self.stats.decode_tokens += 1
+                if self._append(seq, token, None):
+                    break
+        return self._outputs(batch, new_tokens, {id(s): [] for s in batch.seqs})
+
+    def _outputs(self, batch, new_tokens: dict, new_logprobs: dict) -> list[StepOutput]:
+        """Commit each sequence's full blocks, retire the finished ones, and report what each produced."""
         outputs = []
         for seq in batch.seqs:
             self.block_manager.commit(seq)
