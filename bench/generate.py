@@ -308,9 +308,10 @@ def main() -> int:
                         differences[name].append(f"sequence {seq}: " + (f"{tie}; " if tie else "")
                                                  + (problem or "a near tie of the final logits"))
                 elif differ is not None and device.type == "cpu" and args.dtype == "float32":
-                    # fp32 on a CPU: a sequence may part only where the final logits were a near tie (the same
-                    # rule as the parity tests: the reference forward's two logits within 1e-4 of their scale),
-                    # which summation orders round either way; anything else stops the benchmark below
+                    # fp32 on a CPU: a sequence may part only at a near tie that summation orders round either
+                    # way: of the final logits (the parity tests' rule: the reference forward's two logits within
+                    # 1e-4 of their scale) or of a discrete choice before them (`discrete_tie`); anything else
+                    # stops the benchmark below
                     for seq, at, problem in differing_sequences(model, prompts, tokens, reference):
                         if problem is None:
                             near_ties.append(f"{name}: sequence {seq}: first difference at new token {at}, a near tie "

@@ -60,7 +60,6 @@ static inline __attribute__((always_inline)) void block4(const float *w, int64_t
 /* x [N, H] (rows ldx apart), w [O, H], y [N, O]: outputs [o0, o1) of every row */
 void glm5_linear_rows(const float *x, int64_t N, int64_t ldx, const float *w, int64_t O, int64_t H, int64_t o0,
                       int64_t o1, float *y) {
-    (void)O;
     int64_t o = o0;
     for (; o + OB <= o1; o += OB)
         for (int64_t r0 = 0; r0 < N; r0 += RB) {

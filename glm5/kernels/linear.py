@@ -5,7 +5,7 @@
 Each block of the weight's rows is read once for all N rows (N <= MAX_ROWS), where BLAS's GEMM for 2-3 rows
 reads the weight several times slower than its one-row GEMV (linear.c's docstring has the figures). The engine's
 `linear` (glm5/engine/runner.py) calls it through the startup check (glm5.kernels.check), so it runs only
-on shapes where it beats F.linear on this machine; `linear_rows_reference` is F.linear.
+on shapes where it beats F.linear (its fallback and test reference) on this machine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import ctypes
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from glm5.kernels.build import bind, bound_functions, int64_array, load_library, run_ranges, split_range
 
@@ -65,17 +64,11 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     O = weight.shape[0]
     y = torch.empty(N, O, dtype=torch.float32)
     head = (x.data_ptr(), N, x.stride(0), weight.data_ptr(), O, H)
+    jobs, bounds = _jobs(O, H, torch.get_num_threads())
     jobs_fn = kernels["linear_rows_jobs"]
     if jobs_fn is None:  # no OpenMP: the thread pool runs the slices
-        jobs, bounds = _jobs(O, H, torch.get_num_threads())
         run_ranges(kernels["linear_rows"], None, head, [(bounds[j], bounds[j + 1]) for j in range(jobs)],
                    (y.data_ptr(),))
     else:
-        jobs, bounds = _jobs(O, H, torch.get_num_threads())
         jobs_fn(*head, bounds, jobs, y.data_ptr())
     return y
-
-
-def linear_rows_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """What linear_rows computes, in PyTorch."""
-    return F.linear(x, weight)
